@@ -1,1 +1,155 @@
-//! placeholder
+//! The interface between a numstream server and wherever session state
+//! lives, plus the embedded in-memory implementation.
+//!
+//! The trait is shaped for a store *shared by many server instances*: every
+//! operation is a single atomic step on one session (so it maps onto one Lua
+//! script or one compare-and-set in a networked store), and none is called
+//! per number streamed: a session costs a handful of store operations over
+//! its whole life (create, attach per resume, a lease renewal every few
+//! seconds, detach per disconnection, complete).
+//!
+//! ## Session life cycle
+//!
+//! ```text
+//!            create                 detach(gen)
+//!   (none) ─────────▶ Attached ─────────────────▶ Detached
+//!                     │  ▲  lease renewed by       │  expires ttl after detach
+//!                     │  │  its owner              │
+//!                     │  └──── attach(token) ──────┘  (generation + 1)
+//!                     │  attach(token) while attached = takeover (generation + 1)
+//!                     └─ complete(gen) ─▶ (none)
+//! ```
+//!
+//! The *generation* fences connections: each successful attach increments
+//! it, and detach/renew/complete only act when the caller's generation is
+//! still current. A server whose connection holds a stale generation has
+//! been superseded and must stop streaming.
+//!
+//! An attached session also has a deadline, its *lease*, which the owning
+//! server renews while it streams. If the owner dies without detaching, the
+//! lease lapses and the session expires as if it had been detached.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
+
+pub mod memory;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+pub use memory::InMemoryStore;
+
+/// Everything needed to create a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewSession {
+    pub client_id: ClientId,
+    pub seed: SessionSeed,
+    pub count: u16,
+    pub token: ResumeToken,
+}
+
+/// A session attached to the caller's connection: what the server needs to
+/// stream it, and the generation that fences this attachment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    pub client_id: ClientId,
+    pub seed: SessionSeed,
+    pub count: u16,
+    pub token: ResumeToken,
+    /// Incremented by every create/attach; 1 for a fresh session.
+    pub generation: u64,
+}
+
+/// What [`SessionStore::lookup`] reports about a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub count: u16,
+    pub generation: u64,
+    /// True while a connection holds the session (its lease has not lapsed).
+    pub attached: bool,
+    /// Time until the session expires if nothing renews or attaches it.
+    pub expires_in: Duration,
+}
+
+/// Why a store operation did not happen. Every variant except
+/// `Unavailable` and `Corrupt` describes the session, not the store, and
+/// left the store unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("a live session for this client id already exists")]
+    AlreadyExists,
+    #[error("no such session (it expired and was forgotten, completed, or never existed)")]
+    NotFound,
+    #[error("the session expired")]
+    Expired,
+    #[error("the resume token does not match the session's")]
+    BadToken,
+    #[error("the connection's generation is stale: the session is now at generation {current}")]
+    Superseded { current: u64 },
+    #[error("the session store is full ({max} sessions)")]
+    Full { max: usize },
+    #[error("the session store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the session record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The session store interface. See the crate docs for the life cycle.
+///
+/// Implementations must make each method atomic with respect to every other
+/// call on the same client id, from any process sharing the store.
+#[async_trait::async_trait]
+pub trait SessionStore: Send + Sync + Debug + 'static {
+    /// Short name for logs and metrics labels (`memory`, `redis`).
+    fn kind(&self) -> &'static str;
+
+    /// Whether sessions outlive this process, so that another server
+    /// instance can resume them (decides what a draining server tells its
+    /// clients).
+    fn is_shared(&self) -> bool;
+
+    /// Creates a session, attached to the caller with generation 1 and a
+    /// lease of `lease`. Fails with `AlreadyExists` while another session
+    /// for the client id is alive (an expired one is replaced).
+    async fn create(&self, session: NewSession, lease: Duration) -> Result<Attachment, StoreError>;
+
+    /// Attaches an existing session to the caller: checks expiry, then the
+    /// token (in constant time), then increments the generation, marks the
+    /// session attached and sets its lease. Attaching a session that is
+    /// still attached elsewhere is a takeover and succeeds.
+    async fn attach(
+        &self,
+        client_id: ClientId,
+        token: &ResumeToken,
+        lease: Duration,
+    ) -> Result<Attachment, StoreError>;
+
+    /// Extends the lease of the caller's attachment. `Superseded` means a
+    /// newer connection took the session over.
+    async fn renew(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Marks the session disconnected; it expires `ttl` from now unless
+    /// resumed. No-op error `Superseded` if the generation is stale.
+    async fn detach(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Removes a finished session, if the caller's generation is current.
+    async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError>;
+
+    /// Reads a live session without changing it.
+    async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError>;
+
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
