@@ -605,7 +605,10 @@ mod tests {
             &[0, 1, 0, 0, 0xff, 0xfe], // invalid UTF-8
         ];
         for body in cases {
-            assert!(decode_frame(&mut raw(tag::ERROR, body)).is_err(), "{body:?}");
+            assert!(
+                decode_frame(&mut raw(tag::ERROR, body)).is_err(),
+                "{body:?}"
+            );
         }
         let too_long = vec![b'a'; MAX_ERROR_MESSAGE_LEN + 1];
         let mut body = vec![0, 1, 0, 0];

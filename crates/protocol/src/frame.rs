@@ -236,7 +236,11 @@ pub enum Frame {
     /// S→C `0x82`: one number of the sequence.
     Number { index: u16, value: u32 },
     /// S→C `0x83`: the last number of the sequence and the checksum of all.
-    Final { index: u16, value: u32, checksum: u32 },
+    Final {
+        index: u16,
+        value: u32,
+        checksum: u32,
+    },
     /// S→C `0x84`: keeps a quiet connection provably alive.
     Heartbeat,
     /// S→C `0x85`.

@@ -345,7 +345,8 @@ mod tests {
         let mut rx = receiver(5);
         rx.hello();
         rx.accept(welcome(5, 0)).expect("welcome");
-        rx.accept(Frame::Number { index: 0, value: 1 }).expect("first");
+        rx.accept(Frame::Number { index: 0, value: 1 })
+            .expect("first");
         assert_eq!(
             rx.accept(Frame::Number { index: 0, value: 1 }),
             Err(StreamViolation::WrongIndex {
@@ -363,7 +364,8 @@ mod tests {
             Err(StreamViolation::EarlyFinal { .. })
         ));
         for index in 1..4 {
-            rx.accept(Frame::Number { index, value: 1 }).expect("number");
+            rx.accept(Frame::Number { index, value: 1 })
+                .expect("number");
         }
         assert!(matches!(
             rx.accept(Frame::Number { index: 4, value: 1 }),

@@ -64,7 +64,10 @@ pub async fn run_all(store: &dyn SessionStore) {
 pub async fn create_attaches_with_generation_one(store: &dyn SessionStore) {
     let new = random_session();
     let attachment = store.create(new, LONG).await.expect("create");
-    assert_eq!(attachment.generation, 1, "a new session starts at generation 1");
+    assert_eq!(
+        attachment.generation, 1,
+        "a new session starts at generation 1"
+    );
     assert_eq!(attachment.seed, new.seed, "create must keep the seed");
     assert_eq!(attachment.count, new.count);
     assert_eq!(attachment.token, new.token);
@@ -73,7 +76,10 @@ pub async fn create_attaches_with_generation_one(store: &dyn SessionStore) {
         .await
         .expect("lookup")
         .expect("created session must be visible");
-    assert!(info.attached, "a created session is attached to its creator");
+    assert!(
+        info.attached,
+        "a created session is attached to its creator"
+    );
     assert_eq!(info.generation, 1);
     assert_eq!(info.count, new.count);
 }
@@ -115,7 +121,10 @@ pub async fn attach_with_bad_token_changes_nothing(store: &dyn SessionStore) {
     );
     let info = store.lookup(new.client_id).await.expect("lookup");
     let info = info.expect("a bad token must not remove the session");
-    assert_eq!(info.generation, 1, "a bad token must not bump the generation");
+    assert_eq!(
+        info.generation, 1,
+        "a bad token must not bump the generation"
+    );
     assert!(!info.attached, "a bad token must not attach");
     let attachment = store
         .attach(new.client_id, &new.token, LONG)
@@ -151,16 +160,16 @@ pub async fn attach_bumps_generation_and_fences_the_old_one(store: &dyn SessionS
     );
     let info = store.lookup(new.client_id).await.expect("lookup");
     assert!(info.expect("still there").attached);
-    store.renew(new.client_id, 2, LONG).await.expect("owner renews");
+    store
+        .renew(new.client_id, 2, LONG)
+        .await
+        .expect("owner renews");
 }
 
 pub async fn detach_then_resume_within_ttl(store: &dyn SessionStore) {
     let new = random_session();
     store.create(new, LONG).await.expect("create");
-    store
-        .detach(new.client_id, 1, LONG)
-        .await
-        .expect("detach");
+    store.detach(new.client_id, 1, LONG).await.expect("detach");
     let info = store.lookup(new.client_id).await.expect("lookup");
     let info = info.expect("detached session is kept");
     assert!(!info.attached);
@@ -211,10 +220,19 @@ pub async fn unrenewed_lease_expires_and_renewed_one_survives(store: &dyn Sessio
         "an attached session whose owner stopped renewing must expire"
     );
     assert!(
-        store.lookup(kept.client_id).await.expect("lookup").is_some(),
+        store
+            .lookup(kept.client_id)
+            .await
+            .expect("lookup")
+            .is_some(),
         "a renewed lease must keep the session"
     );
-    assert!(store.attach(orphan.client_id, &orphan.token, LONG).await.is_err());
+    assert!(
+        store
+            .attach(orphan.client_id, &orphan.token, LONG)
+            .await
+            .is_err()
+    );
 }
 
 pub async fn complete_removes_and_rejects_stale_generations(store: &dyn SessionStore) {

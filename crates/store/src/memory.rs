@@ -307,9 +307,7 @@ mod tests {
             .await
             .expect("second");
         assert_eq!(
-            store
-                .create(crate::conformance::session(3), lease)
-                .await,
+            store.create(crate::conformance::session(3), lease).await,
             Err(StoreError::Full { max: 2 })
         );
         // An expired session's id can be reopened without a new slot.

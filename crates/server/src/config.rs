@@ -1,0 +1,61 @@
+//! Server tuning knobs and their defaults, independent of how they are set
+//! (CLI flags in the binary, struct literals in tests and benchmarks).
+
+use std::time::Duration;
+
+/// Everything `server::run` needs to know besides its listener and store.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Gap between consecutive numbers of one session; zero streams as fast
+    /// as the connection drains.
+    pub interval: Duration,
+    /// How long a session survives a disconnection.
+    pub session_ttl: Duration,
+    /// Master seed for reproducible sessions (`--seed`); `None` seeds every
+    /// session from the OS.
+    pub seed: Option<u64>,
+    /// Connections served at once; past it, new ones get `server_busy`.
+    pub max_connections: usize,
+    /// Time a new connection has to deliver a complete OPEN or RESUME.
+    pub handshake_timeout: Duration,
+    /// Time the client has to ACK after FINAL before the session is kept
+    /// for a resume instead of being completed.
+    pub ack_timeout: Duration,
+    /// Longest a single write may block on a client that does not read
+    /// before the connection is declared dead.
+    pub write_timeout: Duration,
+    /// Bound on detecting a vanished peer (no FIN): TCP_USER_TIMEOUT, with
+    /// keepalive probes so idle connections are covered too.
+    pub dead_peer_timeout: Duration,
+    /// How long a draining server waits for its connections to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Lease on an attached session: if this server dies without detaching,
+    /// the session expires one TTL later, as if it had been detached.
+    pub fn lease(&self) -> Duration {
+        self.session_ttl
+    }
+
+    /// How often an owner renews its lease: three chances before it lapses.
+    pub fn lease_renewal_period(&self) -> Duration {
+        (self.lease() / 3).max(Duration::from_millis(10))
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            session_ttl: Duration::from_secs(30),
+            seed: None,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            dead_peer_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}

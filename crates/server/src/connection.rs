@@ -1,0 +1,623 @@
+//! One client connection from first byte to close: the handshake (OPEN or
+//! RESUME), streaming on schedule, the FINAL/ACK exchange, and what the
+//! store is told when the connection ends.
+//!
+//! Every wait in here is raced against the three things that can end it
+//! early: the client (EOF, errors, unexpected frames), a takeover by a newer
+//! connection, and server shutdown. Every wait is also bounded in time, so a
+//! silent or hostile peer cannot hold a task forever.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec};
+use numstream_protocol::prng::NumberGenerator;
+use numstream_protocol::{
+    Disposition, ErrorCode, ErrorFrame, Frame, MAX_COUNT, MAX_SERVER_SILENCE, MIN_COUNT, Open,
+    Resume, ResumeToken, SequenceChecksum, SessionSeed, Welcome, encode_frame,
+};
+use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
+
+use crate::config::ServerConfig;
+use crate::registry::Registry;
+
+/// State shared by every connection of one server.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) registry: Registry,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Numbers encoded per write in burst mode (interval 0): large enough to
+/// amortise the syscall, small enough to notice a takeover promptly.
+const BURST_BATCH: u32 = 1024;
+
+/// Time allowed to deliver a rejection before closing anyway.
+const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes and time spent draining a rejected client's input before closing,
+/// so the kernel sends FIN rather than RST and the error frame is not lost.
+const LINGER_BYTES: usize = 64 * 1024;
+const LINGER_TIME: Duration = Duration::from_millis(500);
+
+/// Why streaming stopped.
+#[derive(Debug)]
+enum SessionEnd {
+    /// FINAL was delivered and acknowledged.
+    Completed { client_checksum: u32 },
+    /// The connection broke or went quiet; the session waits for a resume.
+    Disconnected(String),
+    /// The client sent something it must not send while streaming.
+    ClientViolation(String),
+    /// A newer connection owns the session now.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+    /// The store no longer has this session (it expired under us).
+    Lost(StoreError),
+}
+
+/// Serves one accepted connection to the end.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    if let Err(error) = crate::socket::configure(&stream, shared.config.dead_peer_timeout) {
+        debug!(%peer, %error, "could not set socket options");
+    }
+    let (read, write) = stream.into_split();
+    let span = info_span!(
+        "conn",
+        %peer,
+        client_id = tracing::field::Empty,
+        generation = tracing::field::Empty
+    );
+    let connection = Connection {
+        // Handshake frames are tiny; a small initial buffer keeps idle
+        // connections cheap.
+        reader: FramedRead::with_capacity(read, FrameCodec, 64),
+        writer: Writer {
+            half: write,
+            buf: BytesMut::with_capacity(64),
+        },
+        shared,
+    };
+    connection.run().instrument(span).await;
+}
+
+/// Writes that first accumulate encoded frames, then go out in one syscall.
+struct Writer {
+    half: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+impl Writer {
+    fn push(&mut self, frame: &Frame) {
+        encode_frame(frame, &mut self.buf);
+    }
+
+    /// Cancel-safe: bytes already written are removed from the buffer.
+    async fn flush(&mut self) -> io::Result<()> {
+        self.half.write_all_buf(&mut self.buf).await
+    }
+}
+
+struct Connection {
+    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: Writer,
+    shared: Arc<Shared>,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let handshake_timeout = self.shared.config.handshake_timeout;
+        let shutdown = self.shared.shutdown.clone();
+        let hello = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let error = shutting_down(&*self.shared.store);
+                return self.reject(error).await;
+            }
+            hello = timeout(handshake_timeout, self.reader.next()) => hello,
+        };
+        let hello = match hello {
+            Err(_elapsed) => {
+                debug!("handshake timed out");
+                return self
+                    .reject(ErrorFrame::new(
+                        ErrorCode::HandshakeTimeout,
+                        format!(
+                            "no complete OPEN or RESUME within {}",
+                            humantime::format_duration(handshake_timeout)
+                        ),
+                    ))
+                    .await;
+            }
+            Ok(None) => return debug!("closed before the handshake"),
+            Ok(Some(Err(CodecError::Io(error)))) => {
+                return debug!(%error, "read error before the handshake");
+            }
+            Ok(Some(Err(CodecError::Decode(DecodeError::UnsupportedVersion(version))))) => {
+                info!(version, "rejected unsupported protocol version");
+                return self.reject(ErrorFrame::unsupported_version(version)).await;
+            }
+            Ok(Some(Err(CodecError::Decode(error)))) => {
+                info!(%error, "rejected malformed handshake");
+                return self
+                    .reject(ErrorFrame::new(
+                        ErrorCode::Malformed,
+                        format!("malformed handshake: {error}"),
+                    ))
+                    .await;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+
+        let (attachment, start, resumed) = match hello {
+            Frame::Open(open) => match self.open(open).await {
+                Ok(attachment) => (attachment, 0, false),
+                Err(error) => return self.reject(error).await,
+            },
+            Frame::Resume(resume) => match self.resume(resume).await {
+                Ok(attachment) => (attachment, resume.next_index, true),
+                Err(error) => return self.reject(error).await,
+            },
+            other => {
+                let error = ErrorFrame::new(
+                    ErrorCode::Malformed,
+                    format!("expected OPEN or RESUME, got {}", other.name()),
+                );
+                return self.reject(error).await;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("client_id", tracing::field::display(attachment.client_id));
+        span.record("generation", attachment.generation);
+
+        let Some(claim) = self
+            .shared
+            .registry
+            .claim(attachment.client_id, attachment.generation)
+            .await
+        else {
+            info!("session taken over before streaming started");
+            return self.reject(taken_over()).await;
+        };
+
+        if start >= attachment.count {
+            // The token was right, so this RESUME did take the session over;
+            // hand it straight back to the store for a correct resume.
+            self.detach(&attachment).await;
+            drop(claim);
+            self.shared
+                .registry
+                .release(attachment.client_id, attachment.generation);
+            let error = ErrorFrame::new(
+                ErrorCode::ResumeIndexOutOfRange,
+                format!(
+                    "resume index {start} is out of range: the session has {} numbers, indices 0..={}",
+                    attachment.count,
+                    attachment.count - 1
+                ),
+            );
+            return self.reject(error).await;
+        }
+
+        if resumed {
+            info!(
+                next_index = start,
+                count = attachment.count,
+                "session resumed"
+            );
+        } else {
+            info!(count = attachment.count, "session opened");
+        }
+
+        let end = self.stream(&attachment, start, &claim.superseded).await;
+        // Stop counting as the local streamer before anything else, so a
+        // successor waiting in `Registry::claim` can start at once.
+        self.shared
+            .registry
+            .release(attachment.client_id, attachment.generation);
+        drop(claim);
+        self.finish(&attachment, end).await;
+    }
+
+    async fn open(&self, open: Open) -> Result<Attachment, ErrorFrame> {
+        if !(MIN_COUNT..=MAX_COUNT).contains(&open.count) {
+            return Err(ErrorFrame::new(
+                ErrorCode::CountOutOfRange,
+                format!(
+                    "count must be between {MIN_COUNT} and {MAX_COUNT}, got {}",
+                    open.count
+                ),
+            ));
+        }
+        check_client_id(open.client_id)?;
+        let config = &self.shared.config;
+        let seed = match config.seed {
+            Some(master) => SessionSeed::derive(master, open.client_id),
+            None => SessionSeed(random_bytes()?),
+        };
+        let session = NewSession {
+            client_id: open.client_id,
+            seed,
+            count: open.count,
+            token: ResumeToken(random_bytes()?),
+        };
+        self.shared
+            .store
+            .create(session, config.lease())
+            .await
+            .map_err(|error| self.store_error(error))
+    }
+
+    async fn resume(&self, resume: Resume) -> Result<Attachment, ErrorFrame> {
+        check_client_id(resume.client_id)?;
+        let attached = self
+            .shared
+            .store
+            .attach(resume.client_id, &resume.token, self.shared.config.lease())
+            .await;
+        attached.map_err(|error| {
+            if error == StoreError::Expired {
+                info!(client_id = %resume.client_id, "session expired");
+            }
+            self.store_error(error)
+        })
+    }
+
+    /// Streams numbers `start..count` on schedule, then awaits the ACK.
+    async fn stream(
+        &mut self,
+        session: &Attachment,
+        start: u16,
+        superseded: &CancellationToken,
+    ) -> SessionEnd {
+        let config = &self.shared.config;
+        let interval = config.interval;
+        let renewal_period = config.lease_renewal_period();
+        let count = u32::from(session.count);
+        let batch = if interval.is_zero() { BURST_BATCH } else { 1 };
+
+        self.writer.push(&Frame::Welcome(Welcome {
+            count: session.count,
+            next_index: start,
+            token: session.token,
+            interval_us: u32::try_from(interval.as_micros()).unwrap_or(u32::MAX),
+            session_ttl_ms: u32::try_from(config.session_ttl.as_millis()).unwrap_or(u32::MAX),
+        }));
+
+        let mut numbers = NumberGenerator::starting_at(&session.seed, start);
+        // Number `start + k` is due at `origin + k * interval`: an absolute
+        // schedule, so one late tick does not delay all later ones.
+        let origin = Instant::now();
+        let mut next_renewal = origin + renewal_period;
+        let mut next_index = u32::from(start);
+        loop {
+            let batch_end = (next_index + batch).min(count);
+            for index in next_index..batch_end {
+                // Indices stay below `count <= 65535`, so they fit a u16.
+                let index = index as u16;
+                let value = numbers.next_number();
+                if u32::from(index) + 1 == count {
+                    let checksum = SequenceChecksum::of_session(&session.seed, session.count);
+                    self.writer.push(&Frame::Final {
+                        index,
+                        value,
+                        checksum: checksum.checksum(),
+                    });
+                } else {
+                    self.writer.push(&Frame::Number { index, value });
+                }
+            }
+            next_index = batch_end;
+            if let Err(end) = self.flush(superseded).await {
+                return end;
+            }
+            let mut last_write = Instant::now();
+            if next_index == count {
+                return self.await_ack(superseded).await;
+            }
+
+            let due = origin + interval * (next_index - u32::from(start));
+            loop {
+                let heartbeat_at = last_write + MAX_SERVER_SILENCE;
+                tokio::select! {
+                    biased;
+                    _ = superseded.cancelled() => return SessionEnd::TakenOver,
+                    _ = self.shared.shutdown.cancelled() => return SessionEnd::Shutdown,
+                    input = self.reader.next() => return unexpected_input(input),
+                    _ = sleep_until(next_renewal) => {
+                        if let Err(end) = self.renew(session).await {
+                            return end;
+                        }
+                        next_renewal += renewal_period;
+                    }
+                    _ = sleep_until(heartbeat_at), if heartbeat_at < due => {
+                        self.writer.push(&Frame::Heartbeat);
+                        if let Err(end) = self.flush(superseded).await {
+                            return end;
+                        }
+                        last_write = Instant::now();
+                    }
+                    _ = sleep_until(due) => break,
+                }
+            }
+        }
+    }
+
+    async fn await_ack(&mut self, superseded: &CancellationToken) -> SessionEnd {
+        let ack_timeout = self.shared.config.ack_timeout;
+        tokio::select! {
+            biased;
+            _ = superseded.cancelled() => SessionEnd::TakenOver,
+            _ = self.shared.shutdown.cancelled() => SessionEnd::Shutdown,
+            input = timeout(ack_timeout, self.reader.next()) => match input {
+                Ok(Some(Ok(Frame::Ack { client_checksum }))) => {
+                    SessionEnd::Completed { client_checksum }
+                }
+                Ok(other) => unexpected_input(other),
+                Err(_elapsed) => SessionEnd::Disconnected(format!(
+                    "no ACK within {} of FINAL",
+                    humantime::format_duration(ack_timeout)
+                )),
+            },
+        }
+    }
+
+    async fn flush(&mut self, superseded: &CancellationToken) -> Result<(), SessionEnd> {
+        let write_timeout = self.shared.config.write_timeout;
+        tokio::select! {
+            biased;
+            _ = superseded.cancelled() => Err(SessionEnd::TakenOver),
+            _ = self.shared.shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            written = timeout(write_timeout, self.writer.flush()) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(SessionEnd::Disconnected(format!("write failed: {error}"))),
+                Err(_elapsed) => Err(SessionEnd::Disconnected(format!(
+                    "client read nothing for {}",
+                    humantime::format_duration(write_timeout)
+                ))),
+            },
+        }
+    }
+
+    async fn renew(&self, session: &Attachment) -> Result<(), SessionEnd> {
+        let renewed = self
+            .shared
+            .store
+            .renew(
+                session.client_id,
+                session.generation,
+                self.shared.config.lease(),
+            )
+            .await;
+        match renewed {
+            Ok(()) => Ok(()),
+            Err(StoreError::Superseded { .. }) => Err(SessionEnd::TakenOver),
+            Err(error @ (StoreError::NotFound | StoreError::Expired)) => {
+                Err(SessionEnd::Lost(error))
+            }
+            Err(error) => {
+                // The lease is three renewals long: one failed renewal is
+                // not yet a lost session, and the store may come back.
+                warn!(%error, "lease renewal failed; will retry");
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells the store and the client how the session ended.
+    async fn finish(self, session: &Attachment, end: SessionEnd) {
+        match end {
+            SessionEnd::Completed { client_checksum } => {
+                let expected = SequenceChecksum::of_session(&session.seed, session.count);
+                if client_checksum != expected.checksum() {
+                    warn!(
+                        client_checksum = format_args!("{client_checksum:#010x}"),
+                        server_checksum = format_args!("{:#010x}", expected.checksum()),
+                        "client acknowledged with a different checksum"
+                    );
+                }
+                match self
+                    .shared
+                    .store
+                    .complete(session.client_id, session.generation)
+                    .await
+                {
+                    Ok(()) => info!("session completed"),
+                    Err(error) => {
+                        warn!(%error, "session completed, but the store did not remove it")
+                    }
+                }
+                self.close().await;
+            }
+            SessionEnd::Disconnected(reason) => {
+                self.detach(session).await;
+                info!(%reason, "session detached");
+            }
+            SessionEnd::ClientViolation(reason) => {
+                self.detach(session).await;
+                info!(%reason, "session detached after a protocol violation");
+                self.reject(ErrorFrame::new(ErrorCode::Malformed, reason))
+                    .await;
+            }
+            SessionEnd::TakenOver => {
+                info!("session taken over by a newer connection");
+                self.reject(taken_over()).await;
+            }
+            SessionEnd::Shutdown => {
+                self.detach(session).await;
+                info!("session detached by server shutdown");
+                let error = shutting_down(&*self.shared.store);
+                self.reject(error).await;
+            }
+            SessionEnd::Lost(error) => {
+                warn!(%error, "session vanished from the store while streaming");
+                self.reject(ErrorFrame::new(
+                    ErrorCode::SessionExpired,
+                    format!("the session is gone from the session store: {error}"),
+                ))
+                .await;
+            }
+        }
+    }
+
+    async fn detach(&self, session: &Attachment) {
+        let config = &self.shared.config;
+        match self
+            .shared
+            .store
+            .detach(session.client_id, session.generation, config.session_ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Superseded { current }) => {
+                debug!(
+                    current,
+                    "not detaching: a newer connection owns the session"
+                );
+            }
+            Err(error) => warn!(
+                %error,
+                "could not detach session; it expires when its lease lapses"
+            ),
+        }
+    }
+
+    fn store_error(&self, error: StoreError) -> ErrorFrame {
+        let ttl = humantime::format_duration(self.shared.config.session_ttl);
+        match error {
+            StoreError::AlreadyExists => ErrorFrame::new(
+                ErrorCode::SessionExists,
+                "a session for this client id is already open: resume it with its token, or use another client id",
+            ),
+            StoreError::NotFound => ErrorFrame::new(
+                ErrorCode::SessionUnknown,
+                format!(
+                    "no such session: it expired after {ttl} without a connection, completed, or never existed"
+                ),
+            ),
+            StoreError::Expired => ErrorFrame::new(
+                ErrorCode::SessionExpired,
+                format!("session expired: it was not resumed within {ttl} of its disconnection"),
+            ),
+            StoreError::BadToken => ErrorFrame::new(
+                ErrorCode::BadResumeToken,
+                "the resume token does not match this session",
+            ),
+            StoreError::Superseded { .. } => taken_over(),
+            StoreError::Full { max } => ErrorFrame::new(
+                ErrorCode::ServerBusy,
+                format!("the session store is full ({max} sessions); try again later"),
+            ),
+            StoreError::Unavailable(reason) => ErrorFrame::new(
+                ErrorCode::StoreUnavailable,
+                format!("the session store is unavailable ({reason}); try again"),
+            ),
+            StoreError::Corrupt(reason) => {
+                warn!(%reason, "corrupt session record");
+                ErrorFrame::new(ErrorCode::Internal, "the session record is unreadable")
+            }
+        }
+    }
+
+    /// Sends `error` (bounded in time) and closes.
+    async fn reject(mut self, error: ErrorFrame) {
+        debug!(code = %error.code, message = %error.message, "sending error");
+        self.writer.push(&Frame::Error(error));
+        let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.flush()).await;
+        self.close().await;
+    }
+
+    /// Half-closes, then drains what the client still sends for a moment:
+    /// closing a socket with unread input makes the kernel send RST, which
+    /// can destroy the last frame before the client reads it.
+    async fn close(mut self) {
+        let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.half.shutdown()).await;
+        let mut read = self.reader.into_inner();
+        let mut scratch = [0u8; 4096];
+        let mut drained = 0;
+        let _ = timeout(LINGER_TIME, async {
+            while drained < LINGER_BYTES {
+                match read.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn unexpected_input(input: Option<Result<Frame, CodecError>>) -> SessionEnd {
+    match input {
+        None => SessionEnd::Disconnected("client closed the connection".into()),
+        Some(Err(CodecError::Io(error))) => {
+            SessionEnd::Disconnected(format!("read failed: {error}"))
+        }
+        Some(Err(CodecError::Decode(error))) => {
+            SessionEnd::ClientViolation(format!("malformed frame: {error}"))
+        }
+        Some(Ok(frame)) => SessionEnd::ClientViolation(format!(
+            "unexpected {} while streaming (only ACK after FINAL is allowed)",
+            frame.name()
+        )),
+    }
+}
+
+fn check_client_id(client_id: uuid::Uuid) -> Result<(), ErrorFrame> {
+    if client_id.is_nil() || client_id.is_max() {
+        return Err(ErrorFrame::new(
+            ErrorCode::Malformed,
+            "client id must be a UUID other than the nil and max UUIDs",
+        ));
+    }
+    Ok(())
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|error| {
+        warn!(%error, "the OS random number generator failed");
+        ErrorFrame::new(ErrorCode::Internal, "could not generate randomness")
+    })?;
+    Ok(bytes)
+}
+
+fn taken_over() -> ErrorFrame {
+    ErrorFrame::new(
+        ErrorCode::TakenOver,
+        "a newer connection resumed this session; this one is closed",
+    )
+}
+
+/// Whether a client should come back depends on whether its session
+/// outlives this process.
+fn shutting_down(store: &dyn SessionStore) -> ErrorFrame {
+    if store.is_shared() {
+        ErrorFrame::new(
+            ErrorCode::ShuttingDown,
+            "server is draining: resume now on another instance",
+        )
+        .with_disposition(Disposition::RetryNow)
+    } else {
+        ErrorFrame::new(
+            ErrorCode::ShuttingDown,
+            "server is shutting down and its in-memory sessions end with it",
+        )
+        .with_disposition(Disposition::Final)
+    }
+}

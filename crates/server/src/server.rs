@@ -1,0 +1,136 @@
+//! The accept loop: admits connections up to the configured bound, turns
+//! away the rest with `server_busy`, and drains everything on shutdown.
+//!
+//! Shaped like tokio's graceful-shutdown example: one `CancellationToken`
+//! tells every task to stop, one `TaskTracker` tells `run` when they have.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use numstream_protocol::{ErrorCode, ErrorFrame, Frame, encode_frame};
+use numstream_store::SessionStore;
+
+use crate::config::ServerConfig;
+use crate::connection::{self, Shared};
+use crate::registry::Registry;
+
+/// Connections being turned away at once; past this, excess connections are
+/// closed without a word rather than spending memory on politeness.
+const MAX_CONCURRENT_REJECTIONS: usize = 256;
+const REJECTION_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Fatal server errors. Per-connection problems are logged, never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot read the listener's address: {0}")]
+    ListenerAddress(#[source] std::io::Error),
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then drains: every
+/// connection detaches its session and tells its client why, and `run`
+/// returns once they are done or `config.shutdown_grace` has passed.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn SessionStore>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let local = listener
+        .local_addr()
+        .map_err(ServerError::ListenerAddress)?;
+    let grace = config.shutdown_grace;
+    let admission = Arc::new(Semaphore::new(config.max_connections));
+    let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        registry: Registry::default(),
+        shutdown: shutdown.clone(),
+    });
+    let tracker = TaskTracker::new();
+    info!(%local, store = shared.store.kind(), "listening");
+
+    let mut accept_backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(connection) => {
+                accept_backoff = Duration::from_millis(5);
+                connection
+            }
+            Err(error) => {
+                // Usually EMFILE/ENFILE: out of descriptors. Back off rather
+                // than spin; connections finishing will free some.
+                warn!(%error, "accept failed; backing off");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(accept_backoff) => {}
+                }
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        match admission.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    connection::serve(stream, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => match rejections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    debug!(%peer, "connection limit reached; rejecting");
+                    tracker.spawn(async move {
+                        reject_busy(stream).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => debug!(%peer, "connection limit reached; dropping"),
+            },
+        }
+    }
+
+    drop(listener);
+    tracker.close();
+    info!(
+        connections = tracker.len(),
+        grace = %humantime::format_duration(grace),
+        "shutting down: draining connections"
+    );
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            remaining = tracker.len(),
+            "shutdown grace period ended with connections still open"
+        );
+    }
+    info!("server stopped");
+    Ok(())
+}
+
+async fn reject_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    encode_frame(
+        &Frame::Error(ErrorFrame::new(
+            ErrorCode::ServerBusy,
+            "server is at its connection limit; try again later",
+        )),
+        &mut buf,
+    );
+    let _ = tokio::time::timeout(REJECTION_TIMEOUT, async {
+        stream.write_all(&buf).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
