@@ -52,10 +52,11 @@ impl Registry {
         let stopped = CancellationToken::new();
         let previous = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(existing) = live.get(&client_id) {
-                if existing.generation > generation {
-                    return None;
-                }
+            if live
+                .get(&client_id)
+                .is_some_and(|existing| existing.generation > generation)
+            {
+                return None;
             }
             live.insert(
                 client_id,
@@ -92,10 +93,10 @@ impl Registry {
     #[allow(dead_code)] // used once a shared store pushes takeover notices
     pub(crate) fn supersede(&self, client_id: ClientId, generation: u64) {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = live.get(&client_id) {
-            if entry.generation < generation {
-                entry.superseded.cancel();
-            }
+        if let Some(entry) = live.get(&client_id)
+            && entry.generation < generation
+        {
+            entry.superseded.cancel();
         }
     }
 

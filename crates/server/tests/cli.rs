@@ -1,0 +1,185 @@
+//! The `numstream-server` binary as a user runs it: flags, errors for bad
+//! flags, serving a session, and a graceful exit on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use numstream_protocol::codec::FrameCodec;
+use numstream_protocol::{ClientId, ErrorCode, Frame, Open, SequenceChecksum, SessionSeed};
+
+const BIN: &str = env!("CARGO_BIN_EXE_numstream-server");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+fn run_to_end(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run numstream-server")
+}
+
+#[test]
+fn help_documents_every_flag_with_defaults() {
+    let output = run_to_end(&["--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--port",
+        "--bind",
+        "--interval",
+        "--session-ttl",
+        "--seed",
+        "--max-sessions",
+        "--max-connections",
+        "--handshake-timeout",
+        "--ack-timeout",
+        "--shutdown-grace",
+        "[default: 1s]",
+        "[default: 30s]",
+        "Examples:",
+    ] {
+        assert!(help.contains(flag), "--help must mention {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_exit_2_and_say_what_is_accepted() {
+    let cases: [(&[&str], &str); 5] = [
+        (&[], "--port"),
+        (&["--port", "0"], "--port"),
+        (
+            &["--port", "7000", "--interval", "soon"],
+            "examples: 1s, 50ms, 0s",
+        ),
+        (&["--port", "7000", "--interval", "2h"], "at most 1h"),
+        (
+            &["--port", "7000", "--session-ttl", "0s"],
+            "greater than zero",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = run_to_end(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let output = run_to_end(&["--port", &port]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+}
+
+async fn connect_when_up(port: u16) -> TcpStream {
+    for _ in 0..100 {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
+            return stream;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not start listening on port {port}");
+}
+
+#[tokio::test]
+async fn serves_a_reproducible_session_and_drains_on_sigterm() {
+    let port = free_port();
+    let mut server = tokio::process::Command::new(BIN)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--interval",
+            "5ms",
+            "--seed",
+            "7",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn server");
+
+    // A complete session whose numbers follow from --seed and the client id.
+    let id = ClientId::new_v4();
+    let mut framed = Framed::new(connect_when_up(port).await, FrameCodec);
+    framed
+        .send(Frame::Open(Open {
+            client_id: id,
+            count: 5,
+        }))
+        .await
+        .expect("send OPEN");
+    let mut received = SequenceChecksum::new();
+    let mut server_checksum = None;
+    while let Some(frame) = framed.next().await {
+        match frame.expect("valid frame") {
+            Frame::Welcome(_) => {}
+            Frame::Number { value, .. } => received.push(value),
+            Frame::Final {
+                value, checksum, ..
+            } => {
+                received.push(value);
+                server_checksum = Some(checksum);
+                framed
+                    .send(Frame::Ack {
+                        client_checksum: received.checksum(),
+                    })
+                    .await
+                    .expect("send ACK");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected = SequenceChecksum::of_session(&SessionSeed::derive(7, id), 5);
+    assert_eq!(received, expected);
+    assert_eq!(server_checksum, Some(expected.checksum()));
+
+    // A streaming client is told about the shutdown; the process exits 0.
+    let mut streaming = Framed::new(connect_when_up(port).await, FrameCodec);
+    streaming
+        .send(Frame::Open(Open {
+            client_id: ClientId::new_v4(),
+            count: 60_000,
+        }))
+        .await
+        .expect("send OPEN");
+    assert!(matches!(
+        streaming.next().await,
+        Some(Ok(Frame::Welcome(_)))
+    ));
+    let pid = server.id().expect("server pid").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let mut told = false;
+    while let Some(frame) = streaming.next().await {
+        if let Ok(Frame::Error(error)) = frame {
+            assert_eq!(error.code, ErrorCode::ShuttingDown);
+            told = true;
+        }
+    }
+    assert!(
+        told,
+        "a streaming client must be told the server is shutting down"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("server must exit within its grace period")
+        .expect("wait for server");
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}

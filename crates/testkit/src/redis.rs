@@ -1,0 +1,223 @@
+//! `RedisServer`: a throwaway `redis-server` process for integration tests.
+//!
+//! Each server gets its own free port on 127.0.0.1, no persistence (so a
+//! restart loses every key, like a failover to an empty replica would) and
+//! is killed when dropped. A machine without `redis-server` makes `start`
+//! panic: a Redis test must never pass because it could not run.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = "redis-server";
+const NOT_FOUND: &str = "redis-server not found on PATH: install it with \
+    `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`; \
+    the Redis store tests need a real server";
+/// How long a fresh server may take to answer PING before the test fails.
+const READY_WITHIN: Duration = Duration::from_secs(5);
+/// Fresh ports tried by `start` when another process wins the race for the
+/// port between probing it and redis-server binding it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// A running (or deliberately stopped) `redis-server` owned by a test.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// Why one launch attempt failed; only `start` decides whether to retry.
+enum LaunchError {
+    /// The process exited early, most likely because the port was taken.
+    Exited(String),
+    /// It kept running but never answered PING.
+    NotReady(String),
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    ///
+    /// # Panics
+    /// If `redis-server` is not on `PATH`, or no server came up.
+    pub fn start() -> Self {
+        let mut last_error = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            let mut server = Self {
+                port,
+                child: None,
+                log: log_path(port),
+            };
+            match server.launch() {
+                Ok(()) => return server,
+                Err(LaunchError::Exited(why)) => last_error = why,
+                Err(LaunchError::NotReady(why)) => panic!("{why}"),
+            }
+        }
+        panic!("redis-server did not start after {PORT_ATTEMPTS} ports: {last_error}");
+    }
+
+    /// `redis://127.0.0.1:PORT/`, for `RedisStore::connect`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL, no goodbye to clients), as in an outage.
+    /// Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already-exited children make kill fail; wait reaps either way.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server if it runs, then starts a new one on the same port:
+    /// every key is gone, as after a crash without persistence.
+    ///
+    /// # Panics
+    /// If the port cannot be reused or the new server does not answer.
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Err(LaunchError::Exited(why) | LaunchError::NotReady(why)) = self.launch() {
+            panic!("redis-server did not restart on port {}: {why}", self.port);
+        }
+    }
+
+    /// Whether the server currently answers PING.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && ping(self.port)
+    }
+
+    fn launch(&mut self) -> Result<(), LaunchError> {
+        let child = Command::new(BINARY)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--logfile")
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(error) if error.kind() == ErrorKind::NotFound => panic!("{NOT_FOUND}"),
+            Err(error) => panic!("could not run {BINARY}: {error}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => None,
+            };
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(LaunchError::Exited(format!(
+                    "redis-server on port {} exited with {status}; log: {}",
+                    self.port,
+                    self.log_tail()
+                )));
+            }
+            if ping(self.port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.stop();
+                return Err(LaunchError::NotReady(format!(
+                    "redis-server on port {} did not answer PING within {READY_WITHIN:?}; log: {}",
+                    self.port,
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A port that was free a moment ago. Another process may take it before
+/// redis-server binds it (the kernel rarely hands the same ephemeral port out
+/// again at once); `start` then retries with a new one.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap_or_else(|error| panic!("cannot bind a probe socket on 127.0.0.1: {error}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|error| panic!("probe socket has no address: {error}"))
+        .port()
+}
+
+fn log_path(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("numstream-redis-{}-{port}.log", std::process::id()))
+}
+
+/// One inline PING, answered `+PONG` by a ready server (and `-LOADING` or a
+/// refused connection by one that is not).
+fn ping(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let timeout = Duration::from_millis(200);
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    if stream.set_read_timeout(Some(timeout)).is_err() || stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    let mut read = 0;
+    while read < reply.len() {
+        match stream.read(&mut reply[read..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => read += n,
+        }
+    }
+    &reply == b"+PONG\r\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_stops_and_restarts_on_the_same_port() {
+        let mut server = RedisServer::start();
+        assert!(server.is_running());
+        assert!(server.url().ends_with(&format!(":{}/", server.port())));
+        let port = server.port();
+        server.stop();
+        assert!(!server.is_running());
+        assert!(!ping(port), "a stopped server must not answer");
+        server.restart();
+        assert_eq!(server.port(), port);
+        assert!(server.is_running());
+    }
+
+    #[test]
+    fn two_servers_get_different_ports() {
+        let a = RedisServer::start();
+        let b = RedisServer::start();
+        assert_ne!(a.port(), b.port());
+    }
+}

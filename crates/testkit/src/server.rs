@@ -1,0 +1,167 @@
+//! In-process servers on free ports, and a raw protocol client for tests
+//! that must send exactly the bytes they choose.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use numstream_protocol::codec::{CodecError, FrameCodec};
+use numstream_protocol::{ErrorCode, Frame};
+use numstream_server::ServerConfig;
+use numstream_store::{InMemoryStore, SessionStore};
+
+/// A server running inside the test process on 127.0.0.1 with a free port.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub store: Arc<dyn SessionStore>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with an in-memory store.
+    pub async fn start(config: ServerConfig) -> Self {
+        Self::start_with_store(config, Arc::new(InMemoryStore::new(100_000))).await
+    }
+
+    pub async fn start_with_store(config: ServerConfig, store: Arc<dyn SessionStore>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free loopback port");
+        let addr = listener.local_addr().expect("listener address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let store = store.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                numstream_server::run(listener, store, config, shutdown)
+                    .await
+                    .expect("server run");
+            }
+        });
+        Self {
+            addr,
+            store,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Starts a graceful shutdown and waits (bounded) for `run` to return.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server must stop within its grace period")
+                .expect("server task must not panic");
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A test config: short interval, short timeouts, reproducible seed.
+pub fn fast_config() -> ServerConfig {
+    ServerConfig {
+        interval: Duration::from_millis(2),
+        session_ttl: Duration::from_secs(5),
+        seed: Some(42),
+        handshake_timeout: Duration::from_secs(2),
+        ack_timeout: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(3),
+        ..ServerConfig::default()
+    }
+}
+
+/// How long raw-client reads wait before a test fails instead of hanging.
+pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A protocol client that sends exactly what the test says.
+#[derive(Debug)]
+pub struct RawClient {
+    framed: Framed<TcpStream, FrameCodec>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect to server");
+        Self {
+            framed: Framed::new(stream, FrameCodec),
+        }
+    }
+
+    pub async fn send(&mut self, frame: Frame) {
+        self.framed.send(frame).await.expect("send frame");
+    }
+
+    /// Sends raw bytes, bypassing the encoder.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        let stream = self.framed.get_mut();
+        stream.write_all(bytes).await.expect("send bytes");
+    }
+
+    /// The next frame; `None` on a clean close. Panics after
+    /// `RAW_READ_TIMEOUT`, so a hanging server fails the test.
+    pub async fn recv(&mut self) -> Option<Result<Frame, CodecError>> {
+        tokio::time::timeout(RAW_READ_TIMEOUT, self.framed.next())
+            .await
+            .expect("server must answer or close within the read timeout")
+    }
+
+    /// The next frame, which must decode.
+    pub async fn frame(&mut self) -> Frame {
+        match self.recv().await {
+            Some(Ok(frame)) => frame,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Asserts the next frame is an ERROR with `code`, then that the server
+    /// closes the connection. Returns the message.
+    pub async fn expect_error(&mut self, code: ErrorCode) -> String {
+        let message = match self.frame().await {
+            Frame::Error(error) => {
+                assert_eq!(error.code, code, "unexpected error: {error}");
+                error.message
+            }
+            other => panic!("expected ERROR {code}, got {other:?}"),
+        };
+        self.expect_closed().await;
+        message
+    }
+
+    /// Asserts the server closes the connection without sending anything.
+    pub async fn expect_closed(&mut self) {
+        match self.recv().await {
+            None | Some(Err(CodecError::Io(_))) => {}
+            Some(other) => panic!("expected the server to close, got {other:?}"),
+        }
+    }
+
+    /// Raw read buffer, for tests that inspect partial frames.
+    pub fn read_buffer(&self) -> &BytesMut {
+        self.framed.read_buffer()
+    }
+}
