@@ -1,1 +1,450 @@
-//! placeholder
+//! `RedisStore`: the numstream session store on Redis, shared by every
+//! server instance pointed at the same Redis, so a client can resume on any
+//! of them.
+//!
+//! Each session is one hash, `{prefix}session:{<client id>}` (the braces are
+//! a Redis Cluster hash tag, so a session always lives in one slot), and
+//! each life-cycle event is one Lua script on that key (see `scripts`):
+//! atomic against every other server, one round trip, and nothing per
+//! number streamed. The key's Redis expiry *is* the session's deadline: the
+//! lease while attached, the disconnection TTL once detached. Redis forgets
+//! an expired session on its own, so it cannot tell "expired" from "never
+//! existed": `attach` answers `NotFound` for both.
+//!
+//! The resume token never reaches Redis: only its SHA-256 is stored and
+//! compared, so a Redis dump, replica, `MONITOR` or `SLOWLOG` cannot be
+//! used to resume someone else's session.
+//!
+//! ## Failures and retries
+//!
+//! Connection and I/O failures, timeouts and Redis-side errors are
+//! `StoreError::Unavailable`; a record or reply of the wrong shape (or a key
+//! of the wrong Redis type) is `StoreError::Corrupt`. Every operation is
+//! bounded by [`RedisStoreConfig::operation_timeout`], whatever the
+//! connection is doing. The connection manager reconnects by itself; on top
+//! of that an operation is sent a second time only when that cannot repeat
+//! an effect:
+//!
+//! - `lookup`, `renew` and `ping` are idempotent (a repeated renew only
+//!   moves the deadline again) and are retried once after any transport
+//!   failure;
+//! - `create`, `attach`, `detach` and `complete` are retried only when the
+//!   connection was refused, i.e. the command provably never left this
+//!   process. After a timeout or a dropped connection the first attempt may
+//!   have run: a replayed attach would bump the generation twice and fence
+//!   out the caller's own first attempt, a replayed create or complete would
+//!   report `AlreadyExists` / `NotFound` for what succeeded. Those callers
+//!   get `Unavailable` and must treat the outcome as unknown.
+
+mod reply;
+mod scripts;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError, Script, Value};
+use sha2::{Digest, Sha256};
+
+use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
+use numstream_store::{Attachment, NewSession, SessionInfo, SessionStore, StoreError};
+
+use reply::{Reply, corrupt};
+use scripts::Scripts;
+
+/// Key prefix used by [`RedisStore::connect`] callers that have no reason to
+/// pick another (several deployments sharing one Redis would).
+pub const DEFAULT_PREFIX: &str = "numstream:";
+
+/// Longest expiry sent to Redis. PEXPIRE rejects deadlines that overflow its
+/// millisecond clock; a century is far beyond any sensible lease or TTL.
+const MAX_EXPIRY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// Connection tuning for [`RedisStore::connect_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// Prepended to every key, e.g. `numstream:` gives
+    /// `numstream:session:{<client id>}`.
+    pub prefix: String,
+    /// Limit on one TCP connect (plus handshake) to Redis.
+    pub connection_timeout: Duration,
+    /// Limit on one command's answer on an established connection.
+    pub response_timeout: Duration,
+    /// Extra connect attempts per reconnection, with short backoff, before
+    /// waiting commands fail.
+    pub reconnect_retries: usize,
+    /// Limit on a whole store operation, retries and reconnection included:
+    /// the longest a caller waits to learn that Redis is unavailable.
+    pub operation_timeout: Duration,
+}
+
+impl Default for RedisStoreConfig {
+    fn default() -> Self {
+        // Scripts touch one small hash, so a healthy Redis answers in well
+        // under a millisecond; these bounds only decide how fast an outage
+        // is reported: within about 2 s, well inside a client's patience.
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            connection_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_secs(1),
+            reconnect_retries: 2,
+            operation_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A [`SessionStore`] on Redis. Cheap to clone: clones share one
+/// multiplexed, self-reconnecting connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    scripts: Arc<Scripts>,
+    prefix: Arc<str>,
+    operation_timeout: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    // Not derived: the connection's Debug includes the Redis address and
+    // settings, which may carry credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When a failed command may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Running it twice has the effect of running it once.
+    Idempotent,
+    /// Only if it never reached Redis.
+    IfUnsent,
+}
+
+impl Replay {
+    fn allows(self, error: &RedisError) -> bool {
+        // A refused connection is the one failure that proves the command
+        // was not sent: the manager only hands out established connections,
+        // so refusal comes from (re)connecting, before anything is written.
+        error.is_connection_refusal()
+            || (self == Replay::Idempotent
+                && (error.is_io_error() || error.is_unrecoverable_error()))
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`)
+    /// with keys under `prefix` and default timeouts. Fails with
+    /// `Unavailable` if Redis cannot be reached within the operation timeout.
+    ///
+    /// Unless the URL chooses a protocol (`?protocol=resp2`), RESP3 is used:
+    /// on RESP3 the connection manager notices a dropped connection and
+    /// reconnects while idle, instead of failing the next command with it.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let config = RedisStoreConfig {
+            prefix: prefix.to_owned(),
+            ..RedisStoreConfig::default()
+        };
+        Self::connect_with(url, config).await
+    }
+
+    /// [`connect`](Self::connect) with explicit timeouts.
+    pub async fn connect_with(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
+        // The URL is never echoed into errors: it may hold a password.
+        let parsed = redis::parse_redis_url(url)
+            .ok_or_else(|| StoreError::Unavailable("the Redis URL does not parse".to_owned()))?;
+        let protocol_chosen = parsed.query_pairs().any(|(name, _)| name == "protocol");
+        let mut info = parsed
+            .into_connection_info()
+            .map_err(|error| StoreError::Unavailable(format!("invalid Redis URL: {error}")))?;
+        if !protocol_chosen {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            info = info.set_redis_settings(settings);
+        }
+        let client = Client::open(info).map_err(unavailable)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connection_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(config.reconnect_retries)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(400));
+        let connection = tokio::time::timeout(
+            config.operation_timeout,
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await
+        .map_err(|_| timed_out(config.operation_timeout))?
+        .map_err(unavailable)?;
+        Ok(Self {
+            connection,
+            scripts: Arc::new(Scripts::new()),
+            prefix: config.prefix.into(),
+            operation_timeout: config.operation_timeout,
+        })
+    }
+
+    /// The Redis key holding `client_id`'s session.
+    pub fn session_key(&self, client_id: ClientId) -> String {
+        format!("{}session:{{{client_id}}}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn eval(
+        &self,
+        script: &Script,
+        client_id: ClientId,
+        args: &[Vec<u8>],
+        replay: Replay,
+    ) -> Result<Reply, StoreError> {
+        let key = self.session_key(client_id);
+        let value = self
+            .bounded(replay, |mut connection| {
+                let mut invocation = script.key(&key);
+                for arg in args {
+                    invocation.arg(arg.as_slice());
+                }
+                async move { invocation.invoke_async::<Value>(&mut connection).await }
+            })
+            .await?;
+        Reply::decode(value)
+    }
+
+    /// Runs `attempt` on the shared connection, once more if `replay`
+    /// allows, all within the operation timeout.
+    async fn bounded<F, Fut>(&self, replay: Replay, attempt: F) -> Result<Value, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<Value, RedisError>>,
+    {
+        let attempts = async {
+            match attempt(self.connection.clone()).await {
+                Ok(value) => Ok(value),
+                Err(error) if replay.allows(&error) => {
+                    // The failed attempt has already made the manager start
+                    // reconnecting; the second one waits for that.
+                    tracing::debug!(%error, "redis command failed, retrying once");
+                    attempt(self.connection.clone()).await
+                }
+                Err(error) => Err(error),
+            }
+        };
+        match tokio::time::timeout(self.operation_timeout, attempts).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(timed_out(self.operation_timeout)),
+        }
+    }
+}
+
+/// What is stored and compared in place of the token. An unsalted hash is
+/// enough: the token is 128 random bits, so there is nothing to guess.
+fn token_digest(token: &ResumeToken) -> Vec<u8> {
+    Sha256::digest(token.0).to_vec()
+}
+
+/// A duration as PEXPIRE milliseconds: rounded up, because PEXPIRE 0 deletes
+/// the key at once, and capped where Redis would reject it.
+fn expiry_ms(duration: Duration) -> Vec<u8> {
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    let ms = u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS);
+    ms.to_string().into_bytes()
+}
+
+fn decimal(number: impl fmt::Display) -> Vec<u8> {
+    number.to_string().into_bytes()
+}
+
+fn unavailable(error: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {error}"))
+}
+
+fn timed_out(limit: Duration) -> StoreError {
+    StoreError::Unavailable(format!("redis did not answer within {limit:?}"))
+}
+
+/// A key of another Redis type under our name is a damaged record; every
+/// other Redis error (I/O, timeout, OOM, READONLY after a failover,
+/// LOADING, cluster redirections) means the store cannot serve right now.
+fn classify(error: RedisError) -> StoreError {
+    if error.code() == Some("WRONGTYPE") {
+        return corrupt(format!("session key has the wrong Redis type: {error}"));
+    }
+    unavailable(error)
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn create(&self, session: NewSession, lease: Duration) -> Result<Attachment, StoreError> {
+        let args = [
+            session.seed.0.to_vec(),
+            decimal(session.count),
+            token_digest(&session.token),
+            expiry_ms(lease),
+        ];
+        self.eval(
+            &self.scripts.create,
+            session.client_id,
+            &args,
+            Replay::IfUnsent,
+        )
+        .await?
+        .expect_ok()?;
+        Ok(Attachment {
+            client_id: session.client_id,
+            seed: session.seed,
+            count: session.count,
+            token: session.token,
+            generation: 1,
+        })
+    }
+
+    async fn attach(
+        &self,
+        client_id: ClientId,
+        token: &ResumeToken,
+        lease: Duration,
+    ) -> Result<Attachment, StoreError> {
+        let args = [token_digest(token), expiry_ms(lease)];
+        let mut reply = self
+            .eval(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
+            .await?
+            .expect_ok()?;
+        let seed = reply.bytes("seed")?;
+        let seed: [u8; 32] = seed
+            .try_into()
+            .map_err(|seed: Vec<u8>| corrupt(format!("seed is {} bytes, not 32", seed.len())))?;
+        Ok(Attachment {
+            client_id,
+            seed: SessionSeed(seed),
+            count: reply.number("count")?,
+            // The stored digest matched this token's, so it is the token.
+            token: *token,
+            generation: reply.number("generation")?,
+        })
+    }
+
+    async fn renew(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let args = [decimal(generation), expiry_ms(lease)];
+        self.eval(&self.scripts.renew, client_id, &args, Replay::Idempotent)
+            .await?
+            .expect_ok()?;
+        Ok(())
+    }
+
+    async fn detach(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let args = [decimal(generation), expiry_ms(ttl)];
+        self.eval(&self.scripts.detach, client_id, &args, Replay::IfUnsent)
+            .await?
+            .expect_ok()?;
+        Ok(())
+    }
+
+    async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
+        let args = [decimal(generation)];
+        self.eval(&self.scripts.complete, client_id, &args, Replay::IfUnsent)
+            .await?
+            .expect_ok()?;
+        Ok(())
+    }
+
+    async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError> {
+        let reply = self
+            .eval(&self.scripts.lookup, client_id, &[], Replay::Idempotent)
+            .await?;
+        let mut reply = match reply.expect_ok() {
+            Ok(reply) => reply,
+            Err(StoreError::NotFound) => return Ok(None),
+            Err(other) => return Err(other),
+        };
+        let count = reply.number("count")?;
+        let generation = reply.number("generation")?;
+        let attached = match reply.bytes("attached")?.as_slice() {
+            b"1" => true,
+            b"0" => false,
+            _ => return Err(corrupt("attached is neither 1 nor 0")),
+        };
+        let pttl: i64 = reply.number("pttl")?;
+        // -1 (no expiry) cannot come from these scripts; a session that
+        // would never expire is a damaged record, not an immortal one.
+        let expires_in = u64::try_from(pttl)
+            .map(Duration::from_millis)
+            .map_err(|_| corrupt(format!("session key has no expiry (PTTL {pttl})")))?;
+        Ok(Some(SessionInfo {
+            count,
+            generation,
+            attached,
+            expires_in,
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong = self
+            .bounded(Replay::Idempotent, |mut connection| async move {
+                redis::cmd("PING")
+                    .query_async::<Value>(&mut connection)
+                    .await
+            })
+            .await?;
+        match pong {
+            Value::SimpleString(text) if text == "PONG" => Ok(()),
+            Value::BulkString(text) if text == b"PONG" => Ok(()),
+            other => Err(StoreError::Unavailable(format!(
+                "redis answered PING with something other than PONG: {other:?}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiries_round_up_and_stay_in_range() {
+        assert_eq!(expiry_ms(Duration::from_millis(400)), b"400");
+        assert_eq!(expiry_ms(Duration::from_micros(1)), b"1");
+        assert_eq!(expiry_ms(Duration::ZERO), b"1");
+        assert_eq!(expiry_ms(Duration::from_micros(1_500)), b"2");
+        assert_eq!(
+            expiry_ms(Duration::MAX),
+            MAX_EXPIRY_MS.to_string().as_bytes()
+        );
+    }
+
+    #[test]
+    fn the_digest_is_not_the_token() {
+        let token = ResumeToken([5; 16]);
+        let digest = token_digest(&token);
+        assert_eq!(digest.len(), 32);
+        assert!(!digest.windows(16).any(|window| window == token.0));
+    }
+}

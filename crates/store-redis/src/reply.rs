@@ -1,0 +1,206 @@
+//! Decoding script replies (see `scripts.rs`) into store outcomes, without
+//! trusting them: a reply of the wrong shape or a field that does not parse
+//! is `StoreError::Corrupt`, never a panic.
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+
+use redis::Value;
+
+use numstream_store::StoreError;
+
+/// A script's status word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Ok,
+    Exists,
+    NotFound,
+    BadToken,
+    Superseded,
+    Corrupt,
+}
+
+/// A decoded reply: the status and the values that follow it, in order.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: Status,
+    values: VecDeque<Value>,
+}
+
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl Reply {
+    pub(crate) fn decode(value: Value) -> Result<Self, StoreError> {
+        let mut values = match value {
+            Value::Array(values) => VecDeque::from(values),
+            other => return Err(corrupt(format!("script replied {}", kind(&other)))),
+        };
+        let word = values
+            .pop_front()
+            .ok_or_else(|| corrupt("script replied an empty array"))?;
+        let status = match bytes(word, "status")?.as_slice() {
+            b"ok" => Status::Ok,
+            b"exists" => Status::Exists,
+            b"not_found" => Status::NotFound,
+            b"bad_token" => Status::BadToken,
+            b"superseded" => Status::Superseded,
+            b"corrupt" => Status::Corrupt,
+            other => {
+                return Err(corrupt(format!(
+                    "unknown script status {:?}",
+                    String::from_utf8_lossy(other)
+                )));
+            }
+        };
+        let mut reply = Self { status, values };
+        if reply.status == Status::Corrupt {
+            let why = reply.string("reason")?;
+            return Err(corrupt(why));
+        }
+        Ok(reply)
+    }
+
+    /// Maps the statuses every fenced operation shares; `Ok` is left to the
+    /// caller, which knows what follows it.
+    pub(crate) fn expect_ok(mut self) -> Result<Self, StoreError> {
+        match self.status {
+            Status::Ok => Ok(self),
+            Status::NotFound => Err(StoreError::NotFound),
+            Status::Exists => Err(StoreError::AlreadyExists),
+            Status::BadToken => Err(StoreError::BadToken),
+            Status::Superseded => Err(StoreError::Superseded {
+                current: self.number("current generation")?,
+            }),
+            // `decode` already turned this one into an error.
+            Status::Corrupt => Err(corrupt("corrupt record")),
+        }
+    }
+
+    fn next(&mut self, what: &str) -> Result<Value, StoreError> {
+        self.values
+            .pop_front()
+            .ok_or_else(|| corrupt(format!("script reply lacks {what}")))
+    }
+
+    pub(crate) fn bytes(&mut self, what: &str) -> Result<Vec<u8>, StoreError> {
+        let value = self.next(what)?;
+        bytes(value, what)
+    }
+
+    pub(crate) fn string(&mut self, what: &str) -> Result<String, StoreError> {
+        String::from_utf8(self.bytes(what)?).map_err(|_| corrupt(format!("{what} is not UTF-8")))
+    }
+
+    /// A number sent as an integer reply or as the decimal string stored in
+    /// the hash.
+    pub(crate) fn number<T>(&mut self, what: &str) -> Result<T, StoreError>
+    where
+        T: FromStr + TryFrom<i64>,
+    {
+        match self.next(what)? {
+            Value::Int(number) => {
+                T::try_from(number).map_err(|_| corrupt(format!("{what} {number} is out of range")))
+            }
+            other => {
+                let text = bytes(other, what)?;
+                std::str::from_utf8(&text)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "{what} {:?} is not a valid number",
+                            String::from_utf8_lossy(&text)
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+fn bytes(value: Value, what: &str) -> Result<Vec<u8>, StoreError> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(text) => Ok(text.into_bytes()),
+        other => Err(corrupt(format!("{what} is {}", kind(&other)))),
+    }
+}
+
+/// Names a value's type without its contents (which may hold a seed).
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) | Value::SimpleString(_) | Value::VerbatimString { .. } => "a string",
+        Value::Okay => "OK",
+        Value::Array(_) | Value::Set(_) => "an array",
+        Value::Map(_) | Value::Attribute { .. } => "a map",
+        Value::Double(_) | Value::BigNumber(_) => "a non-integer number",
+        Value::Boolean(_) => "a boolean",
+        _ => "an unexpected value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn array(values: Vec<Value>) -> Value {
+        Value::Array(values)
+    }
+
+    fn text(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn superseded_carries_the_current_generation() {
+        let reply = Reply::decode(array(vec![text("superseded"), text("7")])).expect("decode");
+        assert_eq!(
+            reply.expect_ok().err(),
+            Some(StoreError::Superseded { current: 7 })
+        );
+    }
+
+    #[test]
+    fn numbers_come_as_integers_or_decimal_strings() {
+        let mut reply =
+            Reply::decode(array(vec![text("ok"), Value::Int(3), text("42")])).expect("decode");
+        assert_eq!(reply.number::<u64>("a"), Ok(3));
+        assert_eq!(reply.number::<u16>("b"), Ok(42));
+    }
+
+    #[test]
+    fn malformed_replies_are_corrupt_not_panics() {
+        let cases = vec![
+            Value::Nil,
+            Value::Int(1),
+            array(vec![]),
+            array(vec![text("maybe")]),
+            array(vec![Value::Nil]),
+            array(vec![text("corrupt"), text("generation is missing")]),
+        ];
+        for case in cases {
+            assert!(
+                matches!(Reply::decode(case), Err(StoreError::Corrupt(_))),
+                "must be corrupt"
+            );
+        }
+        let mut reply = Reply::decode(array(vec![text("ok"), text("-1"), text("x")])).expect("ok");
+        assert!(matches!(
+            reply.number::<u64>("generation"),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            reply.number::<u16>("count"),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(reply.bytes("seed"), Err(StoreError::Corrupt(_))));
+        let mut big = Reply::decode(array(vec![text("ok"), Value::Int(70_000)])).expect("ok");
+        assert!(matches!(
+            big.number::<u16>("count"),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

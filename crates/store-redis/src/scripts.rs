@@ -1,0 +1,188 @@
+//! The Lua scripts that make each session operation one atomic step on
+//! Redis, and the key layout they work on.
+//!
+//! Every script touches exactly one key, the session's hash, passed as
+//! `KEYS[1]` so that Redis Cluster routes it (the client id is the key's hash
+//! tag). A script answers with an array whose first element is a status word
+//! (`ok`, `exists`, `not_found`, `bad_token`, `superseded`, `corrupt`)
+//! followed by that status's values; `reply.rs` turns it into Rust types.
+//! Scripts return only strings and integers: Lua booleans would reach a RESP3
+//! client as booleans and a RESP2 one as nil, and nil also cuts a Lua array
+//! short.
+//!
+//! Hash fields: `seed` (32 raw bytes), `count` (decimal), `token_sha256`
+//! (32 raw bytes), `generation` (decimal, from 1), `attached` (`1`/`0`). The
+//! key's own expiry is the session's deadline: the lease while attached, the
+//! disconnection TTL once detached, so Redis forgets expired sessions by
+//! itself and no sweeper is needed.
+
+use redis::Script;
+
+/// Loads and validates the generation every fenced operation compares with
+/// the caller's. Compared as strings, so it must be canonical decimal (what
+/// HINCRBY writes); a generation Redis cannot have written is corruption.
+macro_rules! generation_prelude {
+    () => {
+        r#"
+local function current_generation(key)
+  if redis.call('EXISTS', key) == 0 then
+    return nil, {'not_found'}
+  end
+  local generation = redis.call('HGET', key, 'generation')
+  if not generation or not string.match(generation, '^[1-9][0-9]*$') then
+    return nil, {'corrupt', 'generation is missing or not a positive integer'}
+  end
+  return generation
+end
+"#
+    };
+}
+
+/// KEYS[1] session; ARGV seed, count, token digest, lease ms.
+///
+/// An expired session's key is already gone, so "exists" means "alive".
+const CREATE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists'}
+end
+redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'count', ARGV[2], 'token_sha256', ARGV[3],
+  'generation', '1', 'attached', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'ok'}
+"#;
+
+/// KEYS[1] session; ARGV token digest, lease ms. Replies
+/// `ok, seed, count, generation`.
+///
+/// The token check happens here rather than in Rust so that check and
+/// generation bump are one atomic step with one round trip: comparing in
+/// Rust would need a read, then a compare-and-set conditioned on the
+/// generation read, retried whenever a concurrent attach got in between.
+/// What is compared is SHA-256 of the token, never the token (see
+/// `token_digest`), and the loop visits every byte whatever the first
+/// difference, so its timing says nothing useful.
+const ATTACH: &str = concat!(
+    generation_prelude!(),
+    r#"
+local generation, early = current_generation(KEYS[1])
+if not generation then
+  return early
+end
+local record = redis.call('HMGET', KEYS[1], 'token_sha256', 'seed', 'count')
+local stored, seed, count = record[1], record[2], record[3]
+if not stored or not seed or not count then
+  return {'corrupt', 'token_sha256, seed or count is missing'}
+end
+local offered = ARGV[1]
+if #stored ~= #offered then
+  return {'bad_token'}
+end
+local difference = 0
+for i = 1, #stored do
+  difference = bit.bor(difference, bit.bxor(string.byte(stored, i), string.byte(offered, i)))
+end
+if difference ~= 0 then
+  return {'bad_token'}
+end
+local next_generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
+redis.call('HSET', KEYS[1], 'attached', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {'ok', seed, count, next_generation}
+"#
+);
+
+/// KEYS[1] session; ARGV generation, lease ms.
+///
+/// Leaves `attached` alone, like the in-memory store: a renewal only moves
+/// the deadline of whatever the caller's generation owns.
+const RENEW: &str = concat!(
+    generation_prelude!(),
+    r#"
+local generation, early = current_generation(KEYS[1])
+if not generation then
+  return early
+end
+if generation ~= ARGV[1] then
+  return {'superseded', generation}
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {'ok'}
+"#
+);
+
+/// KEYS[1] session; ARGV generation, ttl ms. The TTL replaces the lease as
+/// the key's expiry in the same step that marks the session detached.
+const DETACH: &str = concat!(
+    generation_prelude!(),
+    r#"
+local generation, early = current_generation(KEYS[1])
+if not generation then
+  return early
+end
+if generation ~= ARGV[1] then
+  return {'superseded', generation}
+end
+redis.call('HSET', KEYS[1], 'attached', '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {'ok'}
+"#
+);
+
+/// KEYS[1] session; ARGV generation.
+const COMPLETE: &str = concat!(
+    generation_prelude!(),
+    r#"
+local generation, early = current_generation(KEYS[1])
+if not generation then
+  return early
+end
+if generation ~= ARGV[1] then
+  return {'superseded', generation}
+end
+redis.call('DEL', KEYS[1])
+return {'ok'}
+"#
+);
+
+/// KEYS[1] session. Replies `ok, count, generation, attached, pttl`.
+///
+/// A script rather than HMGET then PTTL so the expiry read belongs to the
+/// same state as the fields (a detach in between would pair `attached=1`
+/// with the detach TTL). Reads only what `SessionInfo` needs: the seed and
+/// token digest stay in Redis.
+const LOOKUP: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'not_found'}
+end
+local record = redis.call('HMGET', KEYS[1], 'count', 'generation', 'attached')
+if not record[1] or not record[2] or not record[3] then
+  return {'corrupt', 'count, generation or attached is missing'}
+end
+return {'ok', record[1], record[2], record[3], redis.call('PTTL', KEYS[1])}
+"#;
+
+/// The scripts, each hashed once; `Script::invoke_async` sends EVALSHA and
+/// falls back to loading the script when Redis answers NOSCRIPT (after a
+/// restart or SCRIPT FLUSH).
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) create: Script,
+    pub(crate) attach: Script,
+    pub(crate) renew: Script,
+    pub(crate) detach: Script,
+    pub(crate) complete: Script,
+    pub(crate) lookup: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            create: Script::new(CREATE),
+            attach: Script::new(ATTACH),
+            renew: Script::new(RENEW),
+            detach: Script::new(DETACH),
+            complete: Script::new(COMPLETE),
+            lookup: Script::new(LOOKUP),
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! `RedisStore` against real `redis-server` processes started by the
+//! testkit: the shared conformance suite, the key layout other tools rely
+//! on, outages, and two store instances sharing one Redis as two servers do.
+
+use std::time::{Duration, Instant};
+
+use numstream_protocol::ClientId;
+use numstream_store::conformance::{self, LONG, random_session};
+use numstream_store::{SessionStore, StoreError};
+use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
+use numstream_testkit::redis::RedisServer;
+use redis::aio::MultiplexedConnection;
+
+/// What a test allows an operation against a dead Redis to take. The store
+/// promises its operation timeout (2 s by default); the rest is slack for a
+/// loaded CI machine.
+const OUTAGE_BOUND: Duration = Duration::from_secs(4);
+
+async fn store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url(), DEFAULT_PREFIX)
+        .await
+        .expect("connect to the test redis-server")
+}
+
+async fn raw(server: &RedisServer) -> MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+async fn pttl(connection: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .expect("PTTL")
+}
+
+fn assert_close(actual_ms: i64, expected: Duration) {
+    let expected = i64::try_from(expected.as_millis()).expect("small");
+    assert!(
+        actual_ms <= expected && actual_ms > expected - 2_000,
+        "PTTL {actual_ms} ms is not close to {expected} ms"
+    );
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_conformance_suite() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    assert_eq!(store.kind(), "redis");
+    assert!(store.is_shared());
+    let started = Instant::now();
+    conformance::run_all(&store).await;
+    eprintln!("conformance suite took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn one_hash_per_session_whose_expiry_is_the_lease_then_the_ttl() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let mut redis = raw(&server).await;
+    let session = random_session();
+    let key = format!("numstream:session:{{{}}}", session.client_id);
+    assert_eq!(store.session_key(session.client_id), key);
+
+    let lease = Duration::from_secs(30);
+    store.create(session, lease).await.expect("create");
+    let kind: String = redis::cmd("TYPE")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("TYPE");
+    assert_eq!(kind, "hash");
+    assert_close(pttl(&mut redis, &key).await, lease);
+
+    // The token itself is never stored, only its digest.
+    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("HGETALL");
+    let mut names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["attached", "count", "generation", "seed", "token_sha256"]
+    );
+    for (name, value) in &fields {
+        assert!(
+            !value.windows(16).any(|window| window == session.token.0),
+            "field {name} holds the raw resume token"
+        );
+    }
+
+    let ttl = Duration::from_secs(90);
+    store
+        .detach(session.client_id, 1, ttl)
+        .await
+        .expect("detach");
+    assert_close(pttl(&mut redis, &key).await, ttl);
+
+    let attachment = store
+        .attach(session.client_id, &session.token, lease)
+        .await
+        .expect("attach");
+    assert_close(pttl(&mut redis, &key).await, lease);
+
+    store
+        .complete(session.client_id, attachment.generation)
+        .await
+        .expect("complete");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "a completed session's key is deleted");
+}
+
+#[tokio::test]
+async fn a_custom_prefix_is_honoured() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), "tenant-a:")
+        .await
+        .expect("connect");
+    let mut redis = raw(&server).await;
+    let session = random_session();
+    store.create(session, LONG).await.expect("create");
+    let custom = format!("tenant-a:session:{{{}}}", session.client_id);
+    assert_eq!(store.session_key(session.client_id), custom);
+    assert_close(pttl(&mut redis, &custom).await, LONG);
+    let default = format!("numstream:session:{{{}}}", session.client_id);
+    assert_eq!(
+        pttl(&mut redis, &default).await,
+        -2,
+        "no key under the default prefix"
+    );
+
+    // Stores with different prefixes do not see each other's sessions.
+    let other = store_with_default_prefix(&server).await;
+    assert_eq!(other.lookup(session.client_id).await, Ok(None));
+}
+
+async fn store_with_default_prefix(server: &RedisServer) -> RedisStore {
+    store(server).await
+}
+
+#[tokio::test]
+async fn two_instances_share_sessions_and_fence_each_other() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let session = random_session();
+    a.create(session, LONG).await.expect("create via A");
+    let on_b = b
+        .attach(session.client_id, &session.token, LONG)
+        .await
+        .expect("resume via B");
+    assert_eq!(on_b.generation, 2);
+    assert_eq!(on_b.seed, session.seed);
+    assert_eq!(on_b.count, session.count);
+    assert_eq!(
+        a.renew(session.client_id, 1, LONG).await,
+        Err(StoreError::Superseded { current: 2 }),
+        "A must learn that B took the session over"
+    );
+    let seen_by_a = a
+        .lookup(session.client_id)
+        .await
+        .expect("lookup")
+        .expect("present");
+    assert_eq!(seen_by_a.generation, 2);
+    b.renew(session.client_id, 2, LONG).await.expect("B renews");
+}
+
+/// Runs `operation`, asserting it finishes within `OUTAGE_BOUND` with
+/// `Unavailable`.
+async fn assert_unavailable<T: std::fmt::Debug>(
+    name: &str,
+    operation: impl std::future::Future<Output = Result<T, StoreError>>,
+) {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(OUTAGE_BOUND, operation)
+        .await
+        .unwrap_or_else(|_| panic!("{name} hung for {OUTAGE_BOUND:?} while Redis was down"));
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{name} during the outage returned {outcome:?}"
+    );
+    eprintln!("{name}: Unavailable after {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn outage_is_unavailable_then_the_same_store_recovers_with_data_lost() {
+    let mut server = RedisServer::start();
+    let store = store(&server).await;
+    let before = random_session();
+    store.create(before, LONG).await.expect("create");
+
+    server.stop();
+    let other = random_session();
+    let id = before.client_id;
+    assert_unavailable("ping", store.ping()).await;
+    assert_unavailable("create", store.create(other, LONG)).await;
+    assert_unavailable("attach", store.attach(id, &before.token, LONG)).await;
+    assert_unavailable("renew", store.renew(id, 1, LONG)).await;
+    assert_unavailable("detach", store.detach(id, 1, LONG)).await;
+    assert_unavailable("complete", store.complete(id, 1)).await;
+    assert_unavailable("lookup", store.lookup(id)).await;
+
+    server.restart();
+    // The first call after the restart is a non-idempotent one on purpose:
+    // it must not fail just because the old connection died.
+    let started = Instant::now();
+    assert_eq!(
+        store.attach(id, &before.token, LONG).await,
+        Err(StoreError::NotFound),
+        "a session lost with Redis's data must be unknown, never another session"
+    );
+    eprintln!("first attach after restart took {:?}", started.elapsed());
+    assert_eq!(store.lookup(id).await, Ok(None));
+    store.ping().await.expect("ping after restart");
+    let after = store
+        .create(other, LONG)
+        .await
+        .expect("create after restart");
+    assert_eq!(after.generation, 1);
+    store
+        .renew(other.client_id, 1, LONG)
+        .await
+        .expect("renew after restart");
+}
+
+#[tokio::test]
+async fn idle_through_an_outage_then_create_succeeds_first_time() {
+    let mut server = RedisServer::start();
+    let store = store(&server).await;
+    store.ping().await.expect("ping");
+    // No traffic while Redis is down: the store must not hand its next
+    // caller the dead connection.
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    server.restart();
+    let session = random_session();
+    let attachment = store
+        .create(session, LONG)
+        .await
+        .expect("create after restart");
+    assert_eq!(attachment.generation, 1);
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_unavailable_quickly() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(OUTAGE_BOUND, RedisStore::connect(&url, DEFAULT_PREFIX))
+        .await
+        .expect("connect must give up on its own");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "got {outcome:?}"
+    );
+    eprintln!(
+        "connect to a dead port failed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_host_is_unavailable_within_the_operation_timeout() {
+    // 10.255.255.1 is normally unroutable, so the connect hangs rather than
+    // being refused: only the store's own timeouts can end it.
+    let config = RedisStoreConfig {
+        operation_timeout: Duration::from_millis(800),
+        ..RedisStoreConfig::default()
+    };
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        OUTAGE_BOUND,
+        RedisStore::connect_with("redis://10.255.255.1:6379/", config),
+    )
+    .await
+    .expect("connect must give up on its own");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "got {outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn damaged_records_are_corrupt_not_panics() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let mut redis = raw(&server).await;
+
+    let wrong_type = ClientId::new_v4();
+    let _: () = redis::cmd("SET")
+        .arg(store.session_key(wrong_type))
+        .arg("not a hash")
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    assert!(matches!(
+        store.renew(wrong_type, 1, LONG).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.lookup(wrong_type).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let bad_fields = random_session();
+    store.create(bad_fields, LONG).await.expect("create");
+    let key = store.session_key(bad_fields.client_id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("generation")
+        .arg("two")
+        .query_async(&mut redis)
+        .await
+        .expect("HSET");
+    assert!(matches!(
+        store
+            .attach(bad_fields.client_id, &bad_fields.token, LONG)
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.detach(bad_fields.client_id, 1, LONG).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.lookup(bad_fields.client_id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let short_seed = random_session();
+    store.create(short_seed, LONG).await.expect("create");
+    let _: () = redis::cmd("HSET")
+        .arg(store.session_key(short_seed.client_id))
+        .arg("seed")
+        .arg("short")
+        .query_async(&mut redis)
+        .await
+        .expect("HSET");
+    assert!(matches!(
+        store
+            .attach(short_seed.client_id, &short_seed.token, LONG)
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let immortal = random_session();
+    store.create(immortal, LONG).await.expect("create");
+    let _: () = redis::cmd("PERSIST")
+        .arg(store.session_key(immortal.client_id))
+        .query_async(&mut redis)
+        .await
+        .expect("PERSIST");
+    assert!(matches!(
+        store.lookup(immortal.client_id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
