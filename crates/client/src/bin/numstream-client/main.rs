@@ -1,0 +1,97 @@
+//! `numstream-client`: fetches one numstream session, resuming across
+//! dropped connections, and verifies its checksum.
+//!
+//! The report goes to stdout (aligned text, or one JSON object with
+//! `--json`); logs and the progress bar go to stderr.
+//!
+//! Exit codes (also `numstream_client::EXIT_*`):
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | the sequence arrived complete and the checksums match |
+//! | 1 | checksum mismatch |
+//! | 2 | usage error (bad flag or value) |
+//! | 3 | session rejected or expired: any final error from the server |
+//! | 4 | cannot connect, or gave up reconnecting within the session TTL (also: the async runtime could not start) |
+//! | 5 | protocol violation by the server |
+
+mod cli;
+mod progress;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use numstream_client::{ClientConfig, EXIT_CANNOT_CONNECT, Report};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::Cli;
+use crate::progress::{LogWriter, ProgressObserver};
+
+fn main() -> ExitCode {
+    // Exits with 2 and clap's message on a usage error.
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("numstream-client: {error:#}");
+            ExitCode::from(EXIT_CANNOT_CONNECT)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<u8> {
+    let count = cli.count.unwrap_or_else(|| {
+        rand::random_range(numstream_protocol::MIN_COUNT..=numstream_protocol::MAX_COUNT)
+    });
+    let config = ClientConfig {
+        host: cli.host,
+        ports: cli.ports,
+        count,
+        client_id: cli.client_id.unwrap_or_else(uuid::Uuid::new_v4),
+        ..ClientConfig::default()
+    };
+
+    let stderr_is_terminal = std::io::stderr().is_terminal();
+    let bar = (stderr_is_terminal && !cli.quiet).then(|| progress::bar(count));
+    init_logging(cli.verbose, stderr_is_terminal, bar.clone());
+
+    // One connection at a time: a single-threaded runtime is plenty.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut observer = ProgressObserver::new(bar);
+    let report = runtime.block_on(numstream_client::run(config, &mut observer));
+    print_report(&report, cli.json);
+    Ok(report.exit_code())
+}
+
+fn init_logging(verbose: bool, ansi: bool, bar: Option<indicatif::ProgressBar>) {
+    // RUST_LOG wins when set, so an operator can always dig deeper.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if verbose { "info" } else { "warn" }));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(LogWriter::new(bar))
+        .with_ansi(ansi)
+        .init();
+}
+
+fn print_report(report: &Report, json: bool) {
+    let text = if json {
+        format!("{}\n", report.to_json())
+    } else {
+        report.render_human()
+    };
+    // A closed stdout (`| head -0`) must not turn a verified run into a
+    // panic; the exit code still tells the outcome.
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        tracing::warn!(%error, "cannot write the report to stdout");
+    }
+}

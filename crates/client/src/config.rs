@@ -1,0 +1,127 @@
+//! What a client run is asked to do and how patient it is: the target
+//! addresses, the session parameters and every timeout and retry bound.
+
+use std::time::Duration;
+
+use crate::Backoff;
+
+/// Everything [`crate::run`] needs. Build it with struct update syntax over
+/// [`ClientConfig::default`]; `ports` has no sensible default and must be
+/// set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    /// Host name or IP address of the server(s). Default `127.0.0.1`.
+    pub host: String,
+    /// Server ports, at least one. The first connection goes to `ports[0]`;
+    /// after every failed or dropped connection the client moves on to the
+    /// next port, wrapping around, so that a drained or crashed instance is
+    /// not retried before the others. Default: empty (must be set).
+    pub ports: Vec<u16>,
+    /// How many numbers to request, `1..=65535`. Default 1.
+    pub count: u16,
+    /// The client's identity. Default: a fresh random v4 UUID.
+    pub client_id: uuid::Uuid,
+    /// Delay policy between failed connection attempts.
+    pub backoff: Backoff,
+    /// Bound on each TCP connect. Default 3 s.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for WELCOME (or ERROR) after OPEN/RESUME. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// Until the first WELCOME there is no session and no TTL to bound the
+    /// retries, so these two do: give up with `CannotConnect` after this
+    /// many failed attempts... Default 10.
+    pub open_attempts: u32,
+    /// ...or once this much time has passed since the run started, whichever
+    /// comes first. Default 30 s.
+    pub open_deadline: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            ports: Vec::new(),
+            count: 1,
+            client_id: uuid::Uuid::new_v4(),
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
+            open_attempts: 10,
+            open_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Why this configuration cannot run, if it cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ports.is_empty() {
+            return Err("at least one server port is required".to_owned());
+        }
+        if self.ports.contains(&0) {
+            return Err("port 0 cannot be connected to".to_owned());
+        }
+        if self.count < numstream_protocol::MIN_COUNT {
+            return Err(format!(
+                "count must be between {} and {}",
+                numstream_protocol::MIN_COUNT,
+                numstream_protocol::MAX_COUNT
+            ));
+        }
+        if self.host.is_empty() {
+            return Err("host must not be empty".to_owned());
+        }
+        if self.open_attempts == 0 {
+            return Err("open_attempts must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let config = ClientConfig::default();
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.connect_timeout, Duration::from_secs(3));
+        assert_eq!(config.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.client_id.get_version_num(), 4);
+        assert_ne!(config.client_id, ClientConfig::default().client_id);
+    }
+
+    #[test]
+    fn validation_rejects_unusable_configs() {
+        let good = ClientConfig {
+            ports: vec![7000],
+            ..ClientConfig::default()
+        };
+        assert_eq!(good.validate(), Ok(()));
+        for bad in [
+            ClientConfig {
+                ports: vec![],
+                ..good.clone()
+            },
+            ClientConfig {
+                ports: vec![7000, 0],
+                ..good.clone()
+            },
+            ClientConfig {
+                count: 0,
+                ..good.clone()
+            },
+            ClientConfig {
+                host: String::new(),
+                ..good.clone()
+            },
+            ClientConfig {
+                open_attempts: 0,
+                ..good.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}

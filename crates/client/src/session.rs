@@ -1,0 +1,414 @@
+//! The run loop: one session across as many TCP connections as it takes.
+//!
+//! Each connection is OPEN/RESUME, WELCOME, then frames until FINAL, an
+//! ERROR or a drop. The pure rules of what is acceptable live in
+//! [`SequenceReceiver`]; this module owns the timing around them (connect,
+//! handshake and silence timeouts), the decision between retrying and
+//! giving up, and the choice of where and when to try next.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use numstream_protocol::codec::{CodecError, FrameCodec};
+use numstream_protocol::{
+    Disposition, ErrorCode, ErrorFrame, Frame, Outcome, Progress, SequenceReceiver,
+    client_silence_timeout,
+};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::codec::Framed;
+
+use crate::error::human;
+use crate::{ClientConfig, ClientError, Event, Observer, Report};
+
+/// Sending ACK is a courtesy (the server deletes the session sooner); a
+/// peer that stopped reading must not keep a finished client waiting.
+const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Fetches the session described by `config`, resuming across dropped
+/// connections, and reports the outcome. Never panics: every failure is
+/// described in the [`Report`].
+///
+/// `observer` sees every [`Event`] as it happens.
+pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
+    let mut driver = Driver {
+        config: &config,
+        receiver: SequenceReceiver::new(config.client_id, config.count),
+        observer,
+        welcomes: 0,
+        terms: None,
+    };
+    let result = match config.validate() {
+        Ok(()) => driver.drive().await,
+        Err(problem) => Err(ClientError::InvalidConfig(problem)),
+    };
+    if let Err(error) = &result {
+        tracing::debug!(%error, "run failed");
+        driver.observer.event(&Event::Failed {
+            error: error.to_string(),
+        });
+    }
+    let running = driver.receiver.running();
+    Report {
+        client_id: config.client_id,
+        count: config.count,
+        received: driver.receiver.received(),
+        sum: running.sum(),
+        server_checksum: driver.receiver.outcome().map(|o| o.server_checksum),
+        client_checksum: running.checksum(),
+        reconnects: driver.welcomes.saturating_sub(1),
+        ok: result.is_ok(),
+        error: result.err(),
+    }
+}
+
+/// What the last WELCOME promised about the session.
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    interval: Duration,
+    ttl: Duration,
+}
+
+/// How one connection ended.
+#[derive(Debug)]
+enum Ending {
+    /// FINAL arrived and ACK was sent.
+    Completed(Outcome),
+    /// The connection failed or was lost; resuming may help.
+    Lost(String),
+    /// The server sent ERROR; its disposition decides what next.
+    ServerError(ErrorFrame),
+    /// Nothing more can help.
+    Fatal(ClientError),
+}
+
+/// What to do after a connection that did not complete.
+#[derive(Debug)]
+struct Retry {
+    cause: String,
+    /// The server asked for an immediate resume elsewhere (drain).
+    immediate: bool,
+}
+
+struct Driver<'a> {
+    config: &'a ClientConfig,
+    receiver: SequenceReceiver,
+    observer: &'a mut dyn Observer,
+    /// Connections that got a WELCOME.
+    welcomes: u32,
+    /// Set by the first WELCOME, refreshed by every later one.
+    terms: Option<Terms>,
+}
+
+impl Driver<'_> {
+    async fn drive(&mut self) -> Result<(), ClientError> {
+        let started = Instant::now();
+        let ports = &self.config.ports;
+        let mut port_index = 0;
+        // Consecutive failed attempts since the last WELCOME (or the start).
+        let mut attempt: u32 = 0;
+        // When the last welcomed connection ended: the session's TTL counts
+        // from there.
+        let mut dropped_at: Option<Instant> = None;
+        loop {
+            let port = ports[port_index];
+            let welcomes_before = self.welcomes;
+            let ending = self.connection(port).await;
+            if self.welcomes > welcomes_before {
+                attempt = 0;
+                dropped_at = Some(Instant::now());
+            }
+            let away = dropped_at.map_or(Duration::ZERO, |at| at.elapsed());
+            let retry = match ending {
+                Ending::Completed(outcome) if outcome.verified() => return Ok(()),
+                Ending::Completed(outcome) => {
+                    return Err(ClientError::ChecksumMismatch {
+                        server: outcome.server_checksum,
+                        client: outcome.client_checksum,
+                    });
+                }
+                Ending::Fatal(error) => return Err(error),
+                Ending::Lost(cause) => Retry {
+                    cause,
+                    immediate: false,
+                },
+                Ending::ServerError(error) => self.classify(error, away)?,
+            };
+            attempt = attempt.saturating_add(1);
+
+            // A RetryNow skips the backoff only while there are untried
+            // ports: if every instance is draining, hammering them in a
+            // tight loop helps nobody.
+            let immediate = retry.immediate && attempt as usize <= ports.len();
+            let mut delay = if immediate {
+                Duration::ZERO
+            } else {
+                self.config.backoff.delay_for(attempt)
+            };
+            match self.terms {
+                None => {
+                    let elapsed = started.elapsed();
+                    if attempt >= self.config.open_attempts || elapsed >= self.config.open_deadline
+                    {
+                        return Err(ClientError::CannotConnect {
+                            attempts: attempt,
+                            last_error: retry.cause,
+                        });
+                    }
+                    delay = delay.min(self.config.open_deadline - elapsed);
+                }
+                Some(terms) => {
+                    if away >= terms.ttl {
+                        return Err(ClientError::GaveUp {
+                            away,
+                            ttl: terms.ttl,
+                            last_error: retry.cause,
+                        });
+                    }
+                    // One last attempt just before the server forgets the
+                    // session beats sleeping past its expiry.
+                    delay = delay.min(terms.ttl - away);
+                }
+            }
+
+            port_index = (port_index + 1) % ports.len();
+            tracing::info!(
+                cause = %retry.cause,
+                delay = %human(delay),
+                attempt,
+                next_port = ports[port_index],
+                "reconnecting"
+            );
+            self.observer.event(&Event::Reconnecting {
+                cause: retry.cause,
+                delay,
+                attempt,
+            });
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Turns a server ERROR into a retry decision or the run's final error.
+    fn classify(&self, error: ErrorFrame, away: Duration) -> Result<Retry, ClientError> {
+        match error.disposition {
+            Disposition::RetryNow => Ok(Retry {
+                cause: format!("server asked to resume elsewhere: {error}"),
+                immediate: true,
+            }),
+            Disposition::Retry => Ok(Retry {
+                cause: format!("server error {error}"),
+                immediate: false,
+            }),
+            Disposition::Final => Err(match (error.code, self.terms) {
+                (ErrorCode::ShuttingDown, _) => ClientError::ServerShuttingDown {
+                    message: error.message,
+                },
+                (ErrorCode::TakenOver, _) => ClientError::TakenOver {
+                    message: error.message,
+                },
+                (ErrorCode::SessionExpired, Some(terms)) => ClientError::SessionExpired {
+                    away,
+                    ttl: terms.ttl,
+                },
+                // Unknown after the TTL means expired and already forgotten;
+                // before it, something else is wrong and the server's own
+                // words say it best.
+                (ErrorCode::SessionUnknown, Some(terms)) if away >= terms.ttl => {
+                    ClientError::SessionExpired {
+                        away,
+                        ttl: terms.ttl,
+                    }
+                }
+                (code, _) => ClientError::Rejected {
+                    code,
+                    message: error.message,
+                },
+            }),
+        }
+    }
+
+    /// One connection, from TCP connect to FINAL, ERROR or loss.
+    async fn connection(&mut self, port: u16) -> Ending {
+        let host = self.config.host.as_str();
+        let connect = TcpStream::connect((host, port));
+        let stream = match timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                return Ending::Lost(format!("cannot connect to {host}:{port}: {error}"));
+            }
+            Err(_) => {
+                return Ending::Lost(format!(
+                    "connecting to {host}:{port} timed out after {}",
+                    human(self.config.connect_timeout)
+                ));
+            }
+        };
+        // Frames are tiny and latency-sensitive (a NUMBER is 11 bytes).
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let addr = match stream.peer_addr() {
+            Ok(addr) => addr,
+            Err(error) => {
+                return Ending::Lost(format!("connection to {host}:{port} lost: {error}"));
+            }
+        };
+        tracing::debug!(%addr, "connected");
+        self.observer.event(&Event::Connected { addr });
+        let mut framed = Framed::new(stream, FrameCodec);
+
+        let hello = self.receiver.hello();
+        let hello_name = hello.name();
+        let deadline = deadline_after(self.config.handshake_timeout);
+        match timeout_at(deadline, framed.send(hello)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                return Ending::Lost(format!("sending {hello_name} to {addr}: {error}"));
+            }
+            Err(_) => return Ending::Lost(format!("sending {hello_name} to {addr} timed out")),
+        }
+        let frame = match read_before(&mut framed, deadline, addr).await {
+            Ok(frame) => frame,
+            Err(ReadError::Ended(ending)) => return ending,
+            Err(ReadError::TimedOut) => {
+                return Ending::Lost(format!(
+                    "no WELCOME from {addr} within {}",
+                    human(self.config.handshake_timeout)
+                ));
+            }
+        };
+        let terms = match self.receiver.accept(frame) {
+            Ok(Progress::Welcomed(welcome)) => {
+                let terms = Terms {
+                    interval: Duration::from_micros(u64::from(welcome.interval_us)),
+                    ttl: Duration::from_millis(u64::from(welcome.session_ttl_ms)),
+                };
+                self.welcomes = self.welcomes.saturating_add(1);
+                self.terms = Some(terms);
+                tracing::debug!(
+                    %addr,
+                    next_index = welcome.next_index,
+                    count = welcome.count,
+                    interval = %human(terms.interval),
+                    session_ttl = %human(terms.ttl),
+                    "welcomed"
+                );
+                self.observer.event(&Event::Welcomed {
+                    next_index: welcome.next_index,
+                    count: welcome.count,
+                });
+                terms
+            }
+            Ok(Progress::ServerError(error)) => return Ending::ServerError(error),
+            Ok(other) => {
+                // The receiver only accepts WELCOME or ERROR here; kept as
+                // a violation rather than a panic in case that ever changes.
+                return Ending::Fatal(ClientError::ProtocolViolation(format!(
+                    "unexpected {other:?} during the handshake"
+                )));
+            }
+            Err(violation) => {
+                return Ending::Fatal(ClientError::ProtocolViolation(violation.to_string()));
+            }
+        };
+
+        let silence = client_silence_timeout(terms.interval);
+        loop {
+            let frame = match read_before(&mut framed, deadline_after(silence), addr).await {
+                Ok(frame) => frame,
+                Err(ReadError::Ended(ending)) => return ending,
+                Err(ReadError::TimedOut) => {
+                    return Ending::Lost(format!(
+                        "{addr} silent for {} (interval {})",
+                        human(silence),
+                        human(terms.interval)
+                    ));
+                }
+            };
+            let last = match &frame {
+                Frame::Final { index, value, .. } => Some((*index, *value)),
+                _ => None,
+            };
+            match self.receiver.accept(frame) {
+                Ok(Progress::Number { index, value }) => {
+                    self.observer.event(&Event::Number { index, value });
+                }
+                Ok(Progress::Heartbeat) => self.observer.event(&Event::Heartbeat),
+                Ok(Progress::Completed(outcome)) => {
+                    if let Some((index, value)) = last {
+                        self.observer.event(&Event::Number { index, value });
+                    }
+                    send_ack(framed, self.receiver.ack(), addr).await;
+                    self.observer.event(&Event::Completed);
+                    return Ending::Completed(outcome);
+                }
+                Ok(Progress::ServerError(error)) => return Ending::ServerError(error),
+                Ok(Progress::Welcomed(_)) => {
+                    return Ending::Fatal(ClientError::ProtocolViolation(
+                        "a second WELCOME on one connection".to_owned(),
+                    ));
+                }
+                Err(violation) => {
+                    return Ending::Fatal(ClientError::ProtocolViolation(violation.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Sends ACK and closes, best effort: the sequence is already complete, so
+/// a failure here changes nothing for the client.
+async fn send_ack(mut framed: Framed<TcpStream, FrameCodec>, ack: Frame, addr: SocketAddr) {
+    match timeout(ACK_TIMEOUT, async {
+        framed.send(ack).await?;
+        SinkExt::<Frame>::close(&mut framed).await
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%addr, %error, "could not send ACK"),
+        Err(_) => tracing::debug!(%addr, "sending ACK timed out"),
+    }
+}
+
+/// `now + wait`, saturating: a caller may configure an absurdly long
+/// timeout, and that must mean "wait a very long time", not a panic.
+fn deadline_after(wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(wait.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
+/// Why no frame came out of [`read_before`].
+enum ReadError {
+    /// Nothing arrived in time; the caller knows which timeout that was.
+    TimedOut,
+    /// The connection is over.
+    Ended(Ending),
+}
+
+/// Reads the next frame, or says why there is none by `deadline`.
+async fn read_before(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    deadline: Instant,
+    addr: SocketAddr,
+) -> Result<Frame, ReadError> {
+    match timeout_at(deadline, framed.next()).await {
+        Ok(Some(Ok(frame))) => Ok(frame),
+        Ok(Some(Err(CodecError::Io(error)))) => Err(ReadError::Ended(Ending::Lost(format!(
+            "reading from {addr}: {error}"
+        )))),
+        // Bytes that are not a v1 frame mean the stream cannot be trusted,
+        // let alone re-synchronised: not a network hiccup to retry.
+        Ok(Some(Err(CodecError::Decode(error)))) => Err(ReadError::Ended(Ending::Fatal(
+            ClientError::ProtocolViolation(format!("undecodable frame from {addr}: {error}")),
+        ))),
+        Ok(None) => Err(ReadError::Ended(Ending::Lost(format!(
+            "{addr} closed the connection"
+        )))),
+        Err(_) => Err(ReadError::TimedOut),
+    }
+}

@@ -1,0 +1,677 @@
+//! The client against a scripted fake server: every reconnect, retry and
+//! failure path of `numstream_client::run`, over real TCP.
+
+mod support;
+
+use std::time::Duration;
+
+use numstream_client::{Backoff, ClientConfig, ClientError, Event};
+use numstream_protocol::{Disposition, ErrorCode, ErrorFrame, Frame, Open, Resume};
+use support::*;
+
+fn assert_open(frame: &Frame, config: &ClientConfig) {
+    assert_eq!(
+        frame,
+        &Frame::Open(Open {
+            client_id: config.client_id,
+            count: config.count,
+        })
+    );
+}
+
+fn assert_resume(frame: &Frame, config: &ClientConfig, next_index: u16) {
+    match frame {
+        Frame::Resume(Resume {
+            client_id,
+            token,
+            next_index: got,
+        }) => {
+            assert_eq!(*client_id, config.client_id);
+            assert!(
+                token.ct_eq(&TOKEN),
+                "RESUME must carry the first WELCOME's token"
+            );
+            assert_eq!(*got, next_index);
+        }
+        other => panic!("expected RESUME, got {other:?}"),
+    }
+}
+
+fn error(code: ErrorCode, message: &str) -> Frame {
+    Frame::Error(ErrorFrame::new(code, message))
+}
+
+#[tokio::test]
+async fn happy_path_verifies_and_acks() {
+    let (listener, port) = listen().await;
+    let config = config(vec![port], 5);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        assert_open(&recv(&mut conn).await, &expected_config);
+        send(&mut conn, welcome(5, 0)).await;
+        let ack = finish(&mut conn, 5, 0).await;
+        closed_by_client(&mut conn).await;
+        ack
+    });
+    let (report, events) = run_client(config.clone()).await;
+    let ack = join(server).await;
+
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.exit_code(), 0);
+    assert_eq!(report.error, None);
+    assert_eq!(report.client_id, config.client_id);
+    assert_eq!(report.count, 5);
+    assert_eq!(report.received, 5);
+    assert_eq!(report.sum, expected(5).sum());
+    assert_eq!(report.server_checksum, Some(expected(5).checksum()));
+    assert_eq!(report.client_checksum, expected(5).checksum());
+    assert_eq!(report.reconnects, 0);
+    assert_eq!(
+        ack,
+        expected(5).checksum(),
+        "ACK carries the client checksum"
+    );
+
+    let numbers: Vec<u16> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Number { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "every number, FINAL's included");
+    assert!(matches!(events.first(), Some(Event::Connected { addr }) if addr.port() == port));
+    assert!(events.contains(&Event::Welcomed {
+        next_index: 0,
+        count: 5
+    }));
+    assert_eq!(events.last(), Some(&Event::Completed));
+}
+
+#[tokio::test]
+async fn single_number_session_and_max_count_welcome() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(1, 0)).await;
+        finish(&mut conn, 1, 0).await
+    });
+    let (report, _) = run_client(config(vec![port], 1)).await;
+    assert_eq!(join(server).await, expected(1).checksum());
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.received, 1);
+    assert_eq!(report.sum, expected(1).sum());
+}
+
+#[tokio::test]
+async fn heartbeats_are_accepted_between_numbers() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(3, 0)).await;
+        send(&mut conn, Frame::Heartbeat).await;
+        send_numbers(&mut conn, 3, 0..1).await;
+        send(&mut conn, Frame::Heartbeat).await;
+        finish(&mut conn, 3, 1).await
+    });
+    let (report, events) = run_client(config(vec![port], 3)).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(events.iter().filter(|e| **e == Event::Heartbeat).count(), 2);
+}
+
+#[tokio::test]
+async fn dropped_connection_is_resumed_at_the_first_missing_index() {
+    let (listener, port) = listen().await;
+    let config = config(vec![port], 5);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        assert_open(&recv(&mut first).await, &expected_config);
+        send(&mut first, welcome(5, 0)).await;
+        send_numbers(&mut first, 5, 0..2).await;
+        drop(first);
+
+        let mut second = accept(&listener).await;
+        assert_resume(&recv(&mut second).await, &expected_config, 2);
+        send(&mut second, welcome(5, 2)).await;
+        finish(&mut second, 5, 2).await
+    });
+    let (report, events) = run_client(config).await;
+    let ack = join(server).await;
+
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.reconnects, 1);
+    assert_eq!(report.received, 5);
+    assert_eq!(report.sum, expected(5).sum());
+    assert_eq!(ack, expected(5).checksum());
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1);
+    assert!(
+        reconnects[0].0.contains("closed the connection"),
+        "{reconnects:?}"
+    );
+    assert!(events.contains(&Event::Welcomed {
+        next_index: 2,
+        count: 5
+    }));
+}
+
+#[tokio::test]
+async fn wrong_checksum_fails_with_exit_code_1() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(3, 0)).await;
+        send_numbers(&mut conn, 3, 0..2).await;
+        let right = expected(3).checksum();
+        let Frame::Final { index, value, .. } = number(3, 2) else {
+            panic!("index 2 of 3 is FINAL");
+        };
+        send(
+            &mut conn,
+            Frame::Final {
+                index,
+                value,
+                checksum: right ^ 1,
+            },
+        )
+        .await;
+        // The client still ACKs, with its own checksum, so the server can
+        // log the disagreement.
+        recv(&mut conn).await
+    });
+    let (report, events) = run_client(config(vec![port], 3)).await;
+    let right = expected(3).checksum();
+    assert_eq!(
+        join(server).await,
+        Frame::Ack {
+            client_checksum: right
+        }
+    );
+
+    assert!(!report.ok);
+    assert_eq!(report.exit_code(), 1);
+    assert_eq!(
+        report.error,
+        Some(ClientError::ChecksumMismatch {
+            server: right ^ 1,
+            client: right,
+        })
+    );
+    assert_eq!(report.server_checksum, Some(right ^ 1));
+    assert_eq!(report.received, 3);
+    assert!(reconnect_events(&events).is_empty());
+    assert!(
+        report
+            .render_human()
+            .contains("result           FAILED: checksum mismatch")
+    );
+}
+
+/// A misbehaving server is never retried: exit 5, at once, on the first
+/// connection.
+async fn assert_violation(count: u16, script: Vec<Vec<u8>>, expect_in_error: &str) {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        for bytes in script {
+            send_raw(&mut conn, &bytes).await;
+        }
+        closed_by_client(&mut conn).await;
+    });
+    let (report, events) = run_client(config(vec![port], count)).await;
+    join(server).await;
+    assert!(!report.ok);
+    assert_eq!(report.exit_code(), 5, "{}", report.render_human());
+    let Some(ClientError::ProtocolViolation(text)) = &report.error else {
+        panic!("expected a protocol violation, got {:?}", report.error);
+    };
+    assert!(text.contains(expect_in_error), "{text}");
+    assert!(
+        reconnect_events(&events).is_empty(),
+        "violations are not retried"
+    );
+    assert_eq!(report.reconnects, 0);
+}
+
+fn wire(frame: Frame) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    numstream_protocol::encode_frame(&frame, &mut buf);
+    buf.to_vec()
+}
+
+#[tokio::test]
+async fn duplicate_index_is_a_protocol_violation() {
+    assert_violation(
+        5,
+        vec![wire(welcome(5, 0)), wire(number(5, 0)), wire(number(5, 0))],
+        "expected number 1, server sent number 0",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn skipped_index_is_a_protocol_violation() {
+    assert_violation(
+        5,
+        vec![wire(welcome(5, 0)), wire(number(5, 0)), wire(number(5, 2))],
+        "expected number 1, server sent number 2",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_bytes_are_a_protocol_violation() {
+    assert_violation(
+        5,
+        vec![wire(welcome(5, 0)), vec![0, 0, 0, 1, 0x7f]],
+        "unknown frame type 0x7f",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_frame_during_handshake_is_a_protocol_violation() {
+    assert_violation(5, vec![vec![0xff, 0xff, 0xff, 0xff]], "exceeds the maximum").await;
+}
+
+#[tokio::test]
+async fn welcome_with_the_wrong_count_is_a_protocol_violation() {
+    assert_violation(5, vec![wire(welcome(6, 0))], "WELCOME says count 6").await;
+}
+
+#[tokio::test]
+async fn resume_welcome_with_another_token_is_a_protocol_violation() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        recv(&mut first).await;
+        send(&mut first, welcome(5, 0)).await;
+        send_numbers(&mut first, 5, 0..2).await;
+        drop(first);
+        let mut second = accept(&listener).await;
+        recv(&mut second).await;
+        let Frame::Welcome(mut other) = welcome(5, 2) else {
+            unreachable!()
+        };
+        other.token.0[0] ^= 1;
+        send(&mut second, Frame::Welcome(other)).await;
+        closed_by_client(&mut second).await;
+    });
+    let (report, _) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 5, "{}", report.render_human());
+    assert_eq!(report.received, 2);
+}
+
+#[tokio::test]
+async fn session_expired_on_resume_fails_with_exit_code_3() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        recv(&mut first).await;
+        send(&mut first, welcome(5, 0)).await;
+        send_numbers(&mut first, 5, 0..2).await;
+        drop(first);
+        let mut second = accept(&listener).await;
+        assert!(matches!(recv(&mut second).await, Frame::Resume(_)));
+        send(&mut second, error(ErrorCode::SessionExpired, "ttl passed")).await;
+    });
+    let (report, _) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert!(!report.ok);
+    assert_eq!(report.exit_code(), 3);
+    assert!(matches!(
+        report.error,
+        Some(ClientError::SessionExpired { ttl, .. }) if ttl == Duration::from_secs(30)
+    ));
+    let text = report.to_json()["error"].as_str().map(str::to_owned);
+    assert!(text.is_some_and(|t| t.contains("expired")));
+    assert_eq!(report.received, 2);
+}
+
+#[tokio::test]
+async fn session_unknown_after_the_ttl_counts_as_expired() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        recv(&mut first).await;
+        send(&mut first, welcome_with(5, 0, 0, 100)).await;
+        drop(first);
+        // Let the TTL pass while the client's RESUME waits in the backlog.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut second = accept(&listener).await;
+        recv(&mut second).await;
+        send(
+            &mut second,
+            error(ErrorCode::SessionUnknown, "no such session"),
+        )
+        .await;
+    });
+    let (report, _) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 3);
+    assert!(
+        matches!(report.error, Some(ClientError::SessionExpired { away, ttl })
+            if ttl == Duration::from_millis(100) && away >= ttl),
+        "{:?}",
+        report.error
+    );
+}
+
+#[tokio::test]
+async fn silent_server_is_abandoned_and_the_session_resumed() {
+    let (listener, port) = listen().await;
+    let config = config(vec![port], 5);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        recv(&mut first).await;
+        send(&mut first, welcome_with(5, 0, 1_000, 30_000)).await;
+        send_numbers(&mut first, 5, 0..2).await;
+        // `first` stays open and silent until the client gives up on it
+        // and comes back on a second connection.
+        let mut second = accept(&listener).await;
+        assert_resume(&recv(&mut second).await, &expected_config, 2);
+        send(&mut second, welcome_with(5, 2, 1_000, 30_000)).await;
+        let ack = finish(&mut second, 5, 2).await;
+        drop(first);
+        ack
+    });
+    let (report, events) = run_client(config).await;
+    assert_eq!(join(server).await, expected(5).checksum());
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.reconnects, 1);
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1);
+    assert!(reconnects[0].0.contains("silent"), "{reconnects:?}");
+}
+
+#[tokio::test]
+async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
+    let (listener, port) = listen().await;
+    let mut config = config(vec![port], 2);
+    config.handshake_timeout = Duration::from_millis(200);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        recv(&mut first).await;
+        let mut second = accept(&listener).await;
+        // No session was opened, so the client opens again.
+        assert_open(&recv(&mut second).await, &expected_config);
+        send(&mut second, welcome(2, 0)).await;
+        let ack = finish(&mut second, 2, 0).await;
+        drop(first);
+        ack
+    });
+    let (report, events) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.reconnects, 0, "only WELCOMEd connections count");
+    assert!(reconnect_events(&events)[0].0.contains("no WELCOME"));
+}
+
+#[tokio::test]
+async fn refused_port_is_skipped_for_the_next_one() {
+    let closed = closed_port().await;
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(4, 0)).await;
+        finish(&mut conn, 4, 0).await
+    });
+    let (report, events) = run_client(config(vec![closed, port], 4)).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.reconnects, 0);
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1);
+    assert!(
+        reconnects[0].0.contains(&format!(":{closed}")),
+        "{reconnects:?}"
+    );
+    let connected: Vec<u16> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { addr } => Some(addr.port()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connected, [port]);
+}
+
+#[tokio::test]
+async fn server_busy_is_retried_with_a_fresh_open() {
+    let (listener, port) = listen().await;
+    let config = config(vec![port], 3);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        assert_open(&recv(&mut first).await, &expected_config);
+        send(
+            &mut first,
+            error(ErrorCode::ServerBusy, "too many sessions"),
+        )
+        .await;
+        drop(first);
+        let mut second = accept(&listener).await;
+        assert_open(&recv(&mut second).await, &expected_config);
+        send(&mut second, welcome(3, 0)).await;
+        finish(&mut second, 3, 0).await
+    });
+    let (report, events) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1);
+    assert!(reconnects[0].0.contains("server_busy"), "{reconnects:?}");
+    assert!(
+        reconnects[0].1 <= Duration::from_millis(5),
+        "first delay within backoff.initial"
+    );
+}
+
+#[tokio::test]
+async fn retry_now_resumes_at_once_on_the_next_port() {
+    let (draining, draining_port) = listen().await;
+    let (healthy, healthy_port) = listen().await;
+    let mut config = config(vec![draining_port, healthy_port], 5);
+    // Any backoff at all would blow the test's time budget.
+    config.backoff = Backoff {
+        initial: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+        multiplier: 2.0,
+    };
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&draining).await;
+        recv(&mut first).await;
+        send(&mut first, welcome(5, 0)).await;
+        send_numbers(&mut first, 5, 0..2).await;
+        let drain = ErrorFrame::new(ErrorCode::ShuttingDown, "draining")
+            .with_disposition(Disposition::RetryNow);
+        send(&mut first, Frame::Error(drain)).await;
+        drop(first);
+        let mut second = accept(&healthy).await;
+        assert_resume(&recv(&mut second).await, &expected_config, 2);
+        send(&mut second, welcome(5, 2)).await;
+        finish(&mut second, 5, 2).await
+    });
+    let (report, events) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.reconnects, 1);
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1);
+    assert_eq!(reconnects[0].1, Duration::ZERO);
+    assert!(reconnects[0].0.contains("shutting_down"), "{reconnects:?}");
+}
+
+#[tokio::test]
+async fn final_shutting_down_ends_the_run() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(5, 0)).await;
+        send_numbers(&mut conn, 5, 0..1).await;
+        send(&mut conn, error(ErrorCode::ShuttingDown, "in-memory store")).await;
+    });
+    let (report, events) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 3);
+    assert!(matches!(
+        report.error,
+        Some(ClientError::ServerShuttingDown { .. })
+    ));
+    assert!(
+        report
+            .render_human()
+            .contains("server shut down; the session cannot survive it")
+    );
+    assert!(reconnect_events(&events).is_empty());
+    assert!(matches!(events.last(), Some(Event::Failed { .. })));
+}
+
+#[tokio::test]
+async fn taken_over_ends_the_run() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(5, 0)).await;
+        send(&mut conn, error(ErrorCode::TakenOver, "resumed elsewhere")).await;
+    });
+    let (report, events) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 3);
+    assert!(matches!(report.error, Some(ClientError::TakenOver { .. })));
+    assert!(reconnect_events(&events).is_empty());
+}
+
+#[tokio::test]
+async fn other_final_errors_are_rejections() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, error(ErrorCode::SessionExists, "already live")).await;
+    });
+    let (report, _) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 3);
+    assert_eq!(
+        report.error,
+        Some(ClientError::Rejected {
+            code: ErrorCode::SessionExists,
+            message: "already live".into()
+        })
+    );
+}
+
+#[tokio::test]
+async fn never_welcomed_gives_up_after_the_attempt_bound() {
+    let mut config = config(vec![closed_port().await], 5);
+    config.open_attempts = 3;
+    let (report, events) = run_client(config).await;
+    assert_eq!(report.exit_code(), 4);
+    assert!(
+        matches!(&report.error, Some(ClientError::CannotConnect { attempts: 3, last_error })
+            if last_error.contains("cannot connect")),
+        "{:?}",
+        report.error
+    );
+    assert_eq!(reconnect_events(&events).len(), 2);
+    assert_eq!(report.server_checksum, None);
+}
+
+#[tokio::test]
+async fn never_welcomed_gives_up_at_the_deadline() {
+    let mut config = config(vec![closed_port().await], 5);
+    config.open_attempts = u32::MAX;
+    config.open_deadline = Duration::from_millis(300);
+    let (report, _) = run_client(config).await;
+    assert_eq!(report.exit_code(), 4);
+    assert!(matches!(
+        report.error,
+        Some(ClientError::CannotConnect { .. })
+    ));
+}
+
+#[tokio::test]
+async fn open_session_gives_up_when_its_ttl_has_passed() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome_with(5, 0, 0, 300)).await;
+        send_numbers(&mut conn, 5, 0..3).await;
+        // The server vanishes: connection and listener both.
+    });
+    let (report, events) = run_client(config(vec![port], 5)).await;
+    join(server).await;
+    assert_eq!(report.exit_code(), 4);
+    assert!(
+        matches!(report.error, Some(ClientError::GaveUp { away, ttl, .. })
+            if ttl == Duration::from_millis(300) && away >= ttl),
+        "{:?}",
+        report.error
+    );
+    assert_eq!(report.received, 3);
+    assert!(reconnect_events(&events).len() >= 2);
+}
+
+#[tokio::test]
+async fn invalid_config_is_reported_not_panicked() {
+    let (report, _) = run_client(ClientConfig::default()).await;
+    assert_eq!(report.exit_code(), 2);
+    assert!(matches!(report.error, Some(ClientError::InvalidConfig(_))));
+}
+
+#[tokio::test]
+async fn run_future_is_send_and_accepts_foreign_observers() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(3, 0)).await;
+        finish(&mut conn, 3, 0).await
+    });
+    let config = config(vec![port], 3);
+    // Spawning requires Send: load generators run many clients as tasks.
+    let client = tokio::spawn(async move {
+        let mut observer = Counting::default();
+        let report = numstream_client::run(config, &mut observer).await;
+        (report, observer.numbers)
+    });
+    let (report, numbers) = join(client).await;
+    join(server).await;
+    assert!(report.ok);
+    assert_eq!(numbers, 3);
+}
+
+#[tokio::test]
+async fn absurd_timeouts_do_not_panic() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome(2, 0)).await;
+        finish(&mut conn, 2, 0).await
+    });
+    let mut config = config(vec![port], 2);
+    config.connect_timeout = Duration::MAX;
+    config.handshake_timeout = Duration::MAX;
+    config.open_deadline = Duration::MAX;
+    config.backoff.max = Duration::MAX;
+    let (report, _) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+}
