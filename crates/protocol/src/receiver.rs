@@ -245,8 +245,9 @@ impl SequenceReceiver {
 
     fn record(&mut self, value: u32) {
         self.checksum.push(value);
-        // Cannot overflow: the last index is count - 1 <= 65534 and it
-        // completes the sequence instead of advancing past it.
+        // Cannot overflow: the largest recorded index is count - 1 <= 65534,
+        // so next_index ends at count <= 65535. After FINAL the phase is
+        // Done and `hello` is never used to resume again.
         self.next_index += 1;
     }
 }

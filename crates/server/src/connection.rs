@@ -31,7 +31,7 @@ use numstream_protocol::{
 use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
 
 use crate::config::ServerConfig;
-use crate::registry::Registry;
+use crate::registry::{Claim, Registry};
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -225,13 +225,10 @@ impl Connection {
         }
 
         let end = self.stream(&attachment, start, &claim.superseded).await;
-        // Stop counting as the local streamer before anything else, so a
-        // successor waiting in `Registry::claim` can start at once.
         self.shared
             .registry
             .release(attachment.client_id, attachment.generation);
-        drop(claim);
-        self.finish(&attachment, end).await;
+        self.finish(&attachment, end, claim).await;
     }
 
     async fn open(&self, open: Open) -> Result<Attachment, ErrorFrame> {
@@ -419,10 +416,14 @@ impl Connection {
         }
     }
 
-    /// Tells the store and the client how the session ended.
-    async fn finish(self, session: &Attachment, end: SessionEnd) {
+    /// Tells the store and the client how the session ended. `claim` is
+    /// held until this connection has written its last byte, so a successor
+    /// waiting in `Registry::claim` never streams while numbers this
+    /// connection had already buffered are still going out.
+    async fn finish(self, session: &Attachment, end: SessionEnd, claim: Claim) {
         match end {
             SessionEnd::Completed { client_checksum } => {
+                drop(claim);
                 let expected = SequenceChecksum::of_session(&session.seed, session.count);
                 if client_checksum != expected.checksum() {
                     warn!(
@@ -445,32 +446,33 @@ impl Connection {
                 self.close().await;
             }
             SessionEnd::Disconnected(reason) => {
+                drop(claim);
                 self.detach(session).await;
                 info!(%reason, "session detached");
             }
             SessionEnd::ClientViolation(reason) => {
                 self.detach(session).await;
                 info!(%reason, "session detached after a protocol violation");
-                self.reject(ErrorFrame::new(ErrorCode::Malformed, reason))
-                    .await;
+                let error = ErrorFrame::new(ErrorCode::Malformed, reason);
+                self.reject_releasing(error, Some(claim)).await;
             }
             SessionEnd::TakenOver => {
                 info!("session taken over by a newer connection");
-                self.reject(taken_over()).await;
+                self.reject_releasing(taken_over(), Some(claim)).await;
             }
             SessionEnd::Shutdown => {
                 self.detach(session).await;
                 info!("session detached by server shutdown");
                 let error = shutting_down(&*self.shared.store);
-                self.reject(error).await;
+                self.reject_releasing(error, Some(claim)).await;
             }
             SessionEnd::Lost(error) => {
                 warn!(%error, "session vanished from the store while streaming");
-                self.reject(ErrorFrame::new(
+                let error = ErrorFrame::new(
                     ErrorCode::SessionExpired,
                     format!("the session is gone from the session store: {error}"),
-                ))
-                .await;
+                );
+                self.reject_releasing(error, Some(claim)).await;
             }
         }
     }
@@ -535,10 +537,17 @@ impl Connection {
     }
 
     /// Sends `error` (bounded in time) and closes.
-    async fn reject(mut self, error: ErrorFrame) {
+    async fn reject(self, error: ErrorFrame) {
+        self.reject_releasing(error, None).await;
+    }
+
+    /// Sends whatever is still buffered and then `error`, bounded in time;
+    /// only then gives up `claim`, and closes.
+    async fn reject_releasing(mut self, error: ErrorFrame, claim: Option<Claim>) {
         debug!(code = %error.code, message = %error.message, "sending error");
         self.writer.push(&Frame::Error(error));
         let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.flush()).await;
+        drop(claim);
         self.close().await;
     }
 

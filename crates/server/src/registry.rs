@@ -38,8 +38,9 @@ pub(crate) struct Registry {
     live: Mutex<HashMap<ClientId, Live>>,
 }
 
-/// Longest a new connection waits for the one it replaces to stop; the old
-/// one only has to notice a cancelled token, so this is generous.
+/// Longest a new connection waits for the one it replaces to stop: longer
+/// than the 1 s the old one may spend flushing what it had buffered and its
+/// `taken_over` error before it lets go.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 impl Registry {

@@ -96,7 +96,7 @@ pub fn fast_config() -> ServerConfig {
 }
 
 /// How long raw-client reads wait before a test fails instead of hanging.
-pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A protocol client that sends exactly what the test says.
 #[derive(Debug)]

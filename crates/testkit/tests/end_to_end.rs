@@ -94,8 +94,16 @@ async fn random_cuts_give_exactly_the_undisturbed_result() {
         let disturbed = run(client(proxy.port(), count, client_id)).await;
         assert_matches_reference(&disturbed, count);
         assert_eq!(
-            (disturbed.sum, disturbed.client_checksum, disturbed.server_checksum),
-            (undisturbed.sum, undisturbed.client_checksum, undisturbed.server_checksum),
+            (
+                disturbed.sum,
+                disturbed.client_checksum,
+                disturbed.server_checksum
+            ),
+            (
+                undisturbed.sum,
+                undisturbed.client_checksum,
+                undisturbed.server_checksum
+            ),
             "seed {seed}: cuts must not change the result"
         );
         assert!(
@@ -153,7 +161,10 @@ async fn repeated_cuts_of_many_clients_change_nothing() {
         assert_matches_reference(&report, count);
         resumed += report.reconnects;
     }
-    assert!(resumed >= 20, "every client must have been cut at least once");
+    assert!(
+        resumed >= 20,
+        "every client must have been cut at least once"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +176,9 @@ async fn a_client_away_longer_than_the_ttl_fails_with_session_expired() {
     };
     let server = TestServer::start(config).await;
     let proxy = CutProxy::start(server.addr).await.expect("proxy");
-    proxy.push_rules([CutRule::after_downstream_bytes(WELCOME_LEN + 3 * NUMBER_LEN)]);
+    proxy.push_rules([CutRule::after_downstream_bytes(
+        WELCOME_LEN + 3 * NUMBER_LEN,
+    )]);
     // After the cut, the path to the server is down for longer than the TTL.
     let dead_end = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -173,15 +186,26 @@ async fn a_client_away_longer_than_the_ttl_fails_with_session_expired() {
     let mut config = client(proxy.port(), 1000, ClientId::new_v4());
     config.backoff.max = Duration::from_millis(100);
     let running = tokio::spawn(run(config));
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Once the first connection is through, every later one hits the dead
+    // end: the client's quick first retry cannot sneak back to the server.
+    while proxy.accepted() < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     proxy.set_upstream(dead_end);
     tokio::time::sleep(Duration::from_millis(900)).await;
     proxy.set_upstream(server.addr);
     let report = running.await.expect("client task");
     assert!(!report.ok);
     assert_ne!(report.exit_code(), 0);
-    let error = report.error.as_ref().map(ToString::to_string).unwrap_or_default();
-    assert!(error.contains("expired"), "error must say the session expired: {error}");
+    let error = report
+        .error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        error.contains("expired"),
+        "error must say the session expired: {error}"
+    );
 }
 
 #[tokio::test]
