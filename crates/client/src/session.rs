@@ -26,6 +26,13 @@ use crate::{ClientConfig, ClientError, Event, Observer, Report};
 /// peer that stopped reading must not keep a finished client waiting.
 const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a client keeps re-sending OPEN when the server says the
+/// session already exists because an earlier OPEN of this run created it
+/// and its WELCOME was lost. That orphan holds the client id until it
+/// expires: up to ~10 s for the server to notice the drop plus the session
+/// TTL (30 s by default), so give it comfortably longer.
+const LOST_WELCOME_WAIT: Duration = Duration::from_secs(45);
+
 /// Fetches the session described by `config`, resuming across dropped
 /// connections, and reports the outcome. Never panics: every failure is
 /// described in the [`Report`].
@@ -37,6 +44,7 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
         receiver: SequenceReceiver::new(config.client_id, config.count),
         observer,
         welcomes: 0,
+        opens_sent: 0,
         terms: None,
     };
     let result = match config.validate() {
@@ -89,6 +97,9 @@ struct Retry {
     cause: String,
     /// The server asked for an immediate resume elsewhere (drain).
     immediate: bool,
+    /// An earlier OPEN of this run created the session but its WELCOME
+    /// was lost; only time (the orphan's expiry) helps.
+    awaits_orphan: bool,
 }
 
 struct Driver<'a> {
@@ -97,6 +108,8 @@ struct Driver<'a> {
     observer: &'a mut dyn Observer,
     /// Connections that got a WELCOME.
     welcomes: u32,
+    /// OPEN frames sent (RESUMEs not counted).
+    opens_sent: u32,
     /// Set by the first WELCOME, refreshed by every later one.
     terms: Option<Terms>,
 }
@@ -132,6 +145,7 @@ impl Driver<'_> {
                 Ending::Lost(cause) => Retry {
                     cause,
                     immediate: false,
+                    awaits_orphan: false,
                 },
                 Ending::ServerError(error) => self.classify(error, away)?,
             };
@@ -147,6 +161,17 @@ impl Driver<'_> {
                 self.config.backoff.delay_for(attempt)
             };
             match self.terms {
+                None if retry.awaits_orphan => {
+                    let deadline = self.config.open_deadline.max(LOST_WELCOME_WAIT);
+                    let elapsed = started.elapsed();
+                    if elapsed >= deadline {
+                        return Err(ClientError::CannotConnect {
+                            attempts: attempt,
+                            last_error: retry.cause,
+                        });
+                    }
+                    delay = delay.min(deadline - elapsed);
+                }
                 None => {
                     let elapsed = started.elapsed();
                     if attempt >= self.config.open_attempts || elapsed >= self.config.open_deadline
@@ -195,11 +220,30 @@ impl Driver<'_> {
             Disposition::RetryNow => Ok(Retry {
                 cause: format!("server asked to resume elsewhere: {error}"),
                 immediate: true,
+                awaits_orphan: false,
             }),
             Disposition::Retry => Ok(Retry {
                 cause: format!("server error {error}"),
                 immediate: false,
+                awaits_orphan: false,
             }),
+            // Our own earlier OPEN created this session and the connection
+            // died before its WELCOME (and token) reached us. Nobody can
+            // resume it, so it expires; then our OPEN succeeds.
+            Disposition::Final
+                if error.code == ErrorCode::SessionExists
+                    && self.terms.is_none()
+                    && self.opens_sent > 1 =>
+            {
+                Ok(Retry {
+                    cause: format!(
+                        "the session an earlier attempt opened lost its WELCOME in transit; \
+                         waiting for the server to expire it ({error})"
+                    ),
+                    immediate: false,
+                    awaits_orphan: true,
+                })
+            }
             Disposition::Final => Err(match (error.code, self.terms) {
                 (ErrorCode::ShuttingDown, _) => ClientError::ServerShuttingDown {
                     message: error.message,
@@ -259,6 +303,9 @@ impl Driver<'_> {
         let mut framed = Framed::new(stream, FrameCodec);
 
         let hello = self.receiver.hello();
+        if matches!(hello, Frame::Open(_)) {
+            self.opens_sent = self.opens_sent.saturating_add(1);
+        }
         let hello_name = hello.name();
         let deadline = deadline_after(self.config.handshake_timeout);
         match timeout_at(deadline, framed.send(hello)).await {

@@ -577,6 +577,39 @@ async fn other_final_errors_are_rejections() {
 }
 
 #[tokio::test]
+async fn lost_first_welcome_waits_for_the_orphan_instead_of_failing() {
+    let (listener, port) = listen().await;
+    let config = config(vec![port], 3);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        // The first OPEN creates the session, but the connection dies
+        // before the WELCOME (and with it the token) reaches the client.
+        let mut first = accept(&listener).await;
+        assert_open(&recv(&mut first).await, &expected_config);
+        drop(first);
+        // Until the orphan expires, a second OPEN meets `session_exists`.
+        let mut second = accept(&listener).await;
+        assert_open(&recv(&mut second).await, &expected_config);
+        send(&mut second, error(ErrorCode::SessionExists, "already live")).await;
+        drop(second);
+        // Once it has expired, the OPEN succeeds.
+        let mut third = accept(&listener).await;
+        assert_open(&recv(&mut third).await, &expected_config);
+        send(&mut third, welcome(3, 0)).await;
+        finish(&mut third, 3, 0).await
+    });
+    let (report, events) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 2, "{reconnects:?}");
+    assert!(
+        reconnects[1].0.contains("lost its WELCOME"),
+        "{reconnects:?}"
+    );
+}
+
+#[tokio::test]
 async fn never_welcomed_gives_up_after_the_attempt_bound() {
     let mut config = config(vec![closed_port().await], 5);
     config.open_attempts = 3;
