@@ -31,6 +31,7 @@ use numstream_protocol::{
 use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
 
 use crate::config::ServerConfig;
+use crate::lease::{Lease, LeaseLoss};
 use crate::registry::{Claim, Registry};
 
 /// State shared by every connection of one server.
@@ -67,8 +68,22 @@ enum SessionEnd {
     TakenOver,
     /// The server is shutting down.
     Shutdown,
-    /// The store no longer has this session (it expired under us).
+    /// The store no longer has this session (it expired under us, or the
+    /// store lost its data).
     Lost(StoreError),
+    /// The lease could not be renewed in time: another instance may own
+    /// the session by now, so this one must stop.
+    LeaseUnconfirmed(String),
+}
+
+impl From<LeaseLoss> for SessionEnd {
+    fn from(loss: LeaseLoss) -> Self {
+        match loss {
+            LeaseLoss::Superseded => SessionEnd::TakenOver,
+            LeaseLoss::Gone(error) => SessionEnd::Lost(error),
+            LeaseLoss::Unconfirmed(why) => SessionEnd::LeaseUnconfirmed(why),
+        }
+    }
 }
 
 /// Serves one accepted connection to the end.
@@ -164,6 +179,8 @@ impl Connection {
             Ok(Some(Ok(frame))) => frame,
         };
 
+        // The lease counts from when the store was asked, not answered.
+        let requested = Instant::now();
         let (attachment, start, resumed) = match hello {
             Frame::Open(open) => match self.open(open).await {
                 Ok(attachment) => (attachment, 0, false),
@@ -224,7 +241,15 @@ impl Connection {
             info!(count = attachment.count, "session opened");
         }
 
-        let end = self.stream(&attachment, start, &claim.superseded).await;
+        let mut lease = Lease::new(
+            self.shared.store.clone(),
+            &attachment,
+            &self.shared.config,
+            requested,
+        );
+        let end = self
+            .stream(&attachment, start, &claim.superseded, &mut lease)
+            .await;
         self.shared
             .registry
             .release(attachment.client_id, attachment.generation);
@@ -275,16 +300,17 @@ impl Connection {
         })
     }
 
-    /// Streams numbers `start..count` on schedule, then awaits the ACK.
+    /// Streams numbers `start..count` on schedule, then awaits the ACK,
+    /// renewing `lease` all along.
     async fn stream(
         &mut self,
         session: &Attachment,
         start: u16,
         superseded: &CancellationToken,
+        lease: &mut Lease,
     ) -> SessionEnd {
         let config = &self.shared.config;
         let interval = config.interval;
-        let renewal_period = config.lease_renewal_period();
         let count = u32::from(session.count);
         let batch = if interval.is_zero() { BURST_BATCH } else { 1 };
 
@@ -300,7 +326,6 @@ impl Connection {
         // Number `start + k` is due at `origin + k * interval`: an absolute
         // schedule, so one late tick does not delay all later ones.
         let origin = Instant::now();
-        let mut next_renewal = origin + renewal_period;
         let mut next_index = u32::from(start);
         loop {
             let batch_end = (next_index + batch).min(count);
@@ -320,12 +345,12 @@ impl Connection {
                 }
             }
             next_index = batch_end;
-            if let Err(end) = self.flush(superseded).await {
+            if let Err(end) = self.flush(superseded, lease).await {
                 return end;
             }
             let mut last_write = Instant::now();
             if next_index == count {
-                return self.await_ack(superseded).await;
+                return self.await_ack(superseded, lease).await;
             }
 
             let due = origin + interval * (next_index - u32::from(start));
@@ -336,15 +361,10 @@ impl Connection {
                     _ = superseded.cancelled() => return SessionEnd::TakenOver,
                     _ = self.shared.shutdown.cancelled() => return SessionEnd::Shutdown,
                     input = self.reader.next() => return unexpected_input(input),
-                    _ = sleep_until(next_renewal) => {
-                        if let Err(end) = self.renew(session).await {
-                            return end;
-                        }
-                        next_renewal += renewal_period;
-                    }
+                    loss = lease.lost() => return loss.into(),
                     _ = sleep_until(heartbeat_at), if heartbeat_at < due => {
                         self.writer.push(&Frame::Heartbeat);
-                        if let Err(end) = self.flush(superseded).await {
+                        if let Err(end) = self.flush(superseded, lease).await {
                             return end;
                         }
                         last_write = Instant::now();
@@ -355,12 +375,13 @@ impl Connection {
         }
     }
 
-    async fn await_ack(&mut self, superseded: &CancellationToken) -> SessionEnd {
+    async fn await_ack(&mut self, superseded: &CancellationToken, lease: &mut Lease) -> SessionEnd {
         let ack_timeout = self.shared.config.ack_timeout;
         tokio::select! {
             biased;
             _ = superseded.cancelled() => SessionEnd::TakenOver,
             _ = self.shared.shutdown.cancelled() => SessionEnd::Shutdown,
+            loss = lease.lost() => loss.into(),
             input = timeout(ack_timeout, self.reader.next()) => match input {
                 Ok(Some(Ok(Frame::Ack { client_checksum }))) => {
                     SessionEnd::Completed { client_checksum }
@@ -374,12 +395,17 @@ impl Connection {
         }
     }
 
-    async fn flush(&mut self, superseded: &CancellationToken) -> Result<(), SessionEnd> {
+    async fn flush(
+        &mut self,
+        superseded: &CancellationToken,
+        lease: &mut Lease,
+    ) -> Result<(), SessionEnd> {
         let write_timeout = self.shared.config.write_timeout;
         tokio::select! {
             biased;
             _ = superseded.cancelled() => Err(SessionEnd::TakenOver),
             _ = self.shared.shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            loss = lease.lost() => Err(loss.into()),
             written = timeout(write_timeout, self.writer.flush()) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(SessionEnd::Disconnected(format!("write failed: {error}"))),
@@ -388,31 +414,6 @@ impl Connection {
                     humantime::format_duration(write_timeout)
                 ))),
             },
-        }
-    }
-
-    async fn renew(&self, session: &Attachment) -> Result<(), SessionEnd> {
-        let renewed = self
-            .shared
-            .store
-            .renew(
-                session.client_id,
-                session.generation,
-                self.shared.config.lease(),
-            )
-            .await;
-        match renewed {
-            Ok(()) => Ok(()),
-            Err(StoreError::Superseded { .. }) => Err(SessionEnd::TakenOver),
-            Err(error @ (StoreError::NotFound | StoreError::Expired)) => {
-                Err(SessionEnd::Lost(error))
-            }
-            Err(error) => {
-                // The lease is three renewals long: one failed renewal is
-                // not yet a lost session, and the store may come back.
-                warn!(%error, "lease renewal failed; will retry");
-                Ok(())
-            }
         }
     }
 
@@ -468,35 +469,44 @@ impl Connection {
             }
             SessionEnd::Lost(error) => {
                 warn!(%error, "session vanished from the store while streaming");
-                let error = ErrorFrame::new(
-                    ErrorCode::SessionExpired,
-                    format!("the session is gone from the session store: {error}"),
-                );
+                let error = match error {
+                    StoreError::Expired => ErrorFrame::new(
+                        ErrorCode::SessionExpired,
+                        "the session expired in the session store while streaming",
+                    ),
+                    _ => ErrorFrame::new(
+                        ErrorCode::SessionUnknown,
+                        "the session store no longer has this session (it expired there, \
+                         or the store lost its data); it cannot be resumed",
+                    ),
+                };
                 self.reject_releasing(error, Some(claim)).await;
+            }
+            SessionEnd::LeaseUnconfirmed(why) => {
+                warn!(
+                    %why,
+                    "stopped streaming: the lease could not be renewed, so another \
+                     instance may own the session"
+                );
+                let ttl = humantime::format_duration(self.shared.config.session_ttl);
+                let error = ErrorFrame::new(
+                    ErrorCode::StoreUnavailable,
+                    format!(
+                        "the session store stopped answering ({why}); resume within {ttl} \
+                         to continue"
+                    ),
+                );
+                // The client first: it can resume elsewhere while the
+                // detach waits for the store.
+                let shared = self.shared.clone();
+                self.reject_releasing(error, Some(claim)).await;
+                detach(&shared, session).await;
             }
         }
     }
 
     async fn detach(&self, session: &Attachment) {
-        let config = &self.shared.config;
-        match self
-            .shared
-            .store
-            .detach(session.client_id, session.generation, config.session_ttl)
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::Superseded { current }) => {
-                debug!(
-                    current,
-                    "not detaching: a newer connection owns the session"
-                );
-            }
-            Err(error) => warn!(
-                %error,
-                "could not detach session; it expires when its lease lapses"
-            ),
-        }
+        detach(&self.shared, session).await;
     }
 
     fn store_error(&self, error: StoreError) -> ErrorFrame {
@@ -568,6 +578,32 @@ impl Connection {
             }
         })
         .await;
+    }
+}
+
+/// Hands the session back to the store for a resume within the TTL; a
+/// stale generation (someone resumed already) is not an error.
+async fn detach(shared: &Shared, session: &Attachment) {
+    match shared
+        .store
+        .detach(
+            session.client_id,
+            session.generation,
+            shared.config.session_ttl,
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(StoreError::Superseded { current }) => {
+            debug!(
+                current,
+                "not detaching: a newer connection owns the session"
+            );
+        }
+        Err(error) => warn!(
+            %error,
+            "could not detach session; it expires when its lease lapses"
+        ),
     }
 }
 

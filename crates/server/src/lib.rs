@@ -13,6 +13,7 @@
 
 mod config;
 mod connection;
+mod lease;
 mod registry;
 mod server;
 mod socket;

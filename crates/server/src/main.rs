@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use numstream_server::ServerConfig;
 use numstream_store::{InMemoryStore, SessionStore};
+use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
 /// Descriptors kept back from the connection limit for the listener, the
 /// store's connections, logs and the busy-rejection path.
@@ -23,7 +25,7 @@ const RESERVED_FDS: u64 = 64;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  numstream-server --port 7000\n  numstream-server --port 7000 --interval 50ms --session-ttl 10s\n  numstream-server --port 7000 --seed 42   # reproducible sequences for tests\n\nLogs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) overrides the level."
+    after_help = "Examples:\n  numstream-server --port 7000\n  numstream-server --port 7000 --interval 50ms --session-ttl 10s\n  numstream-server --port 7000 --seed 42   # reproducible sequences for tests\n  numstream-server --port 7001 --store redis://127.0.0.1:6379/0   # sessions shared by every instance on this Redis\n\nLogs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) overrides the level."
 )]
 struct Args {
     /// TCP port to listen on (1-65535).
@@ -51,7 +53,8 @@ struct Args {
     seed: Option<u64>,
 
     /// Most sessions held at once (attached or awaiting a resume); new
-    /// sessions past it get `server_busy`.
+    /// sessions past it get `server_busy`. In-memory store only: with
+    /// Redis it does not apply (Redis's memory is the bound).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: u64,
 
@@ -72,6 +75,43 @@ struct Args {
     /// On SIGINT/SIGTERM, how long to wait for connections to drain.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+
+    /// Where sessions live: `memory` (in this process; they end with it) or
+    /// `redis://[USER:PASSWORD@]HOST:PORT/DB` (shared by every instance
+    /// pointed at the same Redis, so clients resume on any of them and a
+    /// draining server sends them there). If Redis is down the server
+    /// starts anyway and answers `store_unavailable` until it is back.
+    #[arg(long, default_value = "memory", value_parser = parse_store)]
+    store: StoreUrl,
+
+    /// Prefix of every Redis key and of the takeover channel, so several
+    /// deployments can share one Redis (with --store redis://...).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    redis_prefix: String,
+}
+
+/// Where sessions live, as given by `--store`.
+#[derive(Debug, Clone)]
+enum StoreUrl {
+    Memory,
+    Redis(String),
+}
+
+fn parse_store(text: &str) -> Result<StoreUrl, String> {
+    const EXPECTED: &str = "expected `memory` or `redis://HOST:PORT/DB`";
+    if text == "memory" {
+        return Ok(StoreUrl::Memory);
+    }
+    if !text.starts_with("redis://") {
+        return Err(EXPECTED.to_owned());
+    }
+    // Parsing does no I/O; the URL itself never goes into messages, as it
+    // may carry a password.
+    RedisStore::connect_lazy(text, RedisStoreConfig::default()).map_err(|error| match error {
+        numstream_store::StoreError::Unavailable(why) => format!("{why} ({EXPECTED})"),
+        other => format!("{other} ({EXPECTED})"),
+    })?;
+    Ok(StoreUrl::Redis(text.to_owned()))
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -113,7 +153,9 @@ fn default_max_connections() -> u64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let max_sessions_given = matches.value_source("max_sessions") == Some(ValueSource::CommandLine);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -134,11 +176,22 @@ async fn main() -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
 
-    let memory = Arc::new(InMemoryStore::new(max_sessions));
-    // Frees memory of sessions whose TTL passed; expiry itself is decided
-    // on access, so the period only bounds how long dead entries linger.
-    let _sweeper = memory.spawn_sweeper(Duration::from_secs(1).min(args.session_ttl));
-    let store: Arc<dyn SessionStore> = memory;
+    let store: Arc<dyn SessionStore> = match &args.store {
+        StoreUrl::Memory => {
+            let memory = Arc::new(InMemoryStore::new(max_sessions));
+            // Frees memory of sessions whose TTL passed; expiry itself is
+            // decided on access, so the period only bounds how long dead
+            // entries linger. Runs as long as the runtime does.
+            drop(memory.spawn_sweeper(Duration::from_secs(1).min(args.session_ttl)));
+            memory
+        }
+        StoreUrl::Redis(url) => {
+            if max_sessions_given {
+                tracing::warn!("--max-sessions does not apply to a Redis store; ignoring it");
+            }
+            redis_store(url, &args.redis_prefix).await?
+        }
+    };
 
     let address = SocketAddr::new(args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(address)
@@ -148,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     tracing::info!(
+        store = store.kind(),
         interval = %humantime::format_duration(config.interval),
         session_ttl = %humantime::format_duration(config.session_ttl),
         max_sessions,
@@ -156,6 +210,25 @@ async fn main() -> anyhow::Result<()> {
     );
     numstream_server::run(listener, store, config, shutdown).await?;
     Ok(())
+}
+
+/// A Redis store that connects on first use: a server started while Redis
+/// is down serves `store_unavailable` (retryable) until Redis answers, then
+/// recovers by itself, as it does after any later outage.
+async fn redis_store(url: &str, prefix: &str) -> anyhow::Result<Arc<dyn SessionStore>> {
+    let config = RedisStoreConfig {
+        prefix: prefix.to_owned(),
+        ..RedisStoreConfig::default()
+    };
+    let redis = RedisStore::connect_lazy(url, config).context("invalid --store URL")?;
+    match redis.ping().await {
+        Ok(()) => tracing::info!(prefix, "connected to Redis"),
+        Err(error) => tracing::warn!(
+            %error,
+            "Redis is not answering; starting anyway and answering store_unavailable until it does"
+        ),
+    }
+    Ok(Arc::new(redis))
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use numstream_protocol::{ErrorCode, ErrorFrame, Frame, encode_frame};
-use numstream_store::SessionStore;
+use numstream_store::{SessionStore, TakeoverNotice};
 
 use crate::config::ServerConfig;
 use crate::connection::{self, Shared};
@@ -54,6 +56,12 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let tracker = TaskTracker::new();
+    // Takeovers by other instances sharing the store stop our streamers
+    // within the notice latency; the task ends with `run`.
+    let notices = shared
+        .store
+        .takeover_notices()
+        .map(|notices| tokio::spawn(forward_notices(notices, shared.clone())));
     info!(%local, store = shared.store.kind(), "listening");
 
     let mut accept_backoff = Duration::from_millis(5);
@@ -114,8 +122,26 @@ pub async fn run(
             "shutdown grace period ended with connections still open"
         );
     }
+    if let Some(notices) = notices {
+        notices.abort();
+    }
     info!("server stopped");
     Ok(())
+}
+
+async fn forward_notices(mut notices: BoxStream<'static, TakeoverNotice>, shared: Arc<Shared>) {
+    while let Some(notice) = notices.next().await {
+        if shared
+            .registry
+            .supersede(notice.client_id, notice.generation)
+        {
+            debug!(
+                client_id = %notice.client_id,
+                generation = notice.generation,
+                "another instance took over a session streamed here"
+            );
+        }
+    }
 }
 
 async fn reject_busy(mut stream: tokio::net::TcpStream) {

@@ -17,6 +17,20 @@
 //!
 //! ## Failures and retries
 //!
+//! The connection is made lazily and remade after every failure:
+//! [`RedisStore::connect_lazy`] does no I/O, so a server can start while
+//! Redis is down, answer `Unavailable` meanwhile, and serve again as soon
+//! as Redis answers. [`RedisStore::connect`] additionally insists on a
+//! first successful connection.
+//!
+//! ## Takeover notices
+//!
+//! The attach script publishes `"<client id> <generation>"` on the channel
+//! `{prefix}takeovers`; [`SessionStore::takeover_notices`] subscribes to it
+//! on a dedicated connection (see `notices`), so a server streaming an
+//! older generation hears of the takeover within the pub/sub latency rather
+//! than at its next lease renewal.
+//!
 //! Connection and I/O failures, timeouts and Redis-side errors are
 //! `StoreError::Unavailable`; a record or reply of the wrong shape (or a key
 //! of the wrong Redis type) is `StoreError::Corrupt`. Every operation is
@@ -36,6 +50,7 @@
 //!   report `AlreadyExists` / `NotFound` for what succeeded. Those callers
 //!   get `Unavailable` and must treat the outcome as unknown.
 
+mod notices;
 mod reply;
 mod scripts;
 
@@ -44,12 +59,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError, Script, Value};
 use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
 
 use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
-use numstream_store::{Attachment, NewSession, SessionInfo, SessionStore, StoreError};
+use numstream_store::{
+    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+};
 
 use reply::{Reply, corrupt};
 use scripts::Scripts;
@@ -99,10 +118,16 @@ impl Default for RedisStoreConfig {
 /// multiplexed, self-reconnecting connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    client: Client,
+    manager_config: ConnectionManagerConfig,
+    /// Made by the first operation that finds Redis up; until then every
+    /// operation tries once more (the manager reconnects by itself after).
+    connection: Arc<OnceCell<ConnectionManager>>,
     scripts: Arc<Scripts>,
     prefix: Arc<str>,
-    operation_timeout: Duration,
+    /// `{prefix}takeovers`, where the attach script announces generations.
+    takeover_channel: Arc<str>,
+    config: Arc<RedisStoreConfig>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -111,7 +136,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("operation_timeout", &self.operation_timeout)
+            .field("operation_timeout", &self.config.operation_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +179,19 @@ impl RedisStore {
 
     /// [`connect`](Self::connect) with explicit timeouts.
     pub async fn connect_with(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
+        let store = Self::connect_lazy(url, config)?;
+        tokio::time::timeout(store.config.operation_timeout, store.manager())
+            .await
+            .map_err(|_| timed_out(store.config.operation_timeout))?
+            .map_err(unavailable)?;
+        Ok(store)
+    }
+
+    /// A store for the Redis at `url` that connects on first use: fails
+    /// only if the URL is unusable, never because Redis is down. Until
+    /// Redis answers, operations fail with `Unavailable` within the
+    /// operation timeout; afterwards the store works without a restart.
+    pub fn connect_lazy(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
         // The URL is never echoed into errors: it may hold a password.
         let parsed = redis::parse_redis_url(url)
             .ok_or_else(|| StoreError::Unavailable("the Redis URL does not parse".to_owned()))?;
@@ -175,19 +213,25 @@ impl RedisStore {
             .set_number_of_retries(config.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(400));
-        let connection = tokio::time::timeout(
-            config.operation_timeout,
-            ConnectionManager::new_with_config(client, manager_config),
-        )
-        .await
-        .map_err(|_| timed_out(config.operation_timeout))?
-        .map_err(unavailable)?;
         Ok(Self {
-            connection,
+            client,
+            manager_config,
+            connection: Arc::new(OnceCell::new()),
             scripts: Arc::new(Scripts::new()),
-            prefix: config.prefix.into(),
-            operation_timeout: config.operation_timeout,
+            prefix: config.prefix.as_str().into(),
+            takeover_channel: format!("{}takeovers", config.prefix).into(),
+            config: Arc::new(config),
         })
+    }
+
+    /// The shared connection, made now if no operation has made it yet.
+    async fn manager(&self) -> Result<ConnectionManager, RedisError> {
+        self.connection
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.manager_config.clone())
+            })
+            .await
+            .cloned()
     }
 
     /// The Redis key holding `client_id`'s session.
@@ -197,6 +241,11 @@ impl RedisStore {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The pub/sub channel carrying takeover notices: `{prefix}takeovers`.
+    pub fn takeover_channel(&self) -> &str {
+        &self.takeover_channel
     }
 
     async fn eval(
@@ -227,20 +276,24 @@ impl RedisStore {
         Fut: Future<Output = Result<Value, RedisError>>,
     {
         let attempts = async {
-            match attempt(self.connection.clone()).await {
+            // Failing to make the first connection sent nothing, and the
+            // manager already retried it: no replay needed.
+            let connection = self.manager().await?;
+            match attempt(connection.clone()).await {
                 Ok(value) => Ok(value),
                 Err(error) if replay.allows(&error) => {
                     // The failed attempt has already made the manager start
                     // reconnecting; the second one waits for that.
                     tracing::debug!(%error, "redis command failed, retrying once");
-                    attempt(self.connection.clone()).await
+                    attempt(connection).await
                 }
                 Err(error) => Err(error),
             }
         };
-        match tokio::time::timeout(self.operation_timeout, attempts).await {
+        let limit = self.config.operation_timeout;
+        match tokio::time::timeout(limit, attempts).await {
             Ok(result) => result.map_err(classify),
-            Err(_) => Err(timed_out(self.operation_timeout)),
+            Err(_) => Err(timed_out(limit)),
         }
     }
 }
@@ -323,7 +376,12 @@ impl SessionStore for RedisStore {
         token: &ResumeToken,
         lease: Duration,
     ) -> Result<Attachment, StoreError> {
-        let args = [token_digest(token), expiry_ms(lease)];
+        let args = [
+            token_digest(token),
+            expiry_ms(lease),
+            self.takeover_channel.as_bytes().to_vec(),
+            client_id.to_string().into_bytes(),
+        ];
         let mut reply = self
             .eval(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
             .await?
@@ -421,6 +479,14 @@ impl SessionStore for RedisStore {
                 "redis answered PING with something other than PONG: {other:?}"
             ))),
         }
+    }
+
+    fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
+        Some(notices::subscribe(
+            self.client.clone(),
+            self.takeover_channel.clone(),
+            self.config.clone(),
+        ))
     }
 }
 

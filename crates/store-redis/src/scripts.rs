@@ -15,6 +15,9 @@
 //! key's own expiry is the session's deadline: the lease while attached, the
 //! disconnection TTL once detached, so Redis forgets expired sessions by
 //! itself and no sweeper is needed.
+//!
+//! Besides the session keys there is one pub/sub channel,
+//! `{prefix}takeovers`, on which `ATTACH` announces every new generation.
 
 use redis::Script;
 
@@ -51,8 +54,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {'ok'}
 "#;
 
-/// KEYS[1] session; ARGV token digest, lease ms. Replies
-/// `ok, seed, count, generation`.
+/// KEYS[1] session; ARGV token digest, lease ms, takeover channel, client
+/// id. Replies `ok, seed, count, generation`, and publishes
+/// `"<client id> <generation>"` on the takeover channel in the same atomic
+/// step, so every server learns of the new owner within the pub/sub
+/// latency (see `notices`). A channel is not a key: Redis Cluster
+/// broadcasts a PUBLISH to every node, whichever slot the script ran in.
 ///
 /// The token check happens here rather than in Rust so that check and
 /// generation bump are one atomic step with one round trip: comparing in
@@ -87,6 +94,7 @@ end
 local next_generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HSET', KEYS[1], 'attached', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. next_generation)
 return {'ok', seed, count, next_generation}
 "#
 );

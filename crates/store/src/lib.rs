@@ -28,10 +28,20 @@
 //! An attached session also has a deadline, its *lease*, which the owning
 //! server renews while it streams. If the owner dies without detaching, the
 //! lease lapses and the session expires as if it had been detached.
+//!
+//! ## Takeover notices
+//!
+//! A store shared by several processes may also push *takeover notices*
+//! ([`SessionStore::takeover_notices`]): "client id X is now at generation
+//! N". A server that still streams X at an older generation stops at once
+//! instead of at its next lease renewal. Notices are a latency
+//! optimisation, never the fence itself: a lost notice only delays the
+//! stop until the renewal reports `Superseded`.
 
 use std::fmt::Debug;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
 
 pub mod memory;
@@ -71,6 +81,15 @@ pub struct SessionInfo {
     pub attached: bool,
     /// Time until the session expires if nothing renews or attaches it.
     pub expires_in: Duration,
+}
+
+/// Pushed by a shared store after every successful attach: `client_id` now
+/// belongs to `generation`, so any connection holding an older generation
+/// has been taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakeoverNotice {
+    pub client_id: ClientId,
+    pub generation: u64,
 }
 
 /// Why a store operation did not happen. Every variant except
@@ -152,4 +171,17 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A stream of takeover notices from every process sharing the store,
+    /// this one included, or `None` when every takeover is local (the
+    /// in-memory store) and the server's own registry already fences it.
+    ///
+    /// Best effort and at most once: notices published while the stream
+    /// is reconnecting are lost, and lease renewal (`Superseded`) remains
+    /// the fence of last resort. Each call starts an independent
+    /// subscription that ends when the stream is dropped; implementations
+    /// may spawn tokio tasks, so call it inside a runtime.
+    fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
+        None
+    }
 }
