@@ -1,8 +1,10 @@
 //! Test tooling shared by numstream's crates: in-process servers and a raw
 //! protocol client (`server`), a TCP proxy that cuts connections on command
-//! (`proxy`), and real external services started on free ports (`redis`).
+//! (`proxy`), real external services started on free ports (`redis`), and
+//! real server processes to kill (`process`).
 //! Never a dependency of production code.
 
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod server;

@@ -6,10 +6,14 @@
 //! panic: a Redis test must never pass because it could not run.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+// Another process may take the probed port before redis-server binds it;
+// `start` then retries with a new one.
+use crate::process::free_port;
 
 const BINARY: &str = "redis-server";
 const NOT_FOUND: &str = "redis-server not found on PATH: install it with \
@@ -91,6 +95,35 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is
+    /// answered, like a hung host or a partition without RST. Keys survive,
+    /// though their expiry clock keeps running. Undo with [`resume`](Self::resume).
+    ///
+    /// # Panics
+    /// If the server is not running or the signal cannot be sent.
+    pub fn pause(&self) {
+        crate::process::signal(self.pid(), "STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT).
+    ///
+    /// # Panics
+    /// If the server is not running or the signal cannot be sent.
+    pub fn resume(&self) {
+        crate::process::signal(self.pid(), "CONT");
+    }
+
+    /// The redis-server process id.
+    ///
+    /// # Panics
+    /// If the server is stopped.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("redis-server on port {} is not running", self.port))
+    }
+
     /// Whether the server currently answers PING.
     pub fn is_running(&self) -> bool {
         self.child.is_some() && ping(self.port)
@@ -156,18 +189,6 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// A port that was free a moment ago. Another process may take it before
-/// redis-server binds it (the kernel rarely hands the same ephemeral port out
-/// again at once); `start` then retries with a new one.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap_or_else(|error| panic!("cannot bind a probe socket on 127.0.0.1: {error}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|error| panic!("probe socket has no address: {error}"))
-        .port()
 }
 
 fn log_path(port: u16) -> PathBuf {
