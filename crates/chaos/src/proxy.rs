@@ -1,0 +1,624 @@
+//! `ChaosProxy`: a loopback TCP proxy that applies a seeded
+//! [`ConnectionPlan`] to every connection it forwards.
+//!
+//! Each direction is a reader and a writer joined by a small bounded queue,
+//! so latency delays chunks without reordering them and backpressure still
+//! reaches the sender. Byte triggers are exact: the reader never reads past
+//! the trigger byte before the fault has struck, so "reset after 40
+//! downstream bytes" delivers exactly 40 bytes.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::plan::{
+    ConnectionPlan, Direction, Fault, FaultKind, OPEN_LEN, OPEN_TYPE, Schedule, Side, Trigger,
+    WELCOME_LEN,
+};
+
+/// Bound on connecting to the upstream server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time spent draining both sides after a FIN, so that closing a socket with
+/// unread input does not turn the FIN into an RST.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+const CHUNK: usize = 16 * 1024;
+
+/// Why a proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "{what} address {addr} is not a loopback address: the chaos proxy only \
+         forwards between addresses in 127.0.0.0/8 or ::1"
+    )]
+    NotLoopback {
+        what: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Refuses anything but loopback: fault injection must never touch another
+/// machine's traffic.
+pub fn ensure_loopback(what: &'static str, addr: SocketAddr) -> Result<(), ProxyError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(ProxyError::NotLoopback { what, addr })
+    }
+}
+
+/// What happened to one proxied connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionRecord {
+    pub ordinal: u64,
+    pub plan: ConnectionPlan,
+    /// Whether the plan's fault actually struck (a connection may end
+    /// before its trigger).
+    pub fired: bool,
+}
+
+/// Counters over every connection of a proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    pub connections: u64,
+    pub upstream_unreachable: u64,
+    pub faults: BTreeMap<FaultKind, u64>,
+    pub with_latency: u64,
+    pub with_split: u64,
+}
+
+impl ProxyStats {
+    pub fn add(&mut self, other: &ProxyStats) {
+        self.connections += other.connections;
+        self.upstream_unreachable += other.upstream_unreachable;
+        for (kind, n) in &other.faults {
+            *self.faults.entry(*kind).or_default() += n;
+        }
+        self.with_latency += other.with_latency;
+        self.with_split += other.with_split;
+    }
+
+    pub fn total_faults(&self) -> u64 {
+        self.faults.values().sum()
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    upstream: Mutex<SocketAddr>,
+    schedule: Schedule,
+    next_ordinal: AtomicU64,
+    stats: Mutex<ProxyStats>,
+    records: Mutex<Vec<ConnectionRecord>>,
+}
+
+/// A running proxy. Dropping it stops accepting and cuts every connection.
+#[derive(Debug)]
+pub struct ChaosProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl ChaosProxy {
+    /// Listens on `listen` (port 0 for a free one) and forwards every
+    /// connection to `upstream`, the `n`-th one under `schedule.plan(n)`.
+    pub async fn start(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        schedule: Schedule,
+    ) -> Result<Self, ProxyError> {
+        ensure_loopback("listen", listen)?;
+        ensure_loopback("upstream", upstream)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ProxyError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+            addr: listen,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            upstream: Mutex::new(upstream),
+            schedule,
+            next_ordinal: AtomicU64::new(0),
+            stats: Mutex::new(ProxyStats::default()),
+            records: Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        Ok(Self { addr, shared, stop })
+    }
+
+    /// On 127.0.0.1 with a free port.
+    pub async fn start_local(upstream: SocketAddr, schedule: Schedule) -> Result<Self, ProxyError> {
+        Self::start(SocketAddr::from(([127, 0, 0, 1], 0)), upstream, schedule).await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Points new connections at another (loopback) upstream.
+    pub fn set_upstream(&self, upstream: SocketAddr) -> Result<(), ProxyError> {
+        ensure_loopback("upstream", upstream)?;
+        *lock(&self.shared.upstream) = upstream;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Every connection so far, in the order they were accepted.
+    pub fn records(&self) -> Vec<ConnectionRecord> {
+        let mut records = lock(&self.shared.records).clone();
+        records.sort_by_key(|r| r.ordinal);
+        records
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.shared.schedule
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                debug!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let ordinal = shared.next_ordinal.fetch_add(1, Ordering::SeqCst);
+        let plan = shared.schedule.plan(ordinal);
+        {
+            let mut stats = lock(&shared.stats);
+            stats.connections += 1;
+            stats.with_latency += u64::from(plan.latency.is_some());
+            stats.with_split += u64::from(plan.split.is_some());
+        }
+        info!(
+            stream = shared.schedule.stream(),
+            ordinal,
+            %peer,
+            %plan,
+            "connection"
+        );
+        tokio::spawn(serve(client, shared.clone(), ordinal, plan, stop.clone()));
+    }
+}
+
+/// How the forwarding of one connection ended.
+enum End {
+    /// Both directions reached their end.
+    Finished,
+    Close,
+    Reset,
+    /// A stall or half-close was held for its time.
+    HoldExpired,
+    /// The proxy was dropped.
+    Stopped,
+}
+
+async fn serve(
+    mut client: TcpStream,
+    shared: Arc<Shared>,
+    ordinal: u64,
+    plan: ConnectionPlan,
+    stop: CancellationToken,
+) {
+    let upstream = *lock(&shared.upstream);
+    let mut server = match timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream)).await {
+        Ok(Ok(server)) => server,
+        _ => {
+            // Like a server that is down: the client sees its connection
+            // end before any byte.
+            lock(&shared.stats).upstream_unreachable += 1;
+            lock(&shared.records).push(ConnectionRecord {
+                ordinal,
+                plan,
+                fired: false,
+            });
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let ctx = Ctx::new(plan, shared.schedule.profile().protect_first_welcome);
+    let end = {
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
+        let up = pump(client_read, server_write, Direction::Upstream, &ctx);
+        let down = pump(server_read, client_write, Direction::Downstream, &ctx);
+        supervise(up, down, &ctx, &stop).await
+    };
+    let fired = ctx.fired.is_cancelled();
+    if let Some(fault) = plan.fault.filter(|_| fired) {
+        *lock(&shared.stats).faults.entry(fault.kind()).or_default() += 1;
+        info!(stream = shared.schedule.stream(), ordinal, %fault, "fault struck");
+    }
+    lock(&shared.records).push(ConnectionRecord {
+        ordinal,
+        plan,
+        fired,
+    });
+    match end {
+        End::Finished | End::Stopped => {}
+        End::Close | End::HoldExpired => close_both(client, server).await,
+        End::Reset => {
+            reset(&client);
+            reset(&server);
+        }
+    }
+}
+
+/// Runs both directions until they end, the fault calls for the
+/// connection's end, or the proxy stops.
+async fn supervise(
+    up: impl Future<Output = ()>,
+    down: impl Future<Output = ()>,
+    ctx: &Ctx,
+    stop: &CancellationToken,
+) -> End {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let timer = match ctx.plan.fault.map(|f| f.trigger()) {
+        Some(Trigger::After(delay)) => Some(ctx.started + delay),
+        _ => None,
+    };
+    let mut timer_pending = timer.is_some();
+    let mut fire_pending = ctx.plan.fault.is_some();
+    let mut hold_until: Option<Instant> = None;
+    loop {
+        if up_done && down_done {
+            return End::Finished;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return End::Stopped,
+            _ = &mut up, if !up_done => up_done = true,
+            _ = &mut down, if !down_done => down_done = true,
+            _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer_pending => {
+                timer_pending = false;
+                ctx.hit();
+            }
+            _ = ctx.fired.cancelled(), if fire_pending => {
+                fire_pending = false;
+                match ctx.plan.fault {
+                    Some(Fault::Close(_)) => return End::Close,
+                    Some(Fault::Reset(_)) => return End::Reset,
+                    Some(Fault::Stall { hold, .. } | Fault::HalfClose { hold, .. }) => {
+                        hold_until = Some(Instant::now() + hold);
+                    }
+                    None => {}
+                }
+            }
+            _ = sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
+                return End::HoldExpired;
+            }
+        }
+    }
+}
+
+/// Bytes seen so far, and the first client bytes (to tell OPEN from RESUME).
+#[derive(Debug, Default)]
+struct Meter {
+    delivered_up: u64,
+    delivered_down: u64,
+    hello: Vec<u8>,
+}
+
+struct Ctx {
+    plan: ConnectionPlan,
+    protect_first_welcome: bool,
+    started: Instant,
+    meter: Mutex<Meter>,
+    /// The trigger point was reached (the fault may still be held back).
+    hit: CancellationToken,
+    /// The fault struck.
+    fired: CancellationToken,
+}
+
+impl Ctx {
+    fn new(plan: ConnectionPlan, protect_first_welcome: bool) -> Self {
+        Self {
+            plan,
+            protect_first_welcome,
+            started: Instant::now(),
+            meter: Mutex::new(Meter::default()),
+            hit: CancellationToken::new(),
+            fired: CancellationToken::new(),
+        }
+    }
+
+    /// The byte trigger of `direction`, while it has not been reached.
+    fn byte_trigger(&self, direction: Direction) -> Option<u64> {
+        match self.plan.fault.map(|f| f.trigger()) {
+            Some(Trigger::Bytes {
+                direction: d,
+                after,
+            }) if d == direction && !self.hit.is_cancelled() => Some(after),
+            _ => None,
+        }
+    }
+
+    fn delivered(&self, direction: Direction, bytes: &[u8]) {
+        let total = {
+            let mut meter = lock(&self.meter);
+            match direction {
+                Direction::Upstream => {
+                    let room = 5usize.saturating_sub(meter.hello.len());
+                    meter
+                        .hello
+                        .extend_from_slice(&bytes[..room.min(bytes.len())]);
+                    meter.delivered_up += bytes.len() as u64;
+                    meter.delivered_up
+                }
+                Direction::Downstream => {
+                    meter.delivered_down += bytes.len() as u64;
+                    meter.delivered_down
+                }
+            }
+        };
+        if self
+            .byte_trigger(direction)
+            .is_some_and(|after| total >= after)
+        {
+            self.hit.cancel();
+        }
+        self.maybe_fire();
+    }
+
+    fn hit(&self) {
+        self.hit.cancel();
+        self.maybe_fire();
+    }
+
+    /// Strikes once the trigger was reached, unless that would lose the
+    /// WELCOME of a freshly opened session (see `protect_first_welcome`).
+    fn maybe_fire(&self) {
+        if !self.hit.is_cancelled() || self.fired.is_cancelled() {
+            return;
+        }
+        if self.protect_first_welcome {
+            let meter = lock(&self.meter);
+            let opening = meter.hello.get(4) == Some(&OPEN_TYPE);
+            if opening && meter.delivered_up >= OPEN_LEN && meter.delivered_down < WELCOME_LEN {
+                return;
+            }
+        }
+        self.fired.cancel();
+    }
+
+    /// What this direction does once the fault has struck.
+    fn on_fire(&self, direction: Direction) -> Reaction {
+        match self.plan.fault {
+            Some(Fault::Stall { directions, .. }) if directions.covers(direction) => {
+                Reaction::Freeze
+            }
+            Some(Fault::HalfClose { side, .. }) => match (side, direction) {
+                (Side::Client, Direction::Downstream) | (Side::Server, Direction::Upstream) => {
+                    Reaction::HalfClose
+                }
+                _ => Reaction::Continue,
+            },
+            Some(Fault::Close(_) | Fault::Reset(_)) => Reaction::Stop,
+            _ => Reaction::Continue,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaction {
+    /// Keep forwarding.
+    Continue,
+    /// Stop forwarding; the supervisor ends the connection.
+    Stop,
+    /// Stop reading and writing, close nothing.
+    Freeze,
+    /// FIN to this direction's receiver; discard what its sender still sends.
+    HalfClose,
+}
+
+enum Chunk {
+    Data { due: Instant, bytes: Vec<u8> },
+    Eof,
+}
+
+/// Forwards one direction until its end, under the plan.
+async fn pump(from: ReadHalf<'_>, to: WriteHalf<'_>, direction: Direction, ctx: &Ctx) {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::join!(
+        read_side(from, tx, direction, ctx),
+        write_side(to, rx, direction, ctx)
+    );
+}
+
+async fn read_side(
+    mut from: ReadHalf<'_>,
+    tx: mpsc::Sender<Chunk>,
+    direction: Direction,
+    ctx: &Ctx,
+) {
+    let latency = ctx.plan.latency.unwrap_or_default();
+    let interruptible = ctx.on_fire(direction) != Reaction::Continue;
+    let mut buf = vec![0u8; CHUNK];
+    let mut read_total: u64 = 0;
+    loop {
+        if ctx.fired.is_cancelled() {
+            match ctx.on_fire(direction) {
+                Reaction::Continue => {}
+                Reaction::Stop | Reaction::Freeze => return std::future::pending().await,
+                Reaction::HalfClose => return discard(&mut from).await,
+            }
+        }
+        let mut want = CHUNK;
+        if let Some(after) = ctx.byte_trigger(direction) {
+            if read_total >= after {
+                // Everything up to the trigger is read; nothing more until
+                // the fault has struck (or was held back and released).
+                tokio::select! {
+                    _ = ctx.hit.cancelled() => {}
+                    _ = ctx.fired.cancelled() => {}
+                }
+                continue;
+            }
+            want = want.min((after - read_total) as usize);
+        }
+        let read = tokio::select! {
+            biased;
+            _ = ctx.fired.cancelled(), if interruptible => continue,
+            read = from.read(&mut buf[..want]) => read,
+        };
+        let n = match read {
+            Ok(0) => {
+                let _ = tx.send(Chunk::Eof).await;
+                return;
+            }
+            Ok(n) => n,
+            // The writer sees the channel close and ends this direction.
+            Err(_) => return,
+        };
+        read_total += n as u64;
+        let chunk = Chunk::Data {
+            due: Instant::now() + latency,
+            bytes: buf[..n].to_vec(),
+        };
+        if tx.send(chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_side(
+    mut to: WriteHalf<'_>,
+    mut rx: mpsc::Receiver<Chunk>,
+    direction: Direction,
+    ctx: &Ctx,
+) {
+    let split = ctx.plan.split == Some(direction);
+    // Directions the fault leaves alone never drop a byte.
+    let interruptible = ctx.on_fire(direction) != Reaction::Continue;
+    loop {
+        let reacting = interruptible && ctx.fired.is_cancelled();
+        if reacting {
+            match ctx.on_fire(direction) {
+                Reaction::Continue => {}
+                Reaction::Stop | Reaction::Freeze => return std::future::pending().await,
+                Reaction::HalfClose => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+            }
+        }
+        let chunk = tokio::select! {
+            biased;
+            _ = ctx.fired.cancelled(), if interruptible => continue,
+            chunk = rx.recv() => chunk,
+        };
+        let (due, bytes) = match chunk {
+            None => return,
+            Some(Chunk::Eof) => {
+                // Pass the half-close on, as TCP would.
+                let _ = to.shutdown().await;
+                return;
+            }
+            Some(Chunk::Data { due, bytes }) => (due, bytes),
+        };
+        tokio::select! {
+            biased;
+            _ = ctx.fired.cancelled(), if interruptible => continue,
+            _ = sleep_until(due) => {}
+        }
+        let pieces: Vec<&[u8]> = if split {
+            bytes.chunks(1).collect()
+        } else {
+            vec![&bytes[..]]
+        };
+        for piece in pieces {
+            if interruptible && ctx.fired.is_cancelled() {
+                // The fault struck mid-chunk: the rest is never delivered.
+                break;
+            }
+            if to.write_all(piece).await.is_err() {
+                return;
+            }
+            ctx.delivered(direction, piece);
+            if split {
+                // Give the receiver a chance to see every byte on its own.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Reads and drops everything until EOF or an error.
+async fn discard(from: &mut ReadHalf<'_>) {
+    let mut buf = vec![0u8; CHUNK];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// FIN to both sides, then a bounded drain so the kernel sends FIN rather
+/// than RST for input we never read.
+async fn close_both(mut client: TcpStream, mut server: TcpStream) {
+    let _ = timeout(DRAIN_TIME, async {
+        let _ = client.shutdown().await;
+        let _ = server.shutdown().await;
+    })
+    .await;
+    let _ = timeout(DRAIN_TIME, async {
+        let (mut client_read, _) = client.split();
+        let (mut server_read, _) = server.split();
+        tokio::join!(discard(&mut client_read), discard(&mut server_read));
+    })
+    .await;
+}
+
+/// `SO_LINGER` 0: closing the socket sends RST and drops unsent data.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}

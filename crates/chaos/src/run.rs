@@ -1,0 +1,785 @@
+//! The chaos run: K real server processes, M clients (the client library,
+//! in-process) each behind its own fault-injecting proxies, server
+//! instances killed and restarted along the way, and every client's result
+//! checked against the fault-free reference.
+//!
+//! What is asserted, per client:
+//!
+//! - A client that says OK received every number, and its sum and both
+//!   checksums equal those of an undisturbed run of the same seed, client
+//!   id and count (`SequenceChecksum::of_session(SessionSeed::derive(..))`,
+//!   which is what an undisturbed run prints; a few clients are also re-run
+//!   without faults at the end to confirm it).
+//! - With the in-memory store, a killed instance takes its sessions with it:
+//!   a client whose instance was killed while it ran may fail instead, but
+//!   only *clearly* (exit 3: the server rejected or ended the session, or
+//!   exit 4: it gave up resuming), with every number it did receive correct.
+//!   It must never hang, report a protocol violation or a checksum mismatch,
+//!   or print OK with a wrong result.
+//! - With a shared store (Redis), nothing is lost: every client must pass.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use numstream_client::{ClientConfig, Report};
+use numstream_protocol::prng::NumberGenerator;
+use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
+
+use crate::plan::{FaultKind, FaultProfile, NUMBER_LEN, Schedule, WELCOME_LEN};
+use crate::proxy::{ChaosProxy, ConnectionRecord, ProxyStats};
+use crate::servers::{ServerProcess, ServerSpec, Signal};
+
+/// Where sessions live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Each server's own memory: a killed instance loses its sessions.
+    Memory,
+    /// A shared Redis store at this URL: any instance can resume any session.
+    Redis(String),
+}
+
+/// Everything a chaos run does. Build one from [`ChaosConfig::profile`] and
+/// adjust.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    pub profile_name: String,
+    pub seed: u64,
+    pub servers: usize,
+    pub clients: usize,
+    /// Clients running at once.
+    pub concurrency: usize,
+    pub counts: RangeInclusive<u16>,
+    pub interval: Duration,
+    pub session_ttl: Duration,
+    pub faults: FaultProfile,
+    /// Server kills (each followed by a restart on the same port).
+    pub kills: usize,
+    /// Kills happen at random moments in this window after the start.
+    pub kill_window: (Duration, Duration),
+    /// How long a killed instance stays down.
+    pub downtime: (Duration, Duration),
+    pub store: StoreMode,
+    pub server_bin: PathBuf,
+    /// Run only this client (by index), e.g. to replay one failure.
+    pub only_client: Option<usize>,
+    /// A client without a result after this long has hung: a failure.
+    pub client_time_limit: Duration,
+    /// Clients re-run without faults at the end, as a cross-check of the
+    /// reference.
+    pub reference_runs: usize,
+    pub log_dir: PathBuf,
+    /// Print every client with its connections, not only the failures.
+    pub verbose: bool,
+}
+
+impl ChaosConfig {
+    /// The named profiles: `short` (CI, about a minute) and `long`
+    /// (thousands of sessions, many faults each).
+    pub fn profile(name: &str, seed: u64, server_bin: PathBuf) -> Option<Self> {
+        let base = Self {
+            profile_name: name.to_owned(),
+            seed,
+            servers: 2,
+            clients: 40,
+            concurrency: 40,
+            counts: 100..=600,
+            interval: Duration::from_millis(5),
+            session_ttl: Duration::from_secs(30),
+            faults: FaultProfile {
+                fault_probability: 0.7,
+                max_faults: 4,
+                hold: Duration::from_secs(12),
+                ..FaultProfile::default()
+            },
+            kills: 1,
+            kill_window: (Duration::from_secs(3), Duration::from_secs(8)),
+            downtime: (Duration::from_millis(500), Duration::from_secs(2)),
+            store: StoreMode::Memory,
+            server_bin,
+            only_client: None,
+            client_time_limit: Duration::from_secs(120),
+            reference_runs: 3,
+            log_dir: std::env::temp_dir().join(format!("numstream-chaos-{seed}")),
+            verbose: false,
+        };
+        match name {
+            "short" => Some(base),
+            "long" => Some(Self {
+                servers: 3,
+                clients: 3000,
+                concurrency: 150,
+                counts: 100..=3000,
+                interval: Duration::from_millis(2),
+                faults: FaultProfile {
+                    fault_probability: 0.8,
+                    max_faults: 10,
+                    hold: Duration::from_secs(15),
+                    ..FaultProfile::default()
+                },
+                kills: 8,
+                kill_window: (Duration::from_secs(10), Duration::from_secs(400)),
+                downtime: (Duration::from_millis(500), Duration::from_secs(3)),
+                client_time_limit: Duration::from_secs(300),
+                reference_runs: 10,
+                ..base
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One client of the run, derived from the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientSpec {
+    pub index: usize,
+    pub client_id: ClientId,
+    pub count: u16,
+    /// The instance it talks to first (the only one with the memory store).
+    pub home: usize,
+}
+
+/// Every client of a run with this seed, whatever subset actually runs.
+pub fn client_specs(config: &ChaosConfig) -> Vec<ClientSpec> {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x636c_6965_6e74_7321);
+    (0..config.clients)
+        .map(|index| {
+            let bytes: [u8; 16] = rng.random();
+            ClientSpec {
+                index,
+                client_id: uuid::Builder::from_random_bytes(bytes).into_uuid(),
+                count: rng.random_range(config.counts.clone()),
+                home: index % config.servers.max(1),
+            }
+        })
+        .collect()
+}
+
+/// A scheduled kill and restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KillEvent {
+    pub at: Duration,
+    pub server: usize,
+    pub signal: Signal,
+    pub downtime: Duration,
+}
+
+pub fn kill_plan(config: &ChaosConfig) -> Vec<KillEvent> {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6b69_6c6c_7321);
+    let ms = |d: Duration| d.as_millis() as u64;
+    let (from, to) = config.kill_window;
+    let (short, long) = config.downtime;
+    let mut events: Vec<KillEvent> = (0..config.kills)
+        .map(|_| KillEvent {
+            at: Duration::from_millis(rng.random_range(ms(from)..=ms(to).max(ms(from)))),
+            server: rng.random_range(0..config.servers.max(1)),
+            signal: if rng.random_bool(0.3) {
+                Signal::Term
+            } else {
+                Signal::Kill
+            },
+            downtime: Duration::from_millis(rng.random_range(ms(short)..=ms(long).max(ms(short)))),
+        })
+        .collect();
+    events.sort_by_key(|e| e.at);
+    events
+}
+
+/// What happened to one client.
+#[derive(Debug, Clone)]
+pub struct ClientResult {
+    pub spec: ClientSpec,
+    /// `None`: no result within the time limit (a hang).
+    pub report: Option<Report>,
+    pub started: Instant,
+    pub ended: Instant,
+    /// Per server index: what its proxy did to each connection.
+    pub connections: Vec<(usize, Vec<ConnectionRecord>)>,
+    pub stats: ProxyStats,
+}
+
+/// The judgement on one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// OK, with exactly the reference result.
+    Verified,
+    /// Failed clearly after its (in-memory) instance was killed, with every
+    /// number it received correct.
+    LostWithKilledInstance {
+        exit_code: u8,
+    },
+    Failed(String),
+}
+
+impl Verdict {
+    pub fn passed(&self) -> bool {
+        !matches!(self, Self::Failed(_))
+    }
+}
+
+/// Sum and checksum of the first `received` numbers of a session.
+fn prefix(seed: &SessionSeed, received: u16) -> SequenceChecksum {
+    let mut numbers = NumberGenerator::starting_at(seed, 0);
+    let mut checksum = SequenceChecksum::new();
+    for _ in 0..received {
+        checksum.push(numbers.next_number());
+    }
+    checksum
+}
+
+/// Judges one client's result. `exposed`: its instance was killed while it
+/// ran and its sessions could not survive that.
+pub fn judge(master_seed: u64, result: &ClientResult, exposed: bool, limit: Duration) -> Verdict {
+    let spec = &result.spec;
+    let Some(report) = &result.report else {
+        return Verdict::Failed(format!(
+            "hung: no result within {}",
+            humantime::format_duration(limit)
+        ));
+    };
+    let seed = SessionSeed::derive(master_seed, spec.client_id);
+    let reference = SequenceChecksum::of_session(&seed, spec.count);
+    if report.client_id != spec.client_id || report.count != spec.count {
+        return Verdict::Failed(format!(
+            "report is for client {} count {}, expected {} count {}",
+            report.client_id, report.count, spec.client_id, spec.count
+        ));
+    }
+    if report.ok {
+        let got = (
+            report.received,
+            report.sum,
+            report.client_checksum,
+            report.server_checksum,
+        );
+        let want = (
+            spec.count,
+            reference.sum(),
+            reference.checksum(),
+            Some(reference.checksum()),
+        );
+        return if got == want && report.exit_code() == 0 {
+            Verdict::Verified
+        } else {
+            Verdict::Failed(format!(
+                "printed OK with a wrong result: received {} sum {} checksums {:#010x}/{:?}, \
+                 reference {} sum {} checksum {:#010x}",
+                got.0, got.1, got.2, got.3, want.0, want.1, want.2
+            ))
+        };
+    }
+    let exit_code = report.exit_code();
+    let error = report
+        .error
+        .as_ref()
+        .map_or_else(|| "no error given".to_owned(), ToString::to_string);
+    let partial = prefix(&seed, report.received);
+    if (report.sum, report.client_checksum) != (partial.sum(), partial.checksum()) {
+        return Verdict::Failed(format!(
+            "failed (exit {exit_code}: {error}) and the {} numbers it did receive are wrong",
+            report.received
+        ));
+    }
+    let clear = exit_code == numstream_client::EXIT_REJECTED
+        || exit_code == numstream_client::EXIT_CANNOT_CONNECT;
+    if exposed && clear {
+        Verdict::LostWithKilledInstance { exit_code }
+    } else {
+        Verdict::Failed(format!("exit {exit_code}: {error}"))
+    }
+}
+
+/// The outcome of a whole run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub passed: usize,
+    pub failed: usize,
+    /// The human summary, ending in `N passed, N failed`.
+    pub summary: String,
+}
+
+/// Runs the chaos experiment described by `config`. Progress goes to
+/// stderr; the returned summary is for stdout.
+pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    let spec = ServerSpec {
+        bin: config.server_bin.clone(),
+        interval: config.interval,
+        session_ttl: config.session_ttl,
+        seed: config.seed,
+        store_url: match &config.store {
+            StoreMode::Memory => None,
+            StoreMode::Redis(url) => Some(url.clone()),
+        },
+        log_dir: config.log_dir.clone(),
+    };
+    let mut servers = Vec::new();
+    for index in 0..config.servers {
+        servers.push(ServerProcess::start(index, &spec).await?);
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(ServerProcess::addr).collect();
+
+    let specs: Vec<ClientSpec> = client_specs(&config)
+        .into_iter()
+        .filter(|s| config.only_client.is_none_or(|only| only == s.index))
+        .collect();
+    let total = specs.len();
+
+    // Kills and restarts, one at a time, until the clients are done.
+    let kills: Arc<Mutex<Vec<(usize, Instant, Signal)>>> = Arc::default();
+    let clients_done = CancellationToken::new();
+    let killer = tokio::spawn(kill_and_restart(
+        servers,
+        kill_plan(&config),
+        started,
+        kills.clone(),
+        clients_done.clone(),
+    ));
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let progress = tokio::spawn(report_progress(done.clone(), total, started));
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let config = Arc::new(config);
+    let tasks: Vec<_> = specs
+        .into_iter()
+        .map(|spec| {
+            let permits = permits.clone();
+            let config = config.clone();
+            let addrs = addrs.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let result = run_client(spec, &config, &addrs).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                result
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(total);
+    for task in tasks {
+        results.push(task.await?);
+    }
+    clients_done.cancel();
+    progress.abort();
+    let (servers, kill_error) = killer.await?;
+
+    let kills = kills.lock().map(|k| k.clone()).unwrap_or_default();
+    let memory = config.store == StoreMode::Memory;
+    let verdicts: Vec<Verdict> = results
+        .iter()
+        .map(|result| {
+            let exposed = memory
+                && kills.iter().any(|(server, at, _)| {
+                    *server == result.spec.home && *at >= result.started && *at <= result.ended
+                });
+            judge(config.seed, result, exposed, config.client_time_limit)
+        })
+        .collect();
+
+    drop(servers);
+    let reference_lines = reference_runs(&config, &spec, &results, &verdicts).await;
+    let mut outcome = summarize(
+        &config,
+        &results,
+        &verdicts,
+        &kills,
+        kill_error,
+        &reference_lines,
+        started,
+    );
+    if reference_lines.iter().any(|(ok, _)| !ok) {
+        outcome.failed += 1;
+    }
+    outcome.summary.push_str(&format!(
+        "{} passed, {} failed\n",
+        outcome.passed, outcome.failed
+    ));
+    Ok(outcome)
+}
+
+async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]) -> ClientResult {
+    // The home instance first; with a shared store, every other one after
+    // it, for the client to fail over to.
+    let mut order = vec![spec.home];
+    if config.store != StoreMode::Memory {
+        order.extend((0..addrs.len()).filter(|&k| k != spec.home));
+    }
+    let profile = FaultProfile {
+        // Cuts anywhere in this session's downstream bytes.
+        max_trigger_bytes: WELCOME_LEN + u64::from(spec.count) * NUMBER_LEN + 4,
+        ..config.faults.clone()
+    };
+    let mut proxies = Vec::new();
+    for &server in &order {
+        let stream = (spec.index as u64) << 8 | server as u64;
+        let schedule = Schedule::new(config.seed, stream, profile.clone());
+        match ChaosProxy::start_local(addrs[server], schedule).await {
+            Ok(proxy) => proxies.push((server, proxy)),
+            Err(error) => {
+                // Cannot happen on loopback short of running out of ports;
+                // reported as this client's failure rather than a panic.
+                let now = Instant::now();
+                return ClientResult {
+                    spec,
+                    report: Some(Report {
+                        client_id: spec.client_id,
+                        count: spec.count,
+                        received: 0,
+                        sum: 0,
+                        server_checksum: None,
+                        client_checksum: 0,
+                        reconnects: 0,
+                        ok: false,
+                        error: Some(numstream_client::ClientError::InvalidConfig(format!(
+                            "chaos proxy did not start: {error}"
+                        ))),
+                    }),
+                    started: now,
+                    ended: now,
+                    connections: Vec::new(),
+                    stats: ProxyStats::default(),
+                };
+            }
+        }
+    }
+    let client = ClientConfig {
+        ports: proxies.iter().map(|(_, p)| p.port()).collect(),
+        count: spec.count,
+        client_id: spec.client_id,
+        // Patient before the first WELCOME: an instance may be down for a
+        // restart, and faults may hit the first connections.
+        open_attempts: 100,
+        open_deadline: Duration::from_secs(120),
+        ..ClientConfig::default()
+    };
+    let started = Instant::now();
+    let report = tokio::time::timeout(
+        config.client_time_limit,
+        numstream_client::run(client, &mut ()),
+    )
+    .await
+    .ok();
+    let ended = Instant::now();
+    let mut stats = ProxyStats::default();
+    let connections = proxies
+        .iter()
+        .map(|(server, proxy)| {
+            stats.add(&proxy.stats());
+            (*server, proxy.records())
+        })
+        .collect();
+    ClientResult {
+        spec,
+        report,
+        started,
+        ended,
+        connections,
+        stats,
+    }
+}
+
+type KillerResult = (Vec<ServerProcess>, Option<String>);
+
+async fn kill_and_restart(
+    mut servers: Vec<ServerProcess>,
+    events: Vec<KillEvent>,
+    started: Instant,
+    kills: Arc<Mutex<Vec<(usize, Instant, Signal)>>>,
+    done: CancellationToken,
+) -> KillerResult {
+    for event in events {
+        tokio::select! {
+            _ = done.cancelled() => break,
+            _ = tokio::time::sleep_until(started + event.at) => {}
+        }
+        let Some(server) = servers.get_mut(event.server) else {
+            continue;
+        };
+        eprintln!(
+            "[{:>5.1}s] {} server {} ({}), down for {} ms",
+            started.elapsed().as_secs_f64(),
+            event.signal.name(),
+            event.server,
+            server.addr(),
+            event.downtime.as_millis()
+        );
+        if let Ok(mut kills) = kills.lock() {
+            kills.push((event.server, Instant::now(), event.signal));
+        }
+        server.stop(event.signal).await;
+        tokio::time::sleep(event.downtime).await;
+        if let Err(error) = server.restart().await {
+            return (servers, Some(format!("{error:#}")));
+        }
+        eprintln!(
+            "[{:>5.1}s] server {} restarted",
+            started.elapsed().as_secs_f64(),
+            event.server
+        );
+    }
+    (servers, None)
+}
+
+async fn report_progress(done: Arc<AtomicUsize>, total: usize, started: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        eprintln!(
+            "[{:>5.1}s] {}/{total} clients done",
+            started.elapsed().as_secs_f64(),
+            done.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Re-runs a few verified clients on a fresh server instance (same seed,
+/// in-memory store, no proxy, no faults): each must get exactly what the
+/// chaos run gave it. A fresh instance, because a chaos server may still
+/// hold a completed client's session when its ACK was lost.
+async fn reference_runs(
+    config: &ChaosConfig,
+    spec: &ServerSpec,
+    results: &[ClientResult],
+    verdicts: &[Verdict],
+) -> Vec<(bool, String)> {
+    let mut lines = Vec::new();
+    if config.reference_runs == 0 || !verdicts.contains(&Verdict::Verified) {
+        return lines;
+    }
+    let fresh = ServerSpec {
+        store_url: None,
+        ..spec.clone()
+    };
+    let server = match ServerProcess::start(config.servers, &fresh).await {
+        Ok(server) => server,
+        Err(error) => {
+            lines.push((
+                false,
+                format!("the reference server did not start: {error:#}"),
+            ));
+            return lines;
+        }
+    };
+    let verified = results
+        .iter()
+        .zip(verdicts)
+        .filter(|(_, v)| **v == Verdict::Verified)
+        .take(config.reference_runs);
+    for (result, _) in verified {
+        let client = ClientConfig {
+            ports: vec![server.addr().port()],
+            count: result.spec.count,
+            client_id: result.spec.client_id,
+            ..ClientConfig::default()
+        };
+        let clean = tokio::time::timeout(
+            config.client_time_limit,
+            numstream_client::run(client, &mut ()),
+        )
+        .await;
+        let chaos = result.report.as_ref();
+        let (ok, line) = match (clean, chaos) {
+            (Ok(clean), Some(chaos)) => {
+                let same = clean.ok
+                    && clean.reconnects == 0
+                    && (clean.sum, clean.client_checksum, clean.server_checksum)
+                        == (chaos.sum, chaos.client_checksum, chaos.server_checksum);
+                (
+                    same,
+                    format!(
+                        "client {} ({} numbers): fault-free run sum {} checksum {:#010x}, chaos run sum {} checksum {:#010x}: {}",
+                        result.spec.index,
+                        result.spec.count,
+                        clean.sum,
+                        clean.client_checksum,
+                        chaos.sum,
+                        chaos.client_checksum,
+                        if same { "identical" } else { "DIFFERENT" }
+                    ),
+                )
+            }
+            _ => (
+                false,
+                format!(
+                    "client {}: the fault-free re-run did not finish",
+                    result.spec.index
+                ),
+            ),
+        };
+        lines.push((ok, line));
+    }
+    lines
+}
+
+fn summarize(
+    config: &ChaosConfig,
+    results: &[ClientResult],
+    verdicts: &[Verdict],
+    kills: &[(usize, Instant, Signal)],
+    kill_error: Option<String>,
+    reference_lines: &[(bool, String)],
+    started: Instant,
+) -> RunOutcome {
+    let mut out = String::new();
+    let store = match &config.store {
+        StoreMode::Memory => "memory".to_owned(),
+        StoreMode::Redis(url) => format!("redis ({url})"),
+    };
+    out.push_str(&format!(
+        "numstream chaos run: profile {}, seed {}, store {store}\n",
+        config.profile_name, config.seed
+    ));
+    let mut stats = ProxyStats::default();
+    for result in results {
+        stats.add(&result.stats);
+    }
+    let numbers: u64 = results.iter().map(|r| u64::from(r.spec.count)).sum();
+    out.push_str(&format!(
+        "servers {}, clients {} ({} numbers, interval {}), concurrency {}\n",
+        config.servers,
+        results.len(),
+        numbers,
+        humantime::format_duration(config.interval),
+        config.concurrency
+    ));
+    let kill_text: Vec<String> = kills
+        .iter()
+        .map(|(server, at, signal)| {
+            format!(
+                "{} server {server} at {:.1}s",
+                signal.name(),
+                at.duration_since(started).as_secs_f64()
+            )
+        })
+        .collect();
+    out.push_str(&format!(
+        "server kills: {}{}\n",
+        kills.len(),
+        if kill_text.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", kill_text.join(", "))
+        }
+    ));
+    if let Some(error) = &kill_error {
+        out.push_str(&format!("RESTART FAILED: {error}\n"));
+    }
+    let faults: Vec<String> = FaultKind::ALL
+        .iter()
+        .map(|kind| format!("{} {}", kind.name(), stats.faults.get(kind).unwrap_or(&0)))
+        .collect();
+    out.push_str(&format!(
+        "proxied connections {}: faults struck {} ({}); with latency {}, with 1-byte writes {}\n",
+        stats.connections,
+        stats.total_faults(),
+        faults.join(", "),
+        stats.with_latency,
+        stats.with_split
+    ));
+    let reconnects: Vec<u32> = results
+        .iter()
+        .filter_map(|r| r.report.as_ref().map(|rep| rep.reconnects))
+        .collect();
+    let verified = verdicts.iter().filter(|v| **v == Verdict::Verified).count();
+    out.push_str(&format!(
+        "verified OK with the reference sum and checksums: {verified} (resumes: {} in all, at most {} for one client)\n",
+        reconnects.iter().map(|&r| u64::from(r)).sum::<u64>(),
+        reconnects.iter().max().unwrap_or(&0)
+    ));
+    let lost: Vec<u8> = verdicts
+        .iter()
+        .filter_map(|v| match v {
+            Verdict::LostWithKilledInstance { exit_code } => Some(*exit_code),
+            _ => None,
+        })
+        .collect();
+    if config.store == StoreMode::Memory {
+        out.push_str(&format!(
+            "failed clearly because their in-memory instance was killed: {} (exit 3: {}, exit 4: {})\n",
+            lost.len(),
+            lost.iter().filter(|&&c| c == 3).count(),
+            lost.iter().filter(|&&c| c == 4).count()
+        ));
+    }
+    for (_, line) in reference_lines {
+        out.push_str(&format!("reference: {line}\n"));
+    }
+    let mut failed = 0;
+    for (result, verdict) in results.iter().zip(verdicts) {
+        let why = match verdict {
+            Verdict::Failed(why) => {
+                failed += 1;
+                why.clone()
+            }
+            _ if !config.verbose => continue,
+            Verdict::Verified => "verified".to_owned(),
+            Verdict::LostWithKilledInstance { exit_code } => {
+                format!("lost with its killed instance (exit {exit_code})")
+            }
+        };
+        let failure = !verdict.passed();
+        out.push_str(&format!(
+            "{}client {} ({}, {} numbers, home server {}, {:.1}s, {} resumes): {why}\n",
+            if failure { "FAILED " } else { "" },
+            result.spec.index,
+            result.spec.client_id,
+            result.spec.count,
+            result.spec.home,
+            result.ended.duration_since(result.started).as_secs_f64(),
+            result.report.as_ref().map_or(0, |r| r.reconnects),
+        ));
+        if let Some(Some(error)) = result.report.as_ref().map(|r| r.error.as_ref()) {
+            out.push_str(&format!("    error: {error}\n"));
+        }
+        for (server, records) in &result.connections {
+            for record in records {
+                out.push_str(&format!(
+                    "    via server {server}, connection {}: {}{}\n",
+                    record.ordinal,
+                    record.plan,
+                    if record.plan.fault.is_some() && !record.fired {
+                        " (did not strike)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        if failure {
+            out.push_str(&format!(
+                "    replay: numstream-chaos --profile {} --seed {} --client {}\n",
+                config.profile_name, config.seed, result.spec.index
+            ));
+        }
+    }
+    if kill_error.is_some() {
+        failed += 1;
+    }
+    if failed > 0 {
+        out.push_str(&format!("server logs: {}\n", config.log_dir.display()));
+    }
+    out.push_str(&format!(
+        "elapsed {:.1}s; replay the whole run: numstream-chaos --profile {} --seed {}{}\n",
+        started.elapsed().as_secs_f64(),
+        config.profile_name,
+        config.seed,
+        match &config.store {
+            StoreMode::Memory => "",
+            StoreMode::Redis(_) => " --redis",
+        }
+    ));
+    let passed = verdicts.iter().filter(|v| v.passed()).count();
+    RunOutcome {
+        passed,
+        failed,
+        summary: out,
+    }
+}
