@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use numstream_protocol::ClientId;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -39,19 +39,7 @@ pub(crate) struct Claim {
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    live: HashMap<ClientId, Live>,
-    /// The newest generation announced by a takeover notice, per client id,
-    /// for a while: a notice can overtake the attach it fences (the attach
-    /// succeeded here, the newer one elsewhere, and the notice arrived
-    /// before this connection claimed), so `claim` checks it too.
-    announced: HashMap<ClientId, (u64, Instant)>,
-    /// `announced` is pruned of old entries when it grows past this.
-    prune_at: usize,
+    live: Mutex<HashMap<ClientId, Live>>,
 }
 
 /// Longest a new connection waits for the one it replaces to stop: longer
@@ -59,58 +47,27 @@ struct Inner {
 /// `taken_over` error before it lets go.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
-/// How long an announced generation is remembered. The race it covers lasts
-/// from an attach's reply to the `claim` right after it: microseconds, or a
-/// scheduling hiccup; anything slower is still fenced by lease renewal.
-const ANNOUNCED_FOR: Duration = Duration::from_secs(10);
-const MIN_PRUNE_AT: usize = 1024;
-
-impl Inner {
-    fn announce(&mut self, client_id: ClientId, generation: u64) {
-        let now = Instant::now();
-        let entry = self.announced.entry(client_id).or_insert((generation, now));
-        if generation >= entry.0 {
-            *entry = (generation, now);
-        }
-        if self.announced.len() >= self.prune_at {
-            self.announced
-                .retain(|_, (_, at)| now.duration_since(*at) < ANNOUNCED_FOR);
-            self.prune_at = (self.announced.len() * 2).max(MIN_PRUNE_AT);
-        }
-    }
-
-    /// Whether something newer than `generation` owns `client_id`.
-    fn outdated(&self, client_id: ClientId, generation: u64) -> bool {
-        self.live
-            .get(&client_id)
-            .is_some_and(|existing| existing.generation > generation)
-            || self
-                .announced
-                .get(&client_id)
-                .is_some_and(|(announced, at)| {
-                    *announced > generation && at.elapsed() < ANNOUNCED_FOR
-                })
-    }
-}
-
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers `generation` as the local streamer of `client_id`, stopping
     /// and awaiting any older local streamer. `None` means an even newer
-    /// generation is already registered or announced: the caller lost a
-    /// race and must not stream.
+    /// generation is already registered: the caller lost a race and must
+    /// not stream.
     pub(crate) async fn claim(&self, client_id: ClientId, generation: u64) -> Option<Claim> {
         let superseded = CancellationToken::new();
         let stopped = CancellationToken::new();
         let previous = {
-            let mut inner = self.lock();
-            if inner.outdated(client_id, generation) {
+            let mut live = self.lock();
+            if live
+                .get(&client_id)
+                .is_some_and(|existing| existing.generation > generation)
+            {
                 return None;
             }
-            inner.live.insert(
+            live.insert(
                 client_id,
                 Live {
                     generation,
@@ -134,21 +91,23 @@ impl Registry {
 
     /// Forgets the entry for `client_id` if it is still `generation`'s.
     pub(crate) fn release(&self, client_id: ClientId, generation: u64) {
-        let mut inner = self.lock();
-        if inner.live.get(&client_id).map(|l| l.generation) == Some(generation) {
-            inner.live.remove(&client_id);
+        let mut live = self.lock();
+        if live.get(&client_id).map(|l| l.generation) == Some(generation) {
+            live.remove(&client_id);
         }
     }
 
     /// Tells the local streamer of `client_id`, if older than `generation`,
-    /// that it lost the session, and keeps `generation` in mind for a
-    /// while so that an older connection still on its way to `claim` does
-    /// not start (a takeover notice from the store). Returns whether a
-    /// local streamer was stopped.
+    /// that it lost the session (a takeover notice from the store). Returns
+    /// whether a local streamer was stopped.
+    ///
+    /// Only live streamers are told: a notice is not remembered for a
+    /// connection still between its attach and its `claim` (a window of a
+    /// few instructions), because generations restart at 1 with every new
+    /// session for a client id, so a remembered generation could wrongly
+    /// fence a later session. Lease renewal covers that window.
     pub(crate) fn supersede(&self, client_id: ClientId, generation: u64) -> bool {
-        let mut inner = self.lock();
-        inner.announce(client_id, generation);
-        match inner.live.get(&client_id) {
+        match self.lock().get(&client_id) {
             Some(entry) if entry.generation < generation => {
                 entry.superseded.cancel();
                 true
@@ -159,7 +118,7 @@ impl Registry {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.lock().live.len()
+        self.lock().len()
     }
 }
 
@@ -210,37 +169,5 @@ mod tests {
         assert!(registry.supersede(id, 4), "a newer generation");
         assert!(claim.superseded.is_cancelled());
         assert!(!registry.supersede(ClientId::from_bytes([9; 16]), 1));
-    }
-
-    #[tokio::test]
-    async fn a_notice_that_overtakes_an_attach_keeps_it_from_streaming() {
-        let registry = Registry::default();
-        let id = ClientId::from_bytes([3; 16]);
-        // Generation 5 was attached elsewhere before generation 4 claimed here.
-        registry.supersede(id, 5);
-        assert!(registry.claim(id, 4).await.is_none());
-        assert!(
-            registry.claim(id, 5).await.is_some(),
-            "the announced one may"
-        );
-    }
-
-    #[test]
-    fn announced_generations_are_pruned() {
-        let registry = Registry::default();
-        {
-            let mut inner = registry.lock();
-            let old = Instant::now() - ANNOUNCED_FOR;
-            for n in 0..10u8 {
-                inner
-                    .announced
-                    .insert(ClientId::from_bytes([n; 16]), (1, old));
-            }
-            inner.prune_at = 11;
-        }
-        registry.supersede(ClientId::from_bytes([100; 16]), 1);
-        let inner = registry.lock();
-        assert_eq!(inner.announced.len(), 1, "only the fresh entry stays");
-        assert_eq!(inner.prune_at, MIN_PRUNE_AT);
     }
 }

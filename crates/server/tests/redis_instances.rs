@@ -59,11 +59,19 @@ impl Observer for Live {
 type Events = mpsc::UnboundedReceiver<(Instant, Event)>;
 
 fn spawn_client(ports: Vec<u16>, count: u16) -> (JoinHandle<Report>, Events) {
+    spawn_client_as(ClientId::new_v4(), ports, count)
+}
+
+fn spawn_client_as(
+    client_id: ClientId,
+    ports: Vec<u16>,
+    count: u16,
+) -> (JoinHandle<Report>, Events) {
     let (sender, events) = mpsc::unbounded_channel();
     let config = ClientConfig {
         ports,
         count,
-        client_id: ClientId::new_v4(),
+        client_id,
         ..ClientConfig::default()
     };
     let run = tokio::spawn(async move {
@@ -233,11 +241,13 @@ async fn kill_9_mid_stream_every_client_finishes_with_the_undisturbed_result() {
     let killed_at = Instant::now();
     victim.kill();
 
+    let mut failed_over = Vec::new();
     for (i, (run, mut events)) in clients.into_iter().enumerate() {
         let report = run.await.expect("client task");
         assert_undisturbed_result(&report);
         let events = drain(&mut events);
         if i % 3 == 0 {
+            failed_over.push(report.client_id);
             assert!(
                 report.reconnects >= 1,
                 "client {i} was on the killed server"
@@ -256,6 +266,17 @@ async fn kill_9_mid_stream_every_client_finishes_with_the_undisturbed_result() {
                 "client {i} was not on the killed server"
             );
         }
+    }
+
+    // A finished session is gone at once: the same client ids start new
+    // sessions (generation 1 again, after a takeover announced 2) and get
+    // the same sequences.
+    let survivor_ports: Vec<u16> = survivors.iter().map(ServerProcess::port).collect();
+    for (i, client_id) in failed_over.into_iter().enumerate() {
+        let (run, _events) = spawn_client_as(client_id, rotated(&survivor_ports, i), count);
+        let report = run.await.expect("client task");
+        assert_undisturbed_result(&report);
+        assert_eq!(report.reconnects, 0);
     }
 }
 
