@@ -174,9 +174,7 @@ impl ChaosProxy {
 
     /// Every connection so far, in the order they were accepted.
     pub fn records(&self) -> Vec<ConnectionRecord> {
-        let mut records = lock(&self.shared.records).clone();
-        records.sort_by_key(|r| r.ordinal);
-        records
+        lock(&self.shared.records).clone()
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -218,6 +216,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
             stats.with_latency += u64::from(plan.latency.is_some());
             stats.with_split += u64::from(plan.split.is_some());
         }
+        lock(&shared.records).push(ConnectionRecord {
+            ordinal,
+            plan,
+            fired: false,
+        });
         info!(
             stream = shared.schedule.stream(),
             ordinal,
@@ -255,11 +258,6 @@ async fn serve(
             // Like a server that is down: the client sees its connection
             // end before any byte.
             lock(&shared.stats).upstream_unreachable += 1;
-            lock(&shared.records).push(ConnectionRecord {
-                ordinal,
-                plan,
-                fired: false,
-            });
             return;
         }
     };
@@ -271,18 +269,8 @@ async fn serve(
         let (server_read, server_write) = server.split();
         let up = pump(client_read, server_write, Direction::Upstream, &ctx);
         let down = pump(server_read, client_write, Direction::Downstream, &ctx);
-        supervise(up, down, &ctx, &stop).await
+        supervise(up, down, &ctx, &stop, || struck(&shared, ordinal)).await
     };
-    let fired = ctx.fired.is_cancelled();
-    if let Some(fault) = plan.fault.filter(|_| fired) {
-        *lock(&shared.stats).faults.entry(fault.kind()).or_default() += 1;
-        info!(stream = shared.schedule.stream(), ordinal, %fault, "fault struck");
-    }
-    lock(&shared.records).push(ConnectionRecord {
-        ordinal,
-        plan,
-        fired,
-    });
     match end {
         End::Finished | End::Stopped => {}
         End::Close | End::HoldExpired => close_both(client, server).await,
@@ -293,6 +281,20 @@ async fn serve(
     }
 }
 
+/// Counts and logs the fault of connection `ordinal` the moment it strikes
+/// (a stalled connection may outlive the run that reads the statistics).
+fn struck(shared: &Shared, ordinal: u64) {
+    let mut records = lock(&shared.records);
+    let Some(record) = records.iter_mut().find(|r| r.ordinal == ordinal) else {
+        return;
+    };
+    record.fired = true;
+    if let Some(fault) = record.plan.fault {
+        *lock(&shared.stats).faults.entry(fault.kind()).or_default() += 1;
+        info!(stream = shared.schedule.stream(), ordinal, %fault, "fault struck");
+    }
+}
+
 /// Runs both directions until they end, the fault calls for the
 /// connection's end, or the proxy stops.
 async fn supervise(
@@ -300,7 +302,9 @@ async fn supervise(
     down: impl Future<Output = ()>,
     ctx: &Ctx,
     stop: &CancellationToken,
+    on_strike: impl FnOnce(),
 ) -> End {
+    let mut on_strike = Some(on_strike);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let timer = match ctx.plan.fault.map(|f| f.trigger()) {
@@ -324,6 +328,9 @@ async fn supervise(
             }
             _ = ctx.fired.cancelled(), if fire_pending => {
                 fire_pending = false;
+                if let Some(on_strike) = on_strike.take() {
+                    on_strike();
+                }
                 match ctx.plan.fault {
                     Some(Fault::Close(_)) => return End::Close,
                     Some(Fault::Reset(_)) => return End::Reset,
