@@ -43,6 +43,10 @@ fn help_documents_every_flag_with_defaults() {
         "--handshake-timeout",
         "--ack-timeout",
         "--shutdown-grace",
+        "--store",
+        "--redis-prefix",
+        "[default: memory]",
+        "[default: numstream:]",
         "[default: 1s]",
         "[default: 30s]",
         "Examples:",
@@ -53,7 +57,7 @@ fn help_documents_every_flag_with_defaults() {
 
 #[test]
 fn bad_flags_exit_2_and_say_what_is_accepted() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&[], "--port"),
         (&["--port", "0"], "--port"),
         (
@@ -64,6 +68,14 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         (
             &["--port", "7000", "--session-ttl", "0s"],
             "greater than zero",
+        ),
+        (
+            &["--port", "7000", "--store", "postgres://db"],
+            "expected `memory` or `redis://HOST:PORT/DB`",
+        ),
+        (
+            &["--port", "7000", "--store", "redis://127.0.0.1:notaport/0"],
+            "does not parse",
         ),
     ];
     for (args, expected) in cases {

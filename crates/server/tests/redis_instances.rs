@@ -199,6 +199,24 @@ async fn open(addr: SocketAddr, client_id: ClientId, count: u16) -> (RawClient, 
     }
 }
 
+/// An OPEN on `addr` must get the retryable `store_unavailable`.
+async fn open_refused_as_store_unavailable(addr: SocketAddr) {
+    let mut client = RawClient::connect(addr).await;
+    client
+        .send(Frame::Open(Open {
+            client_id: ClientId::new_v4(),
+            count: 5,
+        }))
+        .await;
+    match client.frame().await {
+        Frame::Error(error) => {
+            assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
+            assert_eq!(error.disposition, Disposition::Retry);
+        }
+        other => panic!("expected store_unavailable, got {other:?}"),
+    }
+}
+
 /// Reads numbers from `client`, checking each against the reference, until
 /// `until` numbers have arrived. Returns the next index.
 async fn read_numbers(client: &mut RawClient, client_id: ClientId, from: u16, until: u16) -> u16 {
@@ -369,20 +387,7 @@ async fn a_server_started_while_redis_is_down_serves_once_redis_is_up() {
     let server = &start_processes(1, &args)[0];
     let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
 
-    let mut client = RawClient::connect(addr).await;
-    client
-        .send(Frame::Open(Open {
-            client_id: ClientId::new_v4(),
-            count: 3,
-        }))
-        .await;
-    match client.frame().await {
-        Frame::Error(error) => {
-            assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
-            assert_eq!(error.disposition, Disposition::Retry);
-        }
-        other => panic!("expected store_unavailable, got {other:?}"),
-    }
+    open_refused_as_store_unavailable(addr).await;
     assert!(server.log().contains("Redis is not answering"));
 
     redis.restart();
@@ -581,24 +586,11 @@ async fn a_hung_redis_is_ridden_out_briefly_then_reported_retryable() {
     // can no longer be confirmed, with a retryable error as well.
     redis.pause();
     let paused_at = Instant::now();
-    let mut fresh = RawClient::connect(b.addr).await;
-    fresh
-        .send(Frame::Open(Open {
-            client_id: ClientId::new_v4(),
-            count: 5,
-        }))
-        .await;
-    match fresh.frame().await {
-        Frame::Error(error) => {
-            assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
-            assert_eq!(error.disposition, Disposition::Retry);
-            eprintln!(
-                "OPEN during the hang: store_unavailable after {:?}",
-                paused_at.elapsed()
-            );
-        }
-        other => panic!("expected store_unavailable, got {other:?}"),
-    }
+    open_refused_as_store_unavailable(b.addr).await;
+    eprintln!(
+        "OPEN during the hang: store_unavailable after {:?}",
+        paused_at.elapsed()
+    );
     let stopped_at = loop {
         let (at, event) = tokio::time::timeout(Duration::from_secs(5), events.recv())
             .await

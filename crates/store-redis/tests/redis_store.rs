@@ -4,9 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use numstream_protocol::ClientId;
 use numstream_store::conformance::{self, LONG, random_session};
-use numstream_store::{SessionStore, StoreError};
+use numstream_store::{SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 use numstream_testkit::redis::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -367,4 +369,94 @@ async fn damaged_records_are_corrupt_not_panics() {
         store.lookup(immortal.client_id).await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+/// Waits until `expected` connections subscribe to `channel`.
+async fn await_subscribers(server: &RedisServer, channel: &str, expected: usize) {
+    let mut redis = raw(server).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, count): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut redis)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if count == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} subscribers to {channel}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn next_notice(notices: &mut BoxStream<'static, TakeoverNotice>) -> TakeoverNotice {
+    tokio::time::timeout(Duration::from_secs(2), notices.next())
+        .await
+        .expect("a notice within 2 s")
+        .expect("the notice stream does not end")
+}
+
+#[tokio::test]
+async fn every_attach_is_announced_to_every_instance_even_after_a_restart() {
+    let mut server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let channel = a.takeover_channel().to_owned();
+    assert_eq!(channel, "numstream:takeovers");
+    let mut on_a = a
+        .takeover_notices()
+        .expect("a shared store announces takeovers");
+    let mut on_b = b
+        .takeover_notices()
+        .expect("a shared store announces takeovers");
+    await_subscribers(&server, &channel, 2).await;
+
+    for round in 0..2 {
+        let session = random_session();
+        a.create(session, LONG).await.expect("create");
+        b.attach(session.client_id, &session.token, LONG)
+            .await
+            .expect("attach");
+        // A create fences nobody and is not announced: the first notice is
+        // the attach's generation 2, on both instances.
+        let expected = TakeoverNotice {
+            client_id: session.client_id,
+            generation: 2,
+        };
+        assert_eq!(next_notice(&mut on_a).await, expected, "round {round}");
+        assert_eq!(next_notice(&mut on_b).await, expected, "round {round}");
+        if round == 0 {
+            // The subscriptions come back by themselves.
+            server.restart();
+            await_subscribers(&server, &channel, 2).await;
+        }
+    }
+
+    // Dropping the stream ends its subscription.
+    drop(on_a);
+    await_subscribers(&server, &channel, 1).await;
+}
+
+#[tokio::test]
+async fn a_lazy_store_starts_without_redis_and_serves_once_it_answers() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let store = RedisStore::connect_lazy(&url, RedisStoreConfig::default())
+        .expect("a lazy store needs only a valid URL");
+    let session = random_session();
+    assert_unavailable("ping", store.ping()).await;
+    assert_unavailable("create", store.create(session, LONG)).await;
+    server.restart();
+    store.ping().await.expect("ping once Redis is up");
+    let attachment = store.create(session, LONG).await.expect("create");
+    assert_eq!(attachment.generation, 1);
+    assert!(
+        RedisStore::connect_lazy("http://example.invalid", RedisStoreConfig::default()).is_err(),
+        "an unusable URL is refused at once"
+    );
 }
