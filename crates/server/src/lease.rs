@@ -13,7 +13,10 @@
 //!
 //! The deadline is measured from when the last successful renewal was
 //! *sent*, so the store's own expiry can only come later than this
-//! process believes (clock rates aside).
+//! process believes (clock rates aside). Only a renewal that failed, or
+//! that was sent before the deadline and is still unanswered at it, stops
+//! the stream: a lease that aged without any attempt (its connection
+//! waited for a local predecessor to stop) gets one renewal first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +56,7 @@ pub(crate) struct Lease {
     stop_at: Instant,
     /// The renewal on its way, with when it was sent.
     in_flight: Option<(Instant, BoxFuture<'static, Result<(), StoreError>>)>,
+    /// Why the last renewal failed; `None` once one succeeds.
     last_error: Option<StoreError>,
 }
 
@@ -96,9 +100,10 @@ impl Lease {
     pub(crate) async fn lost(&mut self) -> LeaseLoss {
         loop {
             let Some((sent, renewal)) = self.in_flight.as_mut() else {
+                let failing = self.last_error.is_some();
                 tokio::select! {
                     biased;
-                    _ = sleep_until(self.stop_at) => return self.unconfirmed(),
+                    _ = sleep_until(self.stop_at), if failing => return self.unconfirmed(),
                     _ = sleep_until(self.next_renewal) => {}
                 }
                 let store = self.store.clone();
@@ -111,10 +116,13 @@ impl Lease {
                 continue;
             };
             let sent = *sent;
+            // A renewal sent after the deadline is the first attempt for a
+            // lease that aged unrenewed: its answer decides.
+            let in_time = sent < self.stop_at;
             let outcome = tokio::select! {
                 biased;
                 outcome = renewal => outcome,
-                _ = sleep_until(self.stop_at) => return self.unconfirmed(),
+                _ = sleep_until(self.stop_at), if in_time => return self.unconfirmed(),
             };
             self.in_flight = None;
             match outcome {
@@ -289,6 +297,28 @@ mod tests {
         store.down.store(false, Ordering::SeqCst);
         let after = tokio::time::timeout(Duration::from_secs(30), lease.lost()).await;
         assert!(after.is_err(), "lost the lease after the outage: {after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_that_aged_unrenewed_gets_one_renewal_before_it_stops() {
+        let (store, attachment, config) = setup().await;
+        // The connection waited most of the lease for its predecessor.
+        tokio::time::sleep(config.lease() * 3 / 4).await;
+        let granted = Instant::now() - config.lease() * 3 / 4;
+        let mut lease = Lease::new(store.clone(), &attachment, &config, granted);
+        let quiet = tokio::time::timeout(Duration::from_secs(30), lease.lost()).await;
+        assert!(quiet.is_err(), "lost the lease: {quiet:?}");
+
+        let mut stale = Lease::new(store.clone(), &attachment, &config, granted);
+        store.down.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let loss = stale.lost().await;
+        assert!(matches!(loss, LeaseLoss::Unconfirmed(_)), "{loss:?}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "after one failed attempt"
+        );
     }
 
     #[tokio::test(start_paused = true)]
