@@ -204,7 +204,8 @@ async fn main() -> anyhow::Result<()> {
         store = store.kind(),
         interval = %humantime::format_duration(config.interval),
         session_ttl = %humantime::format_duration(config.session_ttl),
-        max_sessions,
+        // Only the in-memory store is bounded by --max-sessions.
+        max_sessions = matches!(args.store, StoreUrl::Memory).then_some(max_sessions),
         max_connections,
         "numstream-server starting"
     );
