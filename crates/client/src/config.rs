@@ -25,6 +25,12 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// Bound on each TCP connect. Default 3 s.
     pub connect_timeout: Duration,
+    /// Local address to connect from, the port left to the kernel. Default
+    /// `None`: the kernel chooses both. A load generator spreads its
+    /// connections over several 127.x.y.z addresses with it, so that tens
+    /// of thousands of them to one server port do not exhaust (or slowly
+    /// search) one source address's ephemeral ports.
+    pub local_addr: Option<std::net::IpAddr>,
     /// Bound on waiting for WELCOME (or ERROR) after OPEN/RESUME. Default 5 s.
     pub handshake_timeout: Duration,
     /// Until the first WELCOME there is no session and no TTL to bound the
@@ -45,6 +51,7 @@ impl Default for ClientConfig {
             client_id: uuid::Uuid::new_v4(),
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(3),
+            local_addr: None,
             handshake_timeout: Duration::from_secs(5),
             open_attempts: 10,
             open_deadline: Duration::from_secs(30),

@@ -6,7 +6,7 @@
 //! handshake and silence timeouts), the decision between retrying and
 //! giving up, and the choice of where and when to try next.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -15,7 +15,7 @@ use numstream_protocol::{
     Disposition, ErrorCode, ErrorFrame, Frame, Outcome, Progress, SequenceReceiver,
     client_silence_timeout,
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::Framed;
 
@@ -275,7 +275,7 @@ impl Driver<'_> {
     /// One connection, from TCP connect to FINAL, ERROR or loss.
     async fn connection(&mut self, port: u16) -> Ending {
         let host = self.config.host.as_str();
-        let connect = TcpStream::connect((host, port));
+        let connect = connect_from(host, port, self.config.local_addr);
         let stream = match timeout(self.config.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
@@ -404,6 +404,35 @@ impl Driver<'_> {
     }
 }
 
+/// Connects to `host:port`, from `local` (any port) when given.
+async fn connect_from(host: &str, port: u16, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        if addr.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{host} has no address of the local address {local}'s family"),
+        )
+    }))
+}
+
 /// Sends ACK and closes, best effort: the sequence is already complete, so
 /// a failure here changes nothing for the client.
 async fn send_ack(mut framed: Framed<TcpStream, FrameCodec>, ack: Frame, addr: SocketAddr) {
@@ -457,5 +486,27 @@ async fn read_before(
             "{addr} closed the connection"
         )))),
         Err(_) => Err(ReadError::TimedOut),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_from_the_requested_local_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let local: IpAddr = "127.0.0.2".parse().expect("an address");
+        let (connected, accepted) = tokio::join!(
+            connect_from("127.0.0.1", port, Some(local)),
+            listener.accept()
+        );
+        connected.expect("connect");
+        assert_eq!(accepted.expect("accept").1.ip(), local);
+        let mismatch = connect_from("127.0.0.1", port, Some("::1".parse().expect("v6")));
+        assert!(mismatch.await.is_err());
     }
 }

@@ -1,0 +1,554 @@
+//! `numstream-bench`: the numstream load generator.
+//!
+//! Every scenario runs twice, first against the bare baseline (a minimal
+//! tokio server writing same-sized frames on the same schedule, see
+//! `bare.rs`), then against numstream, under the same load and in the same
+//! run, and reports both side by side with their ratio. Every numstream
+//! session is verified by the client library (`Report::ok`), every bare one
+//! frame by frame. BENCHMARKS.md has the commands that reproduce each
+//! target of the performance issue and their last results.
+
+mod bare;
+mod load;
+mod probe;
+mod procfs;
+mod proxy;
+mod report;
+mod servers;
+mod stats;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio::time::sleep_until;
+
+use load::{Load, LoadKind, LoadResult};
+use procfs::{Conditions, ProcSample};
+use report::{FlavorReport, Report, ServerUsage, Target};
+use servers::{Flavor, ServerOptions, Servers};
+
+/// Load generator for numstream, measured against a bare tokio baseline.
+#[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  numstream-bench steady --sessions 19000 --count 40 --ramp-up 10s\n  numstream-bench burst --parallel 100\n  numstream-bench churn --concurrency 64 --duration 10s\n  numstream-bench resume --sessions 10000 --victims 100\n\nBuild both binaries first: cargo build --release -p numstream-server -p numstream-bench"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// C sessions at interval I, started over a ramp-up; lateness, server
+    /// CPU and RSS per session over the window when all are connected.
+    Steady {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        #[command(flatten)]
+        schedule: Schedule,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Drop → first resumed number, for `victims` sessions whose
+    /// connections are cut `drops` times while `sessions` others stream.
+    Resume {
+        /// Sessions streaming undisturbed alongside.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Sessions whose connections are cut.
+        #[arg(long, default_value_t = 100)]
+        victims: usize,
+        /// Cuts per victim session.
+        #[arg(long, default_value_t = 3)]
+        drops: u32,
+        #[command(flatten)]
+        schedule: Schedule,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Interval 0: time of one session of `count` numbers (repeated), and
+    /// aggregate numbers/s of `parallel` sessions at once.
+    Burst {
+        #[arg(long, default_value_t = 65_535)]
+        count: u16,
+        /// Single-session runs (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Sessions at once in the parallel phase.
+        #[arg(long, default_value_t = 100)]
+        parallel: usize,
+        /// Parallel-phase runs (the best and the median are reported).
+        #[arg(long, default_value_t = 3)]
+        parallel_repeats: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Short sessions back to back from `concurrency` loops: sessions/s.
+    Churn {
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Numbers per session.
+        #[arg(long, default_value_t = 1)]
+        count: u16,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The bare baseline server (started by the scenarios).
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: IpAddr,
+    },
+    /// Runs one share of a load and prints its result as JSON (started by
+    /// the scenarios past the per-process descriptor limit).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct Schedule {
+    /// Gap between numbers (the server's --interval).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Numbers per session: the run lasts about count × interval.
+    #[arg(long, default_value_t = 40)]
+    count: u16,
+    /// Sessions start evenly over this long (unaligned ticks).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ramp_up: Duration,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct Common {
+    #[command(flatten)]
+    server: ServerOptions,
+    /// Measure only one flavor (default: bare, then numstream).
+    #[arg(long, value_enum)]
+    only: Option<Flavor>,
+    /// Spread client connections over this many source addresses
+    /// 127.0.1.1, 127.0.1.2, ... (0: the kernel's choice, whose ephemeral
+    /// port search gets slow past ~14,000 connections to one server port).
+    #[arg(long, default_value_t = 16)]
+    source_ips: usize,
+    /// Sessions per load-generator process; more sessions spawn more
+    /// processes of this binary (the descriptor limit is per process).
+    #[arg(long, default_value_t = 19_000)]
+    per_process: usize,
+    /// Where to write the JSON report.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl Common {
+    fn flavors(&self) -> Vec<Flavor> {
+        match self.only {
+            Some(flavor) => vec![flavor],
+            None => vec![Flavor::Bare, Flavor::Numstream],
+        }
+    }
+
+    fn sources(&self) -> Vec<IpAddr> {
+        (0..self.source_ips)
+            .map(|i| {
+                let i = i + 1;
+                IpAddr::V4(Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, (i % 250) as u8))
+            })
+            .collect()
+    }
+
+    fn finish(&self, mut report: Report) -> anyhow::Result<()> {
+        report.after = Some(Conditions::now());
+        if let Some(numstream) = report.flavor(Flavor::Numstream) {
+            let failed = numstream.sessions_failed as f64;
+            let verified = Target::at_most("sessions failing verification", "", failed, 0.0);
+            report.targets.insert(0, verified);
+        }
+        report.print_table();
+        let path = self.json.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "target/bench-reports/{}-{}.json",
+                report.scenario, report.unix_time
+            ))
+        });
+        report.write_json(&path)?;
+        if report.flavors.iter().any(|f| f.sessions_failed > 0) {
+            bail!("some sessions failed verification");
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Steady {
+                sessions,
+                schedule,
+                common,
+            } => steady("steady", sessions, 0, 0, &schedule, &common).await,
+            Command::Resume {
+                sessions,
+                victims,
+                drops,
+                schedule,
+                common,
+            } => steady("resume", sessions, victims, drops, &schedule, &common).await,
+            Command::Burst {
+                count,
+                repeats,
+                parallel,
+                parallel_repeats,
+                common,
+            } => burst(count, repeats, parallel, parallel_repeats, &common).await,
+            Command::Churn {
+                concurrency,
+                count,
+                duration,
+                common,
+            } => churn(concurrency, count, duration, &common).await,
+            Command::BareServer { port, bind } => {
+                let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, port))
+                    .await
+                    .with_context(|| format!("cannot listen on {bind}:{port}"))?;
+                bare::serve(listener).await;
+                Ok(())
+            }
+            Command::Worker { spec } => {
+                let load: Load = serde_json::from_str(&spec).context("parsing --spec")?;
+                let result = load::run(load).await;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(())
+            }
+        }
+    })
+}
+
+/// A load running in this process or spread over worker processes.
+enum Running {
+    Here(tokio::task::JoinHandle<LoadResult>),
+    Workers(Vec<std::process::Child>),
+}
+
+impl Running {
+    fn start(loads: Vec<Load>) -> anyhow::Result<Self> {
+        if let [load] = loads.as_slice() {
+            return Ok(Running::Here(tokio::spawn(load::run(load.clone()))));
+        }
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for load in loads {
+            let child = std::process::Command::new(&exe)
+                .args(["worker", "--spec", &serde_json::to_string(&load)?])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting a worker process")?;
+            children.push(child);
+        }
+        Ok(Running::Workers(children))
+    }
+
+    /// Load-generator processes, for their CPU.
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Running::Here(_) => vec![std::process::id()],
+            Running::Workers(children) => children.iter().map(|c| c.id()).collect(),
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<LoadResult> {
+        match self {
+            Running::Here(task) => Ok(task.await?),
+            Running::Workers(children) => {
+                let mut merged = LoadResult::default();
+                for child in children {
+                    let output =
+                        tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+                    if !output.status.success() {
+                        bail!("a worker process failed ({})", output.status);
+                    }
+                    let result: LoadResult = serde_json::from_slice(&output.stdout)
+                        .context("parsing a worker's result")?;
+                    merged.merge(&result);
+                }
+                Ok(merged)
+            }
+        }
+    }
+}
+
+fn samples(pids: &[u32]) -> Vec<ProcSample> {
+    pids.iter()
+        .filter_map(|&pid| ProcSample::read(pid))
+        .collect()
+}
+
+/// `steady` and `resume`: the window in which every session is connected
+/// and none has finished is where CPU and memory are read.
+async fn steady(
+    scenario: &str,
+    sessions: usize,
+    victims: usize,
+    drops: u32,
+    schedule: &Schedule,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let Schedule {
+        interval,
+        count,
+        ramp_up,
+    } = schedule.clone();
+    // The first session ends `count - 1` intervals after the first start;
+    // the last one is connected by the end of the ramp-up.
+    let settle = Duration::from_secs(2);
+    let last_tick = interval * u32::from(count.saturating_sub(1));
+    if last_tick <= ramp_up + settle + Duration::from_secs(3) {
+        bail!(
+            "count × interval ({}) leaves no window with every session connected: it must exceed the ramp-up ({}) by at least 5 s",
+            humantime::format_duration(last_tick),
+            humantime::format_duration(ramp_up)
+        );
+    }
+    let mut report = Report::new(scenario);
+    report.extra.insert(
+        "params".into(),
+        serde_json::json!({
+            "sessions": sessions, "victims": victims, "drops": drops,
+            "interval_ms": interval.as_secs_f64() * 1000.0, "count": count,
+            "ramp_up_s": ramp_up.as_secs_f64(), "servers": common.server.servers,
+        }),
+    );
+    for flavor in common.flavors() {
+        let servers = Servers::start(flavor, &common.server, interval).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = servers.sample();
+        let processes = sessions.div_ceil(common.per_process.max(1)).max(1);
+        let lead = if processes > 1 { 2000 } else { 300 };
+        let start_unix_ms = load::unix_ms_now() + lead;
+        let start = load::instant_of_unix_ms(start_unix_ms);
+        let per_process = sessions.div_ceil(processes);
+        let loads = (0..processes)
+            .map(|p| Load {
+                flavor,
+                addrs: servers.addrs.clone(),
+                sources: common.sources(),
+                kind: LoadKind::Steady {
+                    total: sessions,
+                    first: p * per_process,
+                    sessions: per_process.min(sessions.saturating_sub(p * per_process)),
+                    count,
+                    interval_us: interval.as_micros() as u64,
+                    ramp_up_ms: ramp_up.as_millis() as u64,
+                    start_unix_ms,
+                    victims: if p == 0 { victims } else { 0 },
+                    drops,
+                },
+            })
+            .collect();
+        let running = Running::start(loads)?;
+        let loadgen = running.pids();
+        sleep_until(start + ramp_up + settle).await;
+        let (from, loadgen_from) = (servers.sample(), samples(&loadgen));
+        sleep_until(start + last_tick - Duration::from_secs(1)).await;
+        let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
+        let result = running.finish().await?;
+        servers.stop();
+        let usage = ServerUsage::between(
+            &idle,
+            &from,
+            &to,
+            (&loadgen_from, &loadgen_to),
+            sessions + victims,
+        );
+        report
+            .flavors
+            .push(FlavorReport::new(flavor, &result, usage));
+    }
+    let lateness_limit = if common.server.servers > 1 {
+        50.0
+    } else {
+        20.0
+    };
+    if let Some(numstream) = report.flavor(Flavor::Numstream).cloned() {
+        if victims > 0 {
+            report.targets.push(Target::at_most(
+                "resume p99",
+                "ms",
+                numstream.resume.p99_ms,
+                150.0,
+            ));
+        } else {
+            report.targets.push(Target::at_most(
+                "lateness p99",
+                "ms",
+                numstream.lateness.p99_ms,
+                lateness_limit,
+            ));
+            report.targets.push(Target::at_most(
+                "server RSS per session",
+                "B",
+                numstream.server.rss_per_session_bytes,
+                2048.0,
+            ));
+        }
+    }
+    if let Some(ratio) = report.ratio(|f| f.server.cpu_percent) {
+        report.targets.push(Target::at_most(
+            "server CPU numstream/bare",
+            "x",
+            ratio,
+            1.3,
+        ));
+    }
+    common.finish(report)
+}
+
+async fn burst(
+    count: u16,
+    repeats: usize,
+    parallel: usize,
+    parallel_repeats: usize,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let mut report = Report::new("burst");
+    report.extra.insert(
+        "params".into(),
+        serde_json::json!({"count": count, "repeats": repeats, "parallel": parallel,
+            "parallel_repeats": parallel_repeats}),
+    );
+    let mut single_medians = Vec::new();
+    for flavor in common.flavors() {
+        let servers = Servers::start(flavor, &common.server, Duration::ZERO).await?;
+        let load = |parallel| Load {
+            flavor,
+            addrs: servers.addrs.clone(),
+            sources: common.sources(),
+            kind: LoadKind::Burst { parallel, count },
+        };
+        let mut singles = Vec::new();
+        let mut failed = LoadResult::default();
+        for _ in 0..repeats {
+            let result = load::run(load(1)).await;
+            singles.push(result.wall_s * 1000.0);
+            if result.failed > 0 {
+                failed.merge(&result);
+            }
+        }
+        singles.sort_by(f64::total_cmp);
+        let median = singles.get(singles.len() / 2).copied().unwrap_or(0.0);
+        single_medians.push((flavor, median));
+        report.extra.insert(
+            format!("{} single session ms (min/median/max)", flavor.name()),
+            serde_json::json!([singles.first(), median, singles.last()]),
+        );
+
+        let mut best: Option<(LoadResult, ServerUsage)> = None;
+        let mut rates = Vec::new();
+        for _ in 0..parallel_repeats.max(1) {
+            let loadgen = [std::process::id()];
+            let (from, loadgen_from) = (servers.sample(), samples(&loadgen));
+            let result = load::run(load(parallel)).await;
+            let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
+            let usage =
+                ServerUsage::between(&from, &from, &to, (&loadgen_from, &loadgen_to), parallel);
+            let rate = result.numbers as f64 / result.wall_s.max(1e-9);
+            rates.push(rate);
+            if result.failed > 0 {
+                failed.merge(&result);
+            }
+            if best.as_ref().is_none_or(|(b, _)| result.wall_s < b.wall_s) {
+                best = Some((result, usage));
+            }
+        }
+        servers.stop();
+        let (mut result, usage) = best.unwrap_or_default();
+        result.failed += failed.failed;
+        result.errors.extend(failed.errors);
+        rates.sort_by(f64::total_cmp);
+        report.extra.insert(
+            format!("{} parallel numbers/s (runs)", flavor.name()),
+            serde_json::json!(rates),
+        );
+        report
+            .flavors
+            .push(FlavorReport::new(flavor, &result, usage));
+    }
+    if let [(Flavor::Bare, bare), (Flavor::Numstream, numstream)] = single_medians.as_slice() {
+        report.targets.push(Target::at_most(
+            "single burst time numstream/bare",
+            "x",
+            numstream / bare,
+            2.0,
+        ));
+    }
+    if let Some(numstream) = report.flavor(Flavor::Numstream).cloned() {
+        report.targets.push(Target::at_least(
+            "parallel burst numbers/s",
+            "/s",
+            numstream.numbers_per_s,
+            50e6,
+        ));
+    }
+    common.finish(report)
+}
+
+async fn churn(
+    concurrency: usize,
+    count: u16,
+    duration: Duration,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let mut report = Report::new("churn");
+    report.extra.insert(
+        "params".into(),
+        serde_json::json!({"concurrency": concurrency, "count": count,
+            "duration_s": duration.as_secs_f64()}),
+    );
+    for flavor in common.flavors() {
+        let servers = Servers::start(flavor, &common.server, Duration::ZERO).await?;
+        let loadgen = [std::process::id()];
+        let idle = servers.sample();
+        let loadgen_from = samples(&loadgen);
+        let result = load::run(Load {
+            flavor,
+            addrs: servers.addrs.clone(),
+            sources: common.sources(),
+            kind: LoadKind::Churn {
+                concurrency,
+                count,
+                duration_ms: duration.as_millis() as u64,
+            },
+        })
+        .await;
+        let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
+        servers.stop();
+        let usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 1);
+        report
+            .flavors
+            .push(FlavorReport::new(flavor, &result, usage));
+    }
+    if let Some(numstream) = report.flavor(Flavor::Numstream).cloned() {
+        report.targets.push(Target::at_least(
+            "churn sessions/s (memory store)",
+            "/s",
+            numstream.sessions_per_s,
+            20_000.0,
+        ));
+    }
+    common.finish(report)
+}

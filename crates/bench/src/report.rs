@@ -1,0 +1,277 @@
+//! The report: one row per flavor (bare, numstream) with every figure the
+//! scenario measured, the ratios numstream / bare, and the issue's targets
+//! judged against them. Printed as a table and written as JSON.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::load::LoadResult;
+use crate::procfs::{Conditions, ProcSample};
+use crate::servers::Flavor;
+use crate::stats::Summary;
+
+/// Server-process figures over the measurement window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct ServerUsage {
+    pub(crate) processes: usize,
+    /// CPU of all server processes together, in % of one core.
+    pub(crate) cpu_percent: f64,
+    pub(crate) window_s: f64,
+    /// RSS of all server processes before any session connected.
+    pub(crate) rss_idle_kib: u64,
+    /// RSS at the end of the window (every session connected).
+    pub(crate) rss_loaded_kib: u64,
+    /// (loaded - idle) / sessions.
+    pub(crate) rss_per_session_bytes: f64,
+    /// CPU of the load generator's own processes over the same window.
+    pub(crate) loadgen_cpu_percent: f64,
+}
+
+impl ServerUsage {
+    pub(crate) fn between(
+        idle: &[ProcSample],
+        from: &[ProcSample],
+        to: &[ProcSample],
+        loadgen: (&[ProcSample], &[ProcSample]),
+        sessions: usize,
+    ) -> Self {
+        let cpu = |a: &[ProcSample], b: &[ProcSample]| -> f64 {
+            a.iter().zip(b).map(|(a, b)| a.cpu_percent_until(b)).sum()
+        };
+        let rss = |samples: &[ProcSample]| samples.iter().map(|s| s.rss_kib).sum::<u64>();
+        let window_s = match (from.first(), to.first()) {
+            (Some(a), Some(b)) => b.at.duration_since(a.at).as_secs_f64(),
+            _ => 0.0,
+        };
+        let (idle_kib, loaded_kib) = (rss(idle), rss(to));
+        Self {
+            processes: to.len(),
+            cpu_percent: cpu(from, to),
+            window_s,
+            rss_idle_kib: idle_kib,
+            rss_loaded_kib: loaded_kib,
+            rss_per_session_bytes: loaded_kib.saturating_sub(idle_kib) as f64 * 1024.0
+                / sessions.max(1) as f64,
+            loadgen_cpu_percent: cpu(loadgen.0, loadgen.1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FlavorReport {
+    pub(crate) flavor: Flavor,
+    pub(crate) sessions_ok: u64,
+    pub(crate) sessions_failed: u64,
+    pub(crate) errors: Vec<String>,
+    pub(crate) numbers: u64,
+    pub(crate) wall_s: f64,
+    pub(crate) numbers_per_s: f64,
+    pub(crate) sessions_per_s: f64,
+    pub(crate) lateness: Summary,
+    pub(crate) resume: Summary,
+    pub(crate) session_time: Summary,
+    pub(crate) server: ServerUsage,
+}
+
+impl FlavorReport {
+    pub(crate) fn new(flavor: Flavor, load: &LoadResult, server: ServerUsage) -> Self {
+        let per_s = |n: u64| {
+            if load.wall_s > 0.0 {
+                n as f64 / load.wall_s
+            } else {
+                0.0
+            }
+        };
+        Self {
+            flavor,
+            sessions_ok: load.ok,
+            sessions_failed: load.failed,
+            errors: load.errors.clone(),
+            numbers: load.numbers,
+            wall_s: load.wall_s,
+            numbers_per_s: per_s(load.numbers),
+            sessions_per_s: per_s(load.ok),
+            lateness: load.lateness.summary(),
+            resume: load.resume.summary(),
+            session_time: load.sessions.summary(),
+            server,
+        }
+    }
+}
+
+/// One target of the issue, judged.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Target {
+    pub(crate) name: String,
+    pub(crate) goal: String,
+    pub(crate) value: f64,
+    pub(crate) met: bool,
+}
+
+impl Target {
+    pub(crate) fn at_most(name: &str, unit: &str, value: f64, limit: f64) -> Self {
+        Self {
+            name: name.to_owned(),
+            goal: format!("<= {limit} {unit}"),
+            value,
+            met: value <= limit,
+        }
+    }
+
+    pub(crate) fn at_least(name: &str, unit: &str, value: f64, floor: f64) -> Self {
+        Self {
+            name: name.to_owned(),
+            goal: format!(">= {floor} {unit}"),
+            value,
+            met: value >= floor,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) scenario: String,
+    pub(crate) command: String,
+    pub(crate) unix_time: u64,
+    pub(crate) git: String,
+    pub(crate) before: Conditions,
+    pub(crate) after: Option<Conditions>,
+    pub(crate) flavors: Vec<FlavorReport>,
+    /// Extra figures a scenario computes (e.g. single-burst medians).
+    pub(crate) extra: serde_json::Map<String, serde_json::Value>,
+    pub(crate) targets: Vec<Target>,
+}
+
+impl Report {
+    pub(crate) fn new(scenario: &str) -> Self {
+        let git = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        Self {
+            scenario: scenario.to_owned(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            unix_time: crate::load::unix_ms_now() / 1000,
+            git,
+            before: Conditions::now(),
+            after: None,
+            flavors: Vec::new(),
+            extra: serde_json::Map::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    pub(crate) fn flavor(&self, flavor: Flavor) -> Option<&FlavorReport> {
+        self.flavors.iter().find(|f| f.flavor == flavor)
+    }
+
+    /// numstream / bare for a figure, when both were measured.
+    pub(crate) fn ratio(&self, figure: impl Fn(&FlavorReport) -> f64) -> Option<f64> {
+        let bare = figure(self.flavor(Flavor::Bare)?);
+        let numstream = figure(self.flavor(Flavor::Numstream)?);
+        (bare > 0.0).then(|| numstream / bare)
+    }
+
+    pub(crate) fn print_table(&self) {
+        println!(
+            "numstream-bench {} ({}), load before {} after {}",
+            self.scenario,
+            self.git,
+            self.before.loadavg,
+            self.after.as_ref().map_or("-", |c| c.loadavg.as_str())
+        );
+        let rows: Vec<(&str, Figure)> = vec![
+            ("sessions ok", Box::new(|f| f.sessions_ok as f64)),
+            ("sessions failed", Box::new(|f| f.sessions_failed as f64)),
+            ("numbers", Box::new(|f| f.numbers as f64)),
+            ("wall s", Box::new(|f| f.wall_s)),
+            ("numbers/s", Box::new(|f| f.numbers_per_s)),
+            ("sessions/s", Box::new(|f| f.sessions_per_s)),
+            ("lateness p50 ms", Box::new(|f| f.lateness.p50_ms)),
+            ("lateness p99 ms", Box::new(|f| f.lateness.p99_ms)),
+            ("lateness p99.9 ms", Box::new(|f| f.lateness.p999_ms)),
+            ("lateness max ms", Box::new(|f| f.lateness.max_ms)),
+            ("resume p50 ms", Box::new(|f| f.resume.p50_ms)),
+            ("resume p99 ms", Box::new(|f| f.resume.p99_ms)),
+            ("resume max ms", Box::new(|f| f.resume.max_ms)),
+            ("session p50 ms", Box::new(|f| f.session_time.p50_ms)),
+            ("session p99 ms", Box::new(|f| f.session_time.p99_ms)),
+            ("server CPU % of a core", Box::new(|f| f.server.cpu_percent)),
+            (
+                "server RSS KiB",
+                Box::new(|f| f.server.rss_loaded_kib as f64),
+            ),
+            (
+                "server RSS B/session",
+                Box::new(|f| f.server.rss_per_session_bytes),
+            ),
+            (
+                "loadgen CPU % of a core",
+                Box::new(|f| f.server.loadgen_cpu_percent),
+            ),
+        ];
+        println!(
+            "{:<26} {:>14} {:>14} {:>8}",
+            "", "bare", "numstream", "ratio"
+        );
+        for (name, figure) in &rows {
+            let cell = |flavor| {
+                self.flavor(flavor)
+                    .map_or("-".to_owned(), |f| format_figure(figure(f)))
+            };
+            let ratio = self
+                .ratio(|f| figure(f))
+                .map_or("-".to_owned(), |r| format!("{r:.2}"));
+            let (bare, numstream) = (cell(Flavor::Bare), cell(Flavor::Numstream));
+            if bare == "0" && numstream == "0" {
+                continue;
+            }
+            println!("{name:<26} {bare:>14} {numstream:>14} {ratio:>8}");
+        }
+        for (key, value) in &self.extra {
+            println!("{key:<26} {value}");
+        }
+        for flavor in &self.flavors {
+            for error in &flavor.errors {
+                println!("{} error: {error}", flavor.flavor.name());
+            }
+        }
+        for target in &self.targets {
+            println!(
+                "target {:<40} {:>12} goal {:<16} {}",
+                target.name,
+                format_figure(target.value),
+                target.goal,
+                if target.met { "MET" } else { "MISSED" }
+            );
+        }
+    }
+
+    pub(crate) fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")?;
+        println!("report written to {}", path.display());
+        Ok(())
+    }
+}
+
+/// One row of the table: how to read its figure from a flavor's report.
+type Figure = Box<dyn Fn(&FlavorReport) -> f64>;
+
+fn format_figure(value: f64) -> String {
+    if value == 0.0 {
+        "0".to_owned()
+    } else if value.abs() >= 1000.0 {
+        format!("{value:.0}")
+    } else if value.abs() >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.3}")
+    }
+}

@@ -1,0 +1,246 @@
+//! The servers under test: numstream or bare, spawned as separate processes
+//! (so their CPU and memory can be read from /proc), run inside the load
+//! generator, or given as external addresses and pids.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::procfs::ProcSample;
+
+/// Which server a measurement runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Flavor {
+    /// The minimal tokio program of `bare.rs`.
+    Bare,
+    /// numstream-server with the in-memory store.
+    Numstream,
+}
+
+impl Flavor {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Flavor::Bare => "bare",
+            Flavor::Numstream => "numstream",
+        }
+    }
+}
+
+/// Where the servers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Placement {
+    /// Separate processes of `numstream-server` / `numstream-bench
+    /// bare-server` (CPU and RSS are theirs alone).
+    Spawn,
+    /// Inside the load generator (CPU and RSS include the clients).
+    Inproc,
+}
+
+/// How to find or start the servers.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServerOptions {
+    /// Server processes per flavor; sessions are spread over them round
+    /// robin, each on its own port.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) servers: usize,
+    /// Run the servers as separate processes or inside the load generator.
+    #[arg(long, value_enum, default_value = "spawn")]
+    pub(crate) placement: Placement,
+    /// The numstream-server binary (default: next to this binary; build it
+    /// with `cargo build --release -p numstream-server`).
+    #[arg(long)]
+    pub(crate) server_bin: Option<PathBuf>,
+    /// Use already running numstream servers at these addresses instead of
+    /// starting them (repeatable). The bare baseline is still spawned.
+    #[arg(long = "connect")]
+    pub(crate) external: Vec<SocketAddr>,
+    /// Pids of the external servers, for their CPU and RSS (repeatable).
+    #[arg(long = "server-pid")]
+    pub(crate) external_pids: Vec<u32>,
+    /// Where spawned numstream servers log (default: discarded).
+    #[arg(long)]
+    pub(crate) server_log: Option<PathBuf>,
+}
+
+/// Running servers of one flavor.
+#[derive(Debug)]
+pub(crate) struct Servers {
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) pids: Vec<u32>,
+    children: Vec<Child>,
+    inproc: Option<CancellationToken>,
+}
+
+impl Servers {
+    /// Starts (or adopts) the servers and waits until each accepts.
+    pub(crate) async fn start(
+        flavor: Flavor,
+        options: &ServerOptions,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut servers = Servers {
+            addrs: Vec::new(),
+            pids: Vec::new(),
+            children: Vec::new(),
+            inproc: None,
+        };
+        if flavor == Flavor::Numstream && !options.external.is_empty() {
+            servers.addrs = options.external.clone();
+            servers.pids = options.external_pids.clone();
+            return Ok(servers);
+        }
+        let processes = options.servers.max(1);
+        match options.placement {
+            Placement::Inproc => {
+                let stop = CancellationToken::new();
+                for _ in 0..processes {
+                    let listener = TcpListener::bind("127.0.0.1:0").await?;
+                    servers.addrs.push(listener.local_addr()?);
+                    tokio::spawn(serve_inproc(flavor, listener, interval, stop.clone()));
+                }
+                servers.pids.push(std::process::id());
+                servers.inproc = Some(stop);
+            }
+            Placement::Spawn => {
+                for _ in 0..processes {
+                    let port = free_port()?;
+                    let mut command = match flavor {
+                        Flavor::Numstream => {
+                            let mut command = Command::new(server_binary(options)?);
+                            command.args([
+                                "--port".to_owned(),
+                                port.to_string(),
+                                "--interval".to_owned(),
+                                format!("{}us", interval.as_micros()),
+                            ]);
+                            command
+                        }
+                        Flavor::Bare => {
+                            let mut command = Command::new(std::env::current_exe()?);
+                            command.args(["bare-server", "--port", &port.to_string()]);
+                            command
+                        }
+                    };
+                    let stderr = match (&options.server_log, flavor) {
+                        (Some(path), Flavor::Numstream) => Stdio::from(
+                            std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(path)
+                                .with_context(|| format!("opening {}", path.display()))?,
+                        ),
+                        _ => Stdio::null(),
+                    };
+                    let child = command
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(stderr)
+                        .spawn()
+                        .with_context(|| format!("starting the {} server", flavor.name()))?;
+                    servers.pids.push(child.id());
+                    servers.children.push(child);
+                    servers.addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+            }
+        }
+        for addr in servers.addrs.clone() {
+            servers.wait_ready(addr).await?;
+        }
+        Ok(servers)
+    }
+
+    async fn wait_ready(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            for child in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    bail!("a server process exited at startup ({status})");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("server at {addr} did not accept connections within 10 s")
+    }
+
+    /// CPU and RSS of every server process right now.
+    pub(crate) fn sample(&self) -> Vec<ProcSample> {
+        self.pids
+            .iter()
+            .filter_map(|&pid| ProcSample::read(pid))
+            .collect()
+    }
+
+    pub(crate) fn stop(mut self) {
+        if let Some(stop) = self.inproc.take() {
+            stop.cancel();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn serve_inproc(
+    flavor: Flavor,
+    listener: TcpListener,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    match flavor {
+        Flavor::Bare => {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = crate::bare::serve(listener) => {}
+            }
+        }
+        Flavor::Numstream => {
+            let config = numstream_server::ServerConfig {
+                interval,
+                max_connections: 200_000,
+                ..Default::default()
+            };
+            let store = Arc::new(numstream_store::InMemoryStore::new(200_000));
+            let _ = numstream_server::run(listener, store, config, stop).await;
+        }
+    }
+}
+
+fn server_binary(options: &ServerOptions) -> anyhow::Result<PathBuf> {
+    let path = match &options.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("numstream-server"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p numstream-server` or pass --server-bin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A port that was free a moment ago (the kernel's choice).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
