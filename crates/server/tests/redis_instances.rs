@@ -290,8 +290,12 @@ async fn kill_9_mid_stream_every_client_finishes_with_the_undisturbed_result() {
     // sessions (generation 1 again, after a takeover announced 2) and get
     // the same sequences.
     let survivor_ports: Vec<u16> = survivors.iter().map(ServerProcess::port).collect();
-    for (i, client_id) in failed_over.into_iter().enumerate() {
-        let (run, _events) = spawn_client_as(client_id, rotated(&survivor_ports, i), count);
+    let reruns: Vec<_> = failed_over
+        .into_iter()
+        .enumerate()
+        .map(|(i, client_id)| spawn_client_as(client_id, rotated(&survivor_ports, i), count))
+        .collect();
+    for (run, _events) in reruns {
         let report = run.await.expect("client task");
         assert_undisturbed_result(&report);
         assert_eq!(report.reconnects, 0);
