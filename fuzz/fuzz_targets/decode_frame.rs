@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
                 let consumed = before.len() - buf.len();
                 let mut again = BytesMut::new();
                 encode_frame(&frame, &mut again);
-                assert_eq!(&again[..], &before[..consumed], "{frame:?} is not canonical");
+                assert_eq!(
+                    &again[..],
+                    &before[..consumed],
+                    "{frame:?} is not canonical"
+                );
             }
             Ok(None) => {
                 assert_eq!(buf, before, "an incomplete frame must consume nothing");

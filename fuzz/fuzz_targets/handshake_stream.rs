@@ -38,9 +38,11 @@ fuzz_target!(|input: Input| {
     let mut got = Vec::new();
     let mut got_error = None;
     let mut rest = &input.stream[..];
-    let mut sizes = input.chunks.iter().copied().chain(std::iter::repeat(
-        input.chunks.last().copied().unwrap_or(1),
-    ));
+    let mut sizes = input
+        .chunks
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(input.chunks.last().copied().unwrap_or(1)));
     while !rest.is_empty() && got_error.is_none() {
         let size = usize::from(sizes.next().unwrap_or(1).max(1)).min(rest.len());
         buf.put_slice(&rest[..size]);

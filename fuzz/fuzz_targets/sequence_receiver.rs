@@ -7,8 +7,8 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use numstream_protocol::{
-    ClientId, Disposition, ErrorCode, ErrorFrame, Frame, Progress, ResumeToken,
-    SequenceChecksum, SequenceReceiver, Welcome,
+    ClientId, Disposition, ErrorCode, ErrorFrame, Frame, Progress, ResumeToken, SequenceChecksum,
+    SequenceReceiver, Welcome,
 };
 
 #[derive(Debug, Arbitrary)]
@@ -112,13 +112,22 @@ fuzz_target!(|input: Input| {
             }
             Ok(Progress::Number { index, value }) => {
                 assert!(!completed);
-                assert_eq!(u32::from(index), accepted.len(), "out-of-order number accepted");
+                assert_eq!(
+                    u32::from(index),
+                    accepted.len(),
+                    "out-of-order number accepted"
+                );
                 assert!(index < count - 1, "the last number must come as FINAL");
                 accepted.push(value);
             }
             Ok(Progress::Completed(outcome)) => {
                 assert!(!completed, "completed twice");
-                let Frame::Final { index, value, checksum } = sent else {
+                let Frame::Final {
+                    index,
+                    value,
+                    checksum,
+                } = sent
+                else {
                     panic!("only FINAL completes, not {sent:?}");
                 };
                 assert_eq!(index, count - 1);

@@ -90,9 +90,9 @@ impl ChaosConfig {
             profile_name: name.to_owned(),
             seed,
             servers: 2,
-            clients: 40,
-            concurrency: 40,
-            counts: 100..=600,
+            clients: 60,
+            concurrency: 60,
+            counts: 100..=1000,
             interval: Duration::from_millis(5),
             session_ttl: Duration::from_secs(30),
             faults: FaultProfile {
@@ -101,8 +101,8 @@ impl ChaosConfig {
                 hold: Duration::from_secs(12),
                 ..FaultProfile::default()
             },
-            kills: 1,
-            kill_window: (Duration::from_secs(3), Duration::from_secs(8)),
+            kills: 2,
+            kill_window: (Duration::from_secs(2), Duration::from_secs(10)),
             downtime: (Duration::from_millis(500), Duration::from_secs(2)),
             store: StoreMode::Memory,
             server_bin,
