@@ -315,7 +315,7 @@ impl Driver<'_> {
             }
             Err(_) => return Ending::Lost(format!("sending {hello_name} to {addr} timed out")),
         }
-        let frame = match read_before(&mut framed, deadline, addr).await {
+        let frame = match read_before(&mut framed, Some(deadline), addr).await {
             Ok(frame) => frame,
             Err(ReadError::Ended(ending)) => return ending,
             Err(ReadError::TimedOut) => {
@@ -362,7 +362,11 @@ impl Driver<'_> {
 
         let silence = client_silence_timeout(terms.interval);
         loop {
-            let frame = match read_before(&mut framed, deadline_after(silence), addr).await {
+            // A frame already buffered (a burst delivers hundreds per read)
+            // is decoded without a clock read or a timer: the silence
+            // timeout only matters when the next read has to wait.
+            let deadline = (!frame_buffered(&framed)).then(|| deadline_after(silence));
+            let frame = match read_before(&mut framed, deadline, addr).await {
                 Ok(frame) => frame,
                 Err(ReadError::Ended(ending)) => return ending,
                 Err(ReadError::TimedOut) => {
@@ -466,13 +470,29 @@ enum ReadError {
     Ended(Ending),
 }
 
-/// Reads the next frame, or says why there is none by `deadline`.
+/// Whether the read buffer already holds a whole frame (or at least a
+/// length prefix the decoder rejects), so reading the next one cannot wait.
+fn frame_buffered(framed: &Framed<TcpStream, FrameCodec>) -> bool {
+    match framed.read_buffer().as_ref() {
+        [a, b, c, d, payload @ ..] => {
+            payload.len() >= u32::from_be_bytes([*a, *b, *c, *d]) as usize
+        }
+        _ => false,
+    }
+}
+
+/// Reads the next frame, or says why there is none by `deadline` (`None`:
+/// only when the frame is known to be buffered already).
 async fn read_before(
     framed: &mut Framed<TcpStream, FrameCodec>,
-    deadline: Instant,
+    deadline: Option<Instant>,
     addr: SocketAddr,
 ) -> Result<Frame, ReadError> {
-    match timeout_at(deadline, framed.next()).await {
+    let next = match deadline {
+        Some(deadline) => timeout_at(deadline, framed.next()).await,
+        None => Ok(framed.next().await),
+    };
+    match next {
         Ok(Some(Ok(frame))) => Ok(frame),
         Ok(Some(Err(CodecError::Io(error)))) => Err(ReadError::Ended(Ending::Lost(format!(
             "reading from {addr}: {error}"

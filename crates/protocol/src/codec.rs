@@ -158,10 +158,12 @@ pub fn decode_frame(src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
         src.reserve(frame_len - src.len());
         return Ok(None);
     }
-    src.advance(LENGTH_PREFIX_LEN);
-    let mut payload = src.split_to(len as usize);
-    let frame_type = payload.get_u8();
-    decode_body(frame_type, &mut payload).map(Some)
+    // Decoded in place from a borrowed slice, then dropped from the buffer:
+    // no reference-counted split per frame.
+    let mut body = &src[LENGTH_PREFIX_LEN + 1..frame_len];
+    let frame = decode_body(src[LENGTH_PREFIX_LEN], &mut body);
+    src.advance(frame_len);
+    frame.map(Some)
 }
 
 fn expect_len(frame: &'static str, body: &[u8], expected: usize) -> Result<(), DecodeError> {
@@ -178,7 +180,7 @@ fn expect_len(frame: &'static str, body: &[u8], expected: usize) -> Result<(), D
 
 /// Handshake frames put the version first so that a peer speaking another
 /// version is told so, whatever the rest of its frame looks like.
-fn check_version(frame: &'static str, body: &mut BytesMut) -> Result<(), DecodeError> {
+fn check_version(frame: &'static str, body: &mut &[u8]) -> Result<(), DecodeError> {
     if body.len() < 2 {
         return Err(DecodeError::BadLength {
             frame,
@@ -194,19 +196,19 @@ fn check_version(frame: &'static str, body: &mut BytesMut) -> Result<(), DecodeE
     }
 }
 
-fn get_uuid(body: &mut BytesMut) -> uuid::Uuid {
+fn get_uuid(body: &mut &[u8]) -> uuid::Uuid {
     let mut bytes = [0u8; 16];
     body.copy_to_slice(&mut bytes);
     uuid::Uuid::from_bytes(bytes)
 }
 
-fn get_token(body: &mut BytesMut) -> ResumeToken {
+fn get_token(body: &mut &[u8]) -> ResumeToken {
     let mut bytes = [0u8; 16];
     body.copy_to_slice(&mut bytes);
     ResumeToken(bytes)
 }
 
-fn decode_body(frame_type: u8, body: &mut BytesMut) -> Result<Frame, DecodeError> {
+fn decode_body(frame_type: u8, body: &mut &[u8]) -> Result<Frame, DecodeError> {
     match frame_type {
         tag::OPEN => {
             check_version("OPEN", body)?;
@@ -266,7 +268,7 @@ fn decode_body(frame_type: u8, body: &mut BytesMut) -> Result<Frame, DecodeError
     }
 }
 
-fn decode_error(body: &mut BytesMut) -> Result<ErrorFrame, DecodeError> {
+fn decode_error(body: &mut &[u8]) -> Result<ErrorFrame, DecodeError> {
     if body.len() < 4 {
         return Err(DecodeError::BadErrorFrame("shorter than its fixed header"));
     }
