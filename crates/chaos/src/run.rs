@@ -783,3 +783,154 @@ fn summarize(
         summary: out,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use numstream_client::ClientError;
+
+    const SEED: u64 = 9;
+
+    fn spec(count: u16) -> ClientSpec {
+        ClientSpec {
+            index: 0,
+            client_id: ClientId::from_u128(0x1234),
+            count,
+            home: 0,
+        }
+    }
+
+    /// A report as a client that received `received` correct numbers.
+    fn report(count: u16, received: u16, error: Option<ClientError>) -> Report {
+        let spec = spec(count);
+        let seed = SessionSeed::derive(SEED, spec.client_id);
+        let partial = prefix(&seed, received);
+        let complete = received == count;
+        Report {
+            client_id: spec.client_id,
+            count,
+            received,
+            sum: partial.sum(),
+            server_checksum: complete.then(|| partial.checksum()),
+            client_checksum: partial.checksum(),
+            reconnects: 2,
+            ok: complete && error.is_none(),
+            error,
+        }
+    }
+
+    fn result(report: Option<Report>) -> ClientResult {
+        let now = Instant::now();
+        ClientResult {
+            spec: spec(50),
+            report,
+            started: now,
+            ended: now,
+            connections: Vec::new(),
+            stats: ProxyStats::default(),
+        }
+    }
+
+    fn verdict(report: Option<Report>, exposed: bool) -> Verdict {
+        judge(SEED, &result(report), exposed, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn the_reference_result_is_verified() {
+        assert_eq!(
+            verdict(Some(report(50, 50, None)), false),
+            Verdict::Verified
+        );
+    }
+
+    #[test]
+    fn an_ok_with_any_wrong_field_fails() {
+        let good = report(50, 50, None);
+        let mut wrong_sum = good.clone();
+        wrong_sum.sum += 1;
+        let mut wrong_checksum = good.clone();
+        wrong_checksum.client_checksum ^= 1;
+        wrong_checksum.server_checksum = Some(wrong_checksum.client_checksum);
+        let mut short = good.clone();
+        short.received = 49;
+        let mut other_client = good.clone();
+        other_client.client_id = ClientId::from_u128(1);
+        for bad in [wrong_sum, wrong_checksum, short, other_client] {
+            for exposed in [false, true] {
+                assert!(
+                    matches!(verdict(Some(bad.clone()), exposed), Verdict::Failed(_)),
+                    "{bad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_hang_always_fails() {
+        assert!(matches!(verdict(None, true), Verdict::Failed(why) if why.contains("hung")));
+    }
+
+    #[test]
+    fn clear_failures_pass_only_when_the_instance_was_killed() {
+        let rejected = ClientError::Rejected {
+            code: numstream_protocol::ErrorCode::SessionUnknown,
+            message: "gone".into(),
+        };
+        let gave_up = ClientError::GaveUp {
+            away: Duration::from_secs(30),
+            ttl: Duration::from_secs(30),
+            last_error: "refused".into(),
+        };
+        for error in [rejected, gave_up] {
+            let failed = report(50, 20, Some(error));
+            assert!(matches!(
+                verdict(Some(failed.clone()), true),
+                Verdict::LostWithKilledInstance { .. }
+            ));
+            assert!(matches!(verdict(Some(failed), false), Verdict::Failed(_)));
+        }
+    }
+
+    #[test]
+    fn unclear_failures_and_wrong_partial_numbers_always_fail() {
+        let violation = report(50, 20, Some(ClientError::ProtocolViolation("x".into())));
+        let mismatch = report(
+            50,
+            50,
+            Some(ClientError::ChecksumMismatch {
+                server: 1,
+                client: 2,
+            }),
+        );
+        let mut wrong_partial = report(
+            50,
+            20,
+            Some(ClientError::ServerShuttingDown {
+                message: "bye".into(),
+            }),
+        );
+        wrong_partial.sum += 1;
+        for bad in [violation, mismatch, wrong_partial] {
+            assert!(
+                matches!(verdict(Some(bad.clone()), true), Verdict::Failed(_)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn clients_and_kills_derive_from_the_seed() {
+        let config = ChaosConfig::profile("short", 5, PathBuf::from("x")).expect("profile");
+        assert_eq!(client_specs(&config), client_specs(&config));
+        assert_eq!(kill_plan(&config), kill_plan(&config));
+        let other = ChaosConfig::profile("short", 6, PathBuf::from("x")).expect("profile");
+        assert_ne!(client_specs(&config), client_specs(&other));
+        assert!(
+            client_specs(&config)
+                .iter()
+                .all(|c| config.counts.contains(&c.count))
+        );
+        assert_eq!(kill_plan(&config).len(), config.kills);
+        assert!(ChaosConfig::profile("medium", 5, PathBuf::from("x")).is_none());
+    }
+}
