@@ -119,16 +119,22 @@ impl Driver<'_> {
         let started = Instant::now();
         let ports = &self.config.ports;
         let mut port_index = 0;
-        // Consecutive failed attempts since the last WELCOME (or the start).
+        // Consecutive failed attempts since the last connection that made
+        // progress (or the start).
         let mut attempt: u32 = 0;
-        // When the last welcomed connection ended: the session's TTL counts
-        // from there.
+        // When the last connection that made progress ended: the session's
+        // TTL counts from there. A WELCOME alone is not progress: a server
+        // that welcomes and then delivers nothing must not keep the client
+        // trying forever.
         let mut dropped_at: Option<Instant> = None;
         loop {
             let port = ports[port_index];
             let welcomes_before = self.welcomes;
+            let received_before = self.receiver.received();
             let ending = self.connection(port).await;
-            if self.welcomes > welcomes_before {
+            let welcomed = self.welcomes > welcomes_before;
+            let progressed = self.receiver.received() > received_before;
+            if progressed || (welcomed && dropped_at.is_none()) {
                 attempt = 0;
                 dropped_at = Some(Instant::now());
             }
@@ -361,14 +367,37 @@ impl Driver<'_> {
         };
 
         let silence = client_silence_timeout(terms.interval);
+        // Heartbeats prove the server is alive, not that the session moves:
+        // a number must follow the previous one within an interval plus the
+        // silence bound, or the connection is treated as dead.
+        let progress_window = terms.interval.saturating_add(silence);
+        let mut progress_mark = (self.receiver.received(), Instant::now());
+        // Which bound the pending read waits for, to name it if it strikes.
+        let mut waiting_for_progress = false;
         loop {
             // A frame already buffered (a burst delivers hundreds per read)
             // is decoded without a clock read or a timer: the silence
             // timeout only matters when the next read has to wait.
-            let deadline = (!frame_buffered(&framed)).then(|| deadline_after(silence));
+            let deadline = (!frame_buffered(&framed)).then(|| {
+                let now = Instant::now();
+                if self.receiver.received() != progress_mark.0 {
+                    progress_mark = (self.receiver.received(), now);
+                }
+                let silent_at = deadline_from(now, silence);
+                let stalled_at = deadline_from(progress_mark.1, progress_window);
+                waiting_for_progress = stalled_at < silent_at;
+                silent_at.min(stalled_at)
+            });
             let frame = match read_before(&mut framed, deadline, addr).await {
                 Ok(frame) => frame,
                 Err(ReadError::Ended(ending)) => return ending,
+                Err(ReadError::TimedOut) if waiting_for_progress => {
+                    return Ending::Lost(format!(
+                        "no new number from {addr} for {} (interval {})",
+                        human(progress_window),
+                        human(terms.interval)
+                    ));
+                }
                 Err(ReadError::TimedOut) => {
                     return Ending::Lost(format!(
                         "{addr} silent for {} (interval {})",
@@ -452,14 +481,18 @@ async fn send_ack(mut framed: Framed<TcpStream, FrameCodec>, ack: Frame, addr: S
     }
 }
 
-/// `now + wait`, saturating: a caller may configure an absurdly long
-/// timeout, and that must mean "wait a very long time", not a panic.
+/// `now + wait`, saturating (see [`deadline_from`]).
 fn deadline_after(wait: Duration) -> Instant {
+    deadline_from(Instant::now(), wait)
+}
+
+/// `from + wait`, saturating: a caller may configure an absurdly long
+/// timeout, and that must mean "wait a very long time", not a panic.
+fn deadline_from(from: Instant, wait: Duration) -> Instant {
     const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    let now = Instant::now();
-    now.checked_add(wait.min(CENTURY))
-        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
-        .unwrap_or(now)
+    from.checked_add(wait.min(CENTURY))
+        .or_else(|| from.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(from)
 }
 
 /// Why no frame came out of [`read_before`].

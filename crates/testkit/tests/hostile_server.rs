@@ -454,7 +454,7 @@ async fn a_frame_torn_by_a_dropped_connection_is_resumed() {
 /// the next number. The WELCOME promised one every 10 ms and a 2 s TTL;
 /// the client must give up, not wait forever.
 #[tokio::test]
-#[ignore = "client bug: heartbeats alone keep a stalled session alive forever (see the issue 4 report)"]
+
 async fn heartbeats_without_progress_do_not_hold_the_client_forever() {
     let (listener, port) = listen().await;
     let server = tokio::spawn(async move {
@@ -491,7 +491,7 @@ async fn heartbeats_without_progress_do_not_hold_the_client_forever() {
 /// number: no progress is ever made, so the client must give up within
 /// about the session TTL (1 s here) instead of looping forever.
 #[tokio::test]
-#[ignore = "client bug: a WELCOME without progress resets the give-up clock, so this loops forever (see the issue 4 report)"]
+
 async fn welcomes_without_progress_do_not_loop_forever() {
     let (listener, port) = listen().await;
     let server = tokio::spawn(async move {
