@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// unread input does not turn the FIN into an RST.
 const DRAIN_TIME: Duration = Duration::from_millis(500);
 const CHUNK: usize = 16 * 1024;
+/// In 1-byte-write mode, yield to the runtime after this many bytes.
+const SPLIT_YIELD_EVERY: usize = 16;
 
 /// Why a proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -582,6 +584,7 @@ async fn write_side(
         } else {
             vec![&bytes[..]]
         };
+        let mut written = 0;
         for piece in pieces {
             if interruptible && ctx.fired.is_cancelled() {
                 // The fault struck mid-chunk: the rest is never delivered.
@@ -591,8 +594,11 @@ async fn write_side(
                 return;
             }
             ctx.delivered(direction, piece);
-            if split {
-                // Give the receiver a chance to see every byte on its own.
+            written += piece.len();
+            if split && written % SPLIT_YIELD_EVERY == 0 {
+                // Let the receiver see the pieces on their own; not after
+                // every byte, which on a busy runtime would turn 1-byte
+                // writes into a link of a few hundred bytes per second.
                 tokio::task::yield_now().await;
             }
         }

@@ -156,7 +156,27 @@ async fn real_main() -> anyhow::Result<bool> {
         "numstream chaos: profile {} seed {} ({} clients, {} servers); progress on stderr",
         config.profile_name, config.seed, config.clients, config.servers
     );
-    let outcome = numstream_chaos::run::run(config).await?;
+    // On SIGINT/SIGTERM, stop: dropping the run (and then the runtime)
+    // kills every server and redis-server it started.
+    let outcome = tokio::select! {
+        outcome = numstream_chaos::run::run(config) => outcome?,
+        signal = interrupted() => bail!("stopped by {signal}; servers killed"),
+    };
     print!("{}", outcome.summary);
     Ok(outcome.failed == 0)
+}
+
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
 }

@@ -1,0 +1,75 @@
+//! Failures the chaos run found, replayed deterministically: fixed proxy
+//! plans in front of an in-process server, and the real client library.
+
+use std::time::Duration;
+
+use numstream_chaos::plan::{ConnectionPlan, Direction, Fault, Schedule, Side, Trigger};
+use numstream_chaos::proxy::ChaosProxy;
+use numstream_client::ClientConfig;
+use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
+use numstream_testkit::server::{TestServer, fast_config};
+
+const WELCOME_LEN: u64 = 35;
+const NUMBER_LEN: u64 = 11;
+
+/// Long profile, seed 2026, clients 373 and 378: the client abandons a
+/// connection whose RESUME is still on its way (here: the proxy half-closes
+/// the client's side after 8 bytes of it and delays the rest), resumes on a
+/// new connection, and then the stale RESUME reaches the server and takes
+/// the session over from the live connection. The live connection gets
+/// `taken_over`, which is final, so the client fails although nobody but
+/// itself ever held its token.
+#[tokio::test]
+#[ignore = "bug: a client's own stale RESUME takes its session over (see the issue 4 report)"]
+async fn a_stale_resume_from_an_abandoned_connection_does_not_kill_the_session() {
+    let mut config = fast_config();
+    config.interval = Duration::from_millis(5);
+    let server = TestServer::start(config).await;
+    let count = 400;
+    let plans = vec![
+        // The first connection is cut after 50 numbers, so the next one
+        // resumes.
+        ConnectionPlan {
+            fault: Some(Fault::Close(Trigger::Bytes {
+                direction: Direction::Downstream,
+                after: WELCOME_LEN + 50 * NUMBER_LEN,
+            })),
+            ..ConnectionPlan::PASS
+        },
+        // Its RESUME is slow (300 ms on the way) and the client's side is
+        // closed after 8 bytes of it: the client moves on, but the rest of
+        // the RESUME still reaches the server, after the next connection's.
+        ConnectionPlan {
+            latency: Some(Duration::from_millis(300)),
+            fault: Some(Fault::HalfClose {
+                at: Trigger::Bytes {
+                    direction: Direction::Upstream,
+                    after: 8,
+                },
+                side: Side::Client,
+                hold: Duration::from_secs(5),
+            }),
+            ..ConnectionPlan::PASS
+        },
+    ];
+    let proxy = ChaosProxy::start_local(server.addr, Schedule::fixed(plans))
+        .await
+        .expect("proxy");
+    let client_id = ClientId::new_v4();
+    let client = ClientConfig {
+        ports: vec![proxy.port()],
+        count,
+        client_id,
+        ..ClientConfig::default()
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        numstream_client::run(client, &mut ()),
+    )
+    .await
+    .expect("client must finish");
+    assert!(proxy.records().len() >= 3, "{:?}", proxy.records());
+    assert!(report.ok, "{}", report.render_human());
+    let reference = SequenceChecksum::of_session(&SessionSeed::derive(42, client_id), count);
+    assert_eq!(report.sum, reference.sum());
+}
