@@ -10,6 +10,7 @@
 
 mod bare;
 mod load;
+mod plot;
 mod probe;
 mod procfs;
 mod proxy;
@@ -98,6 +99,16 @@ enum Command {
         duration: Duration,
         #[command(flatten)]
         common: Common,
+    },
+    /// Lateness p99 and server CPU against sessions, numstream and bare,
+    /// from the JSON reports of several `steady` runs, as an SVG.
+    Plot {
+        /// Where to write the SVG.
+        #[arg(long, default_value = "benchmarks/steady.svg")]
+        out: PathBuf,
+        /// JSON reports of `steady` runs.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
     },
     /// The bare baseline server (started by the scenarios).
     #[command(hide = true)]
@@ -221,6 +232,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 common,
             } => churn(concurrency, count, duration, &common).await,
+            Command::Plot { out, reports } => plot::run(&reports, &out),
             Command::BareServer { port, bind } => {
                 let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, port))
                     .await
@@ -464,8 +476,7 @@ async fn burst(
             let (from, loadgen_from) = (servers.sample(), samples(&loadgen));
             let result = load::run(load(parallel)).await;
             let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
-            let usage =
-                ServerUsage::between(&from, &from, &to, (&loadgen_from, &loadgen_to), parallel);
+            let usage = ServerUsage::between(&from, &from, &to, (&loadgen_from, &loadgen_to), 0);
             let rate = result.numbers as f64 / result.wall_s.max(1e-9);
             rates.push(rate);
             if result.failed > 0 {
@@ -537,7 +548,7 @@ async fn churn(
         .await;
         let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
         servers.stop();
-        let usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 1);
+        let usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 0);
         report
             .flavors
             .push(FlavorReport::new(flavor, &result, usage));

@@ -51,8 +51,12 @@ impl ServerUsage {
             window_s,
             rss_idle_kib: idle_kib,
             rss_loaded_kib: loaded_kib,
-            rss_per_session_bytes: loaded_kib.saturating_sub(idle_kib) as f64 * 1024.0
-                / sessions.max(1) as f64,
+            // Meaningless without a steady population (burst, churn: 0).
+            rss_per_session_bytes: if sessions == 0 {
+                0.0
+            } else {
+                loaded_kib.saturating_sub(idle_kib) as f64 * 1024.0 / sessions as f64
+            },
             loadgen_cpu_percent: cpu(loadgen.0, loadgen.1),
         }
     }
