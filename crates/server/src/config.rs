@@ -19,7 +19,8 @@ pub struct ServerConfig {
     /// Time a new connection has to deliver a complete OPEN or RESUME.
     pub handshake_timeout: Duration,
     /// Time the client has to ACK after FINAL before the session is kept
-    /// for a resume instead of being completed.
+    /// for a resume instead of being completed, counted from the client's
+    /// receipt of FINAL (see [`ServerConfig::ack_wait`]).
     pub ack_timeout: Duration,
     /// Longest a single write may block on a client that does not read
     /// before the connection is declared dead.
@@ -36,6 +37,16 @@ impl ServerConfig {
     /// the session expires one TTL later, as if it had been detached.
     pub fn lease(&self) -> Duration {
         self.session_ttl
+    }
+
+    /// How long the server waits for ACK after writing FINAL. Writing puts
+    /// FINAL in the kernel, not in the client's hands: behind a slow link
+    /// it may arrive much later. The kernel either gets it acknowledged
+    /// within `dead_peer_timeout` or fails the socket, so waiting that long
+    /// on top of `ack_timeout` never detaches a session whose client is
+    /// still receiving it.
+    pub fn ack_wait(&self) -> Duration {
+        self.ack_timeout.saturating_add(self.dead_peer_timeout)
     }
 
     /// How often an owner renews its lease: three chances before it lapses.

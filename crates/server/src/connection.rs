@@ -33,6 +33,7 @@ use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
 use crate::config::ServerConfig;
 use crate::lease::{Lease, LeaseLoss};
 use crate::registry::{Claim, Registry};
+use crate::telemetry::{GaugeGuard, HandshakeFailure, Telemetry};
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -41,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) registry: Registry,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) telemetry: Telemetry,
 }
 
 /// Numbers encoded per write in burst mode (interval 0): large enough to
@@ -107,6 +109,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             buf: BytesMut::with_capacity(64),
         },
         shared,
+        sent_up_to: 0,
     };
     connection.run().instrument(span).await;
 }
@@ -132,6 +135,8 @@ struct Connection {
     reader: FramedRead<OwnedReadHalf, FrameCodec>,
     writer: Writer,
     shared: Arc<Shared>,
+    /// Index after the last number this connection wrote.
+    sent_up_to: u16,
 }
 
 impl Connection {
@@ -141,6 +146,7 @@ impl Connection {
         let hello = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
+                self.handshake_failed(HandshakeFailure::ShuttingDown);
                 let error = shutting_down(&*self.shared.store);
                 return self.reject(error).await;
             }
@@ -149,6 +155,7 @@ impl Connection {
         let hello = match hello {
             Err(_elapsed) => {
                 debug!("handshake timed out");
+                self.handshake_failed(HandshakeFailure::Timeout);
                 return self
                     .reject(ErrorFrame::new(
                         ErrorCode::HandshakeTimeout,
@@ -159,16 +166,22 @@ impl Connection {
                     ))
                     .await;
             }
-            Ok(None) => return debug!("closed before the handshake"),
+            Ok(None) => {
+                self.handshake_failed(HandshakeFailure::Closed);
+                return debug!("closed before the handshake");
+            }
             Ok(Some(Err(CodecError::Io(error)))) => {
+                self.handshake_failed(HandshakeFailure::IoError);
                 return debug!(%error, "read error before the handshake");
             }
             Ok(Some(Err(CodecError::Decode(DecodeError::UnsupportedVersion(version))))) => {
                 info!(version, "rejected unsupported protocol version");
+                self.handshake_failed(HandshakeFailure::UnsupportedVersion);
                 return self.reject(ErrorFrame::unsupported_version(version)).await;
             }
             Ok(Some(Err(CodecError::Decode(error)))) => {
                 info!(%error, "rejected malformed handshake");
+                self.handshake_failed(HandshakeFailure::Malformed);
                 return self
                     .reject(ErrorFrame::new(
                         ErrorCode::Malformed,
@@ -179,6 +192,13 @@ impl Connection {
             Ok(Some(Ok(frame))) => frame,
         };
 
+        // Every line about a session names it, from its first frame on.
+        let span = tracing::Span::current();
+        if let Frame::Open(Open { client_id, .. }) | Frame::Resume(Resume { client_id, .. }) =
+            &hello
+        {
+            span.record("client_id", tracing::field::display(client_id));
+        }
         // The lease counts from when the store was asked, not answered.
         let requested = Instant::now();
         let (attachment, start, resumed) = match hello {
@@ -191,6 +211,7 @@ impl Connection {
                 Err(error) => return self.reject(error).await,
             },
             other => {
+                self.handshake_failed(HandshakeFailure::UnexpectedFrame);
                 let error = ErrorFrame::new(
                     ErrorCode::Malformed,
                     format!("expected OPEN or RESUME, got {}", other.name()),
@@ -198,9 +219,10 @@ impl Connection {
                 return self.reject(error).await;
             }
         };
-        let span = tracing::Span::current();
-        span.record("client_id", tracing::field::display(attachment.client_id));
         span.record("generation", attachment.generation);
+        if !resumed {
+            self.shared.telemetry.session_created();
+        }
 
         let Some(claim) = self
             .shared
@@ -231,12 +253,15 @@ impl Connection {
             return self.reject(error).await;
         }
 
+        let telemetry = self.shared.telemetry.clone();
+        let attached = telemetry.session_attached();
         if resumed {
             info!(
                 next_index = start,
                 count = attachment.count,
                 "session resumed"
             );
+            telemetry.session_resumed(attachment.client_id, attachment.generation, start);
         } else {
             info!(count = attachment.count, "session opened");
         }
@@ -253,7 +278,11 @@ impl Connection {
         self.shared
             .registry
             .release(attachment.client_id, attachment.generation);
-        self.finish(&attachment, end, claim).await;
+        self.finish(&attachment, end, claim, attached).await;
+    }
+
+    fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.shared.telemetry.handshake_failed(reason);
     }
 
     async fn open(&self, open: Open) -> Result<Attachment, ErrorFrame> {
@@ -295,6 +324,7 @@ impl Connection {
         attached.map_err(|error| {
             if error == StoreError::Expired {
                 info!(client_id = %resume.client_id, "session expired");
+                self.shared.telemetry.sessions_expired(1);
             }
             self.store_error(error)
         })
@@ -323,9 +353,11 @@ impl Connection {
         }));
 
         let mut numbers = NumberGenerator::starting_at(&session.seed, start);
+        let metrics = self.shared.telemetry.streaming();
         // Number `start + k` is due at `origin + k * interval`: an absolute
         // schedule, so one late tick does not delay all later ones.
         let origin = Instant::now();
+        let mut due = origin;
         let mut next_index = u32::from(start);
         loop {
             let batch_end = (next_index + batch).min(count);
@@ -344,16 +376,21 @@ impl Connection {
                     self.writer.push(&Frame::Number { index, value });
                 }
             }
+            let batch_size = batch_end - next_index;
             next_index = batch_end;
             if let Err(end) = self.flush(superseded, lease).await {
                 return end;
             }
             let mut last_write = Instant::now();
+            // `next_index <= count <= 65535`.
+            self.sent_up_to = next_index as u16;
+            // Lateness means nothing in burst mode, where all is due at once.
+            metrics.sent(batch_size, (!interval.is_zero()).then_some(due), last_write);
             if next_index == count {
                 return self.await_ack(superseded, lease).await;
             }
 
-            let due = origin + interval * (next_index - u32::from(start));
+            due = origin + interval * (next_index - u32::from(start));
             loop {
                 let heartbeat_at = last_write + MAX_SERVER_SILENCE;
                 tokio::select! {
@@ -376,7 +413,7 @@ impl Connection {
     }
 
     async fn await_ack(&mut self, superseded: &CancellationToken, lease: &mut Lease) -> SessionEnd {
-        let ack_timeout = self.shared.config.ack_timeout;
+        let ack_timeout = self.shared.config.ack_wait();
         tokio::select! {
             biased;
             _ = superseded.cancelled() => SessionEnd::TakenOver,
@@ -421,7 +458,35 @@ impl Connection {
     /// held until this connection has written its last byte, so a successor
     /// waiting in `Registry::claim` never streams while numbers this
     /// connection had already buffered are still going out.
-    async fn finish(self, session: &Attachment, end: SessionEnd, claim: Claim) {
+    ///
+    /// `attached` counts this connection as streaming until it is dropped,
+    /// first thing; each outcome is counted once the store knows of it, so
+    /// a scrape never sees a count ahead of the session gauges.
+    async fn finish(
+        self,
+        session: &Attachment,
+        end: SessionEnd,
+        claim: Claim,
+        attached: GaugeGuard,
+    ) {
+        drop(attached);
+        let telemetry = self.shared.telemetry.clone();
+        // Every end but these hands the session back to the store.
+        let detached = !matches!(
+            end,
+            SessionEnd::Completed { .. } | SessionEnd::TakenOver | SessionEnd::Lost(_)
+        );
+        // Before the claim goes: a local successor waits for it, then looks
+        // up how far this connection got.
+        if detached || matches!(end, SessionEnd::TakenOver) {
+            telemetry.departed(
+                session.client_id,
+                session.generation,
+                self.sent_up_to,
+                detached,
+                self.shared.config.session_ttl,
+            );
+        }
         match end {
             SessionEnd::Completed { client_checksum } => {
                 drop(claim);
@@ -444,25 +509,30 @@ impl Connection {
                         warn!(%error, "session completed, but the store did not remove it")
                     }
                 }
+                telemetry.session_completed(session.client_id);
                 self.close().await;
             }
             SessionEnd::Disconnected(reason) => {
                 drop(claim);
                 self.detach(session).await;
+                telemetry.session_detached();
                 info!(%reason, "session detached");
             }
             SessionEnd::ClientViolation(reason) => {
                 self.detach(session).await;
+                telemetry.session_detached();
                 info!(%reason, "session detached after a protocol violation");
                 let error = ErrorFrame::new(ErrorCode::Malformed, reason);
                 self.reject_releasing(error, Some(claim)).await;
             }
             SessionEnd::TakenOver => {
+                telemetry.session_taken_over();
                 info!("session taken over by a newer connection");
                 self.reject_releasing(taken_over(), Some(claim)).await;
             }
             SessionEnd::Shutdown => {
                 self.detach(session).await;
+                telemetry.session_detached();
                 info!("session detached by server shutdown");
                 let error = shutting_down(&*self.shared.store);
                 self.reject_releasing(error, Some(claim)).await;
@@ -501,6 +571,7 @@ impl Connection {
                 let shared = self.shared.clone();
                 self.reject_releasing(error, Some(claim)).await;
                 detach(&shared, session).await;
+                telemetry.session_detached();
             }
         }
     }
@@ -555,6 +626,7 @@ impl Connection {
     /// only then gives up `claim`, and closes.
     async fn reject_releasing(mut self, error: ErrorFrame, claim: Option<Claim>) {
         debug!(code = %error.code, message = %error.message, "sending error");
+        self.shared.telemetry.rejected(error.code);
         self.writer.push(&Frame::Error(error));
         let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.flush()).await;
         drop(claim);

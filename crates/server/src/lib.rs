@@ -11,12 +11,47 @@
 //! # Ok(()) }
 //! ```
 
+//!
+//! With metrics ([`Telemetry`]) and the status endpoint (`/metrics`,
+//! `/healthz`, `/readyz`), as the binary runs it with `--metrics-addr`:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use numstream_server::{InstrumentedStore, Status, Telemetry};
+//! let recorder = numstream_server::prometheus_recorder();
+//! let metrics = recorder.handle();
+//! let store: Arc<dyn numstream_store::SessionStore> =
+//!     Arc::new(numstream_store::InMemoryStore::new(100_000));
+//! let telemetry = Telemetry::new(&recorder, store.kind());
+//! let store = InstrumentedStore::wrap(store, &telemetry);
+//! let status = Status { metrics, telemetry: telemetry.clone(), store: store.clone() };
+//! tokio::spawn(numstream_server::serve_status(
+//!     tokio::net::TcpListener::bind("127.0.0.1:9100").await?,
+//!     status,
+//! ));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! numstream_server::run_with_telemetry(
+//!     listener, store, numstream_server::ServerConfig::default(), shutdown, telemetry,
+//! ).await?;
+//! # Ok(()) }
+//! ```
+
 mod config;
 mod connection;
+mod instrumented;
 mod lease;
 mod registry;
 mod server;
 mod socket;
+mod status;
+pub mod telemetry;
 
 pub use config::ServerConfig;
-pub use server::{ServerError, run};
+pub use instrumented::InstrumentedStore;
+pub use server::{ServerError, run, run_with_telemetry};
+pub use status::{
+    MAX_STATUS_CONNECTIONS, READY_PING_TIMEOUT, Status, prometheus_recorder, serve_status,
+};
+pub use telemetry::Telemetry;

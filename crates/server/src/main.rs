@@ -13,7 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use numstream_server::ServerConfig;
+use numstream_server::{InstrumentedStore, ServerConfig, Status, Telemetry};
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
@@ -21,73 +21,156 @@ use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 /// store's connections, logs and the busy-rejection path.
 const RESERVED_FDS: u64 = 64;
 
+const EXAMPLES: &str = "\
+Examples:
+  numstream-server --port 7000
+  numstream-server --port 7000 --interval 50ms --session-ttl 10s
+  numstream-server --port 7000 --seed 42   # reproducible sequences for tests
+  numstream-server --port 7001 --store redis://127.0.0.1:6379/0   # sessions shared by every instance on this Redis
+  numstream-server --port 7000 --metrics-addr 127.0.0.1:9100 --log-format json
+
+Status endpoint (with --metrics-addr): GET /metrics (Prometheus text), /healthz
+(200 while running), /readyz (200 when accepting and the store answers, else 503).
+
+Logs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) overrides the level (info).";
+
 /// Streams resumable, verifiable sequences of numbers to numstream clients.
+///
+/// Every flag below shows its default; durations take units (500ms, 5s, 2m).
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    after_help = "Examples:\n  numstream-server --port 7000\n  numstream-server --port 7000 --interval 50ms --session-ttl 10s\n  numstream-server --port 7000 --seed 42   # reproducible sequences for tests\n  numstream-server --port 7001 --store redis://127.0.0.1:6379/0   # sessions shared by every instance on this Redis\n\nLogs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) overrides the level."
-)]
+#[command(version, after_help = EXAMPLES)]
 struct Args {
-    /// TCP port to listen on (1-65535).
+    /// TCP port to listen on for clients, 1-65535 (required)
+    ///
+    /// Example: --port 7000
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
 
-    /// Address to bind.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to bind for clients
+    ///
+    /// 0.0.0.0 (or ::) listens on every interface.
+    ///
+    /// Example: --bind 0.0.0.0
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     bind: IpAddr,
 
-    /// Gap between numbers of one session, e.g. 1s, 50ms, 0s (0 = as fast
-    /// as possible). At most 1h.
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    /// Gap between numbers of one session, 0s to 1h
+    ///
+    /// 0s streams as fast as the connection drains.
+    ///
+    /// Example: --interval 50ms
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     interval: Duration,
 
-    /// How long a session survives a disconnection before it is forgotten
-    /// and resumes are rejected, e.g. 30s, 2m.
-    #[arg(long, default_value = "30s", value_parser = parse_ttl)]
+    /// How long a disconnected session waits for a resume, 100ms to 49 days
+    ///
+    /// After it the session is forgotten and resumes are rejected
+    /// (session_expired / session_unknown). Also the lease on an attached
+    /// session: a server that dies without detaching lets it lapse.
+    ///
+    /// Example: --session-ttl 2m
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     session_ttl: Duration,
 
-    /// Master seed for reproducible runs: each session's sequence is then a
-    /// function of this value and the client id. Omit to seed every session
-    /// from the OS (the production setting).
-    #[arg(long)]
+    /// Master seed for reproducible runs [default: none, every session is
+    /// seeded from the OS]
+    ///
+    /// Each session's sequence is then a function of this value and the
+    /// client id: a testing aid, not for production.
+    ///
+    /// Example: --seed 42
+    #[arg(long, value_name = "U64")]
     seed: Option<u64>,
 
-    /// Most sessions held at once (attached or awaiting a resume); new
-    /// sessions past it get `server_busy`. In-memory store only: with
+    /// Most sessions held at once (attached or awaiting a resume)
+    ///
+    /// New sessions past it get server_busy. In-memory store only: with
     /// Redis it does not apply (Redis's memory is the bound).
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    ///
+    /// Example: --max-sessions 500000
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: u64,
 
-    /// Most connections served at once; past it, new connections get
-    /// `server_busy`. Default: the open-file limit minus a reserve.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Most client connections served at once [default: the open-file limit
+    /// minus 64]
+    ///
+    /// New connections past it get server_busy.
+    ///
+    /// Example: --max-connections 20000
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
 
-    /// Time a new connection has to send its OPEN or RESUME.
-    #[arg(long, default_value = "5s", value_parser = parse_positive)]
+    /// Time a new connection has to send its OPEN or RESUME
+    ///
+    /// Example: --handshake-timeout 2s
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive)]
     handshake_timeout: Duration,
 
-    /// Time the client has to acknowledge FINAL before its session is kept
-    /// for a resume instead of completed.
-    #[arg(long, default_value = "5s", value_parser = parse_positive)]
+    /// Time the client has to acknowledge FINAL
+    ///
+    /// Past it the session is kept for a resume instead of completed.
+    ///
+    /// Example: --ack-timeout 10s
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive)]
     ack_timeout: Duration,
 
-    /// On SIGINT/SIGTERM, how long to wait for connections to drain.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// On SIGINT/SIGTERM, how long to wait for connections to drain
+    ///
+    /// Example: --shutdown-grace 10s
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
-    /// Where sessions live: `memory` (in this process; they end with it) or
-    /// `redis://[USER:PASSWORD@]HOST:PORT/DB` (shared by every instance
-    /// pointed at the same Redis, so clients resume on any of them and a
-    /// draining server sends them there). If Redis is down the server
-    /// starts anyway and answers `store_unavailable` until it is back.
-    #[arg(long, default_value = "memory", value_parser = parse_store)]
+    /// Where sessions live: memory, or redis://[USER:PASSWORD@]HOST:PORT/DB
+    ///
+    /// memory keeps them in this process (they end with it). A Redis URL
+    /// shares them with every instance pointed at the same Redis, so
+    /// clients resume on any of them and a draining server sends them
+    /// there. If Redis is down the server starts anyway and answers
+    /// store_unavailable until it is back.
+    ///
+    /// Example: --store redis://127.0.0.1:6379/0
+    #[arg(long, value_name = "URL", default_value = "memory", value_parser = parse_store)]
     store: StoreUrl,
 
-    /// Prefix of every Redis key and of the takeover channel, so several
-    /// deployments can share one Redis (with --store redis://...).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
+    /// Prefix of every Redis key and of the takeover channel
+    ///
+    /// Lets several deployments share one Redis (with --store redis://...).
+    ///
+    /// Example: --redis-prefix staging:numstream:
+    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX)]
     redis_prefix: String,
+
+    /// Serve /metrics, /healthz and /readyz over HTTP on this address
+    /// [default: off]
+    ///
+    /// /metrics is Prometheus text format (numstream_* metrics, see
+    /// docs/operations.md); /healthz answers 200 while the process runs;
+    /// /readyz answers 200 while the server accepts connections and the
+    /// session store answers within 1s, else 503 with the reason. Keep it
+    /// on a private interface: it is unauthenticated.
+    ///
+    /// Example: --metrics-addr 127.0.0.1:9100
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    metrics_addr: Option<SocketAddr>,
+
+    /// Log line format on stderr: text (colours only on a terminal, and
+    /// not with NO_COLOR) or json (one object per line)
+    ///
+    /// Every line about a session carries its client_id and generation
+    /// (in json, under "span"); resume tokens are never logged.
+    ///
+    /// Example: --log-format json
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
 }
 
 /// Where sessions live, as given by `--store`.
@@ -95,6 +178,16 @@ struct Args {
 enum StoreUrl {
     Memory,
     Redis(String),
+}
+
+impl StoreUrl {
+    /// The `store` metrics label, as `SessionStore::kind` will say.
+    fn kind(&self) -> &'static str {
+        match self {
+            StoreUrl::Memory => "memory",
+            StoreUrl::Redis(_) => "redis",
+        }
+    }
 }
 
 fn parse_store(text: &str) -> Result<StoreUrl, String> {
@@ -121,6 +214,18 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
         return Err("interval must be at most 1h".into());
     }
     Ok(interval)
+}
+
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        "expected an IP address and port, e.g. 127.0.0.1:9100, [::1]:9100 or 0.0.0.0:9100 \
+         (port 0 picks a free one)"
+            .to_owned()
+    })
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 5s, 500ms, 0s)"))
 }
 
 fn parse_positive(text: &str) -> Result<Duration, String> {
@@ -153,15 +258,11 @@ fn default_max_connections() -> u64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let matches = Args::command().get_matches();
+    let matches = numstream_cli_support::with_generate(Args::command()).get_matches();
+    numstream_cli_support::generate_if_asked(&matches, Args::command());
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let max_sessions_given = matches.value_source("max_sessions") == Some(ValueSource::CommandLine);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(args.log_format);
 
     let max_sessions = usize::try_from(args.max_sessions).unwrap_or(usize::MAX);
     let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
@@ -176,13 +277,42 @@ async fn main() -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
 
+    // Bound before anything else starts, so a taken port fails fast.
+    let status_listener = match args.metrics_addr {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (--metrics-addr)"))?,
+        ),
+        None => None,
+    };
+    let (telemetry, metrics) = match status_listener {
+        Some(_) => {
+            let recorder = numstream_server::prometheus_recorder();
+            let metrics = recorder.handle();
+            let telemetry = Telemetry::new(&recorder, args.store.kind());
+            // Also the process-wide recorder, for any library that reports
+            // through the `metrics` macros.
+            let _ = metrics::set_global_recorder(recorder);
+            (telemetry, Some(metrics))
+        }
+        None => (Telemetry::disabled(), None),
+    };
+
     let store: Arc<dyn SessionStore> = match &args.store {
         StoreUrl::Memory => {
             let memory = Arc::new(InMemoryStore::new(max_sessions));
             // Frees memory of sessions whose TTL passed; expiry itself is
             // decided on access, so the period only bounds how long dead
             // entries linger. Runs as long as the runtime does.
-            drop(memory.spawn_sweeper(Duration::from_secs(1).min(args.session_ttl)));
+            let expired = telemetry.clone();
+            drop(
+                memory.spawn_sweeper(Duration::from_secs(1).min(args.session_ttl), move |swept| {
+                    expired.sessions_expired(swept as u64)
+                }),
+            );
+            let counted = memory.clone();
+            telemetry.count_sessions_with(move || counted.len());
             memory
         }
         StoreUrl::Redis(url) => {
@@ -192,11 +322,29 @@ async fn main() -> anyhow::Result<()> {
             redis_store(url, &args.redis_prefix).await?
         }
     };
+    let store = InstrumentedStore::wrap(store, &telemetry);
 
     let address = SocketAddr::new(args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
+
+    if let (Some(status_listener), Some(metrics)) = (status_listener, metrics) {
+        let status = Status {
+            metrics,
+            telemetry: telemetry.clone(),
+            store: store.clone(),
+        };
+        if let Ok(status_address) = status_listener.local_addr() {
+            tracing::info!(
+                %status_address,
+                "status endpoint listening: /metrics, /healthz, /readyz"
+            );
+        }
+        // Serves until the process exits, so /readyz says "draining" (503)
+        // while connections drain.
+        tokio::spawn(numstream_server::serve_status(status_listener, status));
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -209,8 +357,30 @@ async fn main() -> anyhow::Result<()> {
         max_connections,
         "numstream-server starting"
     );
-    numstream_server::run(listener, store, config, shutdown).await?;
+    numstream_server::run_with_telemetry(listener, store, config, shutdown, telemetry).await?;
     Ok(())
+}
+
+/// Logs to stderr as text (coloured only on a terminal without NO_COLOR)
+/// or JSON lines; RUST_LOG overrides the default level, info.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(numstream_cli_support::stderr_wants_colour())
+            .init(),
+        // The connection span (peer, client_id, generation) goes under
+        // "span"; the event's own fields sit at the top level.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// A Redis store that connects on first use: a server started while Redis

@@ -21,6 +21,7 @@ use numstream_store::{SessionStore, TakeoverNotice};
 use crate::config::ServerConfig;
 use crate::connection::{self, Shared};
 use crate::registry::Registry;
+use crate::telemetry::Telemetry;
 
 /// Connections being turned away at once; past this, excess connections are
 /// closed without a word rather than spending memory on politeness.
@@ -43,6 +44,20 @@ pub async fn run(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    run_with_telemetry(listener, store, config, shutdown, Telemetry::disabled()).await
+}
+
+/// [`run`], reporting to `telemetry`: connection and session metrics, and
+/// readiness (accepting from the start of the accept loop until the drain).
+/// Store operation metrics come from passing a store wrapped by
+/// [`crate::InstrumentedStore::wrap`] with the same `telemetry`.
+pub async fn run_with_telemetry(
+    listener: TcpListener,
+    store: Arc<dyn SessionStore>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    telemetry: Telemetry,
+) -> Result<(), ServerError> {
     let local = listener
         .local_addr()
         .map_err(ServerError::ListenerAddress)?;
@@ -54,6 +69,7 @@ pub async fn run(
         store,
         registry: Registry::default(),
         shutdown: shutdown.clone(),
+        telemetry,
     });
     let tracker = TaskTracker::new();
     // Takeovers by other instances sharing the store stop our streamers
@@ -63,6 +79,7 @@ pub async fn run(
         .takeover_notices()
         .map(|notices| tokio::spawn(forward_notices(notices, shared.clone())));
     info!(%local, store = shared.store.kind(), "listening");
+    shared.telemetry.set_accepting(true);
 
     let mut accept_backoff = Duration::from_millis(5);
     loop {
@@ -88,28 +105,37 @@ pub async fn run(
                 continue;
             }
         };
+        shared.telemetry.connection_accepted();
         match admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
                 tracker.spawn(async move {
+                    let open = shared.telemetry.connection_open();
                     connection::serve(stream, peer, shared).await;
+                    drop(open);
                     drop(permit);
                 });
             }
             Err(_) => match rejections.clone().try_acquire_owned() {
                 Ok(permit) => {
                     debug!(%peer, "connection limit reached; rejecting");
+                    shared.telemetry.connection_over_limit();
+                    shared.telemetry.rejected(ErrorCode::ServerBusy);
                     tracker.spawn(async move {
                         reject_busy(stream).await;
                         drop(permit);
                     });
                 }
-                Err(_) => debug!(%peer, "connection limit reached; dropping"),
+                Err(_) => {
+                    debug!(%peer, "connection limit reached; dropping");
+                    shared.telemetry.connection_over_limit();
+                }
             },
         }
     }
 
     drop(listener);
+    shared.telemetry.set_accepting(false);
     tracker.close();
     info!(
         connections = tracker.len(),

@@ -45,19 +45,68 @@ fn help_documents_every_flag_with_defaults() {
         "--shutdown-grace",
         "--store",
         "--redis-prefix",
+        "--metrics-addr",
+        "--log-format",
+        "--generate",
         "[default: memory]",
         "[default: numstream:]",
         "[default: 1s]",
         "[default: 30s]",
+        "[default: text]",
+        "[default: off]",
         "Examples:",
     ] {
         assert!(help.contains(flag), "--help must mention {flag}:\n{help}");
+    }
+    // Every flag has an example, and every value-taking flag its default.
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .filter_map(|rest| rest.split([' ', '=']).next())
+        .filter(|flag| !["help", "version"].contains(flag))
+        .collect();
+    assert!(flags.len() >= 15, "{flags:?}");
+    for flag in &flags {
+        assert!(
+            help.contains(&format!("Example: --{flag}")),
+            "--{flag} has no example:\n{help}"
+        );
+    }
+    let short = String::from_utf8_lossy(&run_to_end(&["-h"]).stdout).into_owned();
+    for line in short
+        .lines()
+        .filter(|line| line.trim_start().starts_with("--"))
+    {
+        let takes_value = line.contains('<');
+        let required_or_special = ["--port", "--generate"]
+            .iter()
+            .any(|flag| line.trim_start().starts_with(flag));
+        if takes_value && !required_or_special {
+            assert!(line.contains("[default: "), "no default shown: {line}");
+        }
+    }
+}
+
+#[test]
+fn generates_a_man_page_and_completions_without_other_flags() {
+    let man = run_to_end(&["--generate", "man"]);
+    assert!(man.status.success(), "{man:?}");
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH numstream-server"), "{man}");
+    assert!(man.contains("metrics\\-addr"), "{man}");
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = run_to_end(&["--generate", shell]);
+        assert!(script.status.success(), "{shell}: {script:?}");
+        assert!(
+            String::from_utf8_lossy(&script.stdout).contains("session-ttl"),
+            "{shell}"
+        );
     }
 }
 
 #[test]
 fn bad_flags_exit_2_and_say_what_is_accepted() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 10] = [
         (&[], "--port"),
         (&["--port", "0"], "--port"),
         (
@@ -77,6 +126,15 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
             &["--port", "7000", "--store", "redis://127.0.0.1:notaport/0"],
             "does not parse",
         ),
+        (
+            &["--port", "7000", "--log-format", "xml"],
+            "[possible values: text, json]",
+        ),
+        (
+            &["--port", "7000", "--metrics-addr", "localhost"],
+            "expected an IP address and port, e.g. 127.0.0.1:9100",
+        ),
+        (&["--port", "7000", "--generate", "tcsh"], "man, bash, zsh"),
     ];
     for (args, expected) in cases {
         let output = run_to_end(args);

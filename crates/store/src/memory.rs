@@ -122,8 +122,13 @@ impl InMemoryStore {
     }
 
     /// Sweeps every `period` until the store is dropped, logging each
-    /// session it forgets.
-    pub fn spawn_sweeper(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+    /// session it forgets and telling `on_sweep` how many it forgot (for
+    /// metrics; called after every sweep, with 0 too).
+    pub fn spawn_sweeper(
+        self: &Arc<Self>,
+        period: Duration,
+        on_sweep: impl Fn(usize) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let store: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
@@ -131,9 +136,11 @@ impl InMemoryStore {
             loop {
                 ticks.tick().await;
                 let Some(store) = store.upgrade() else { return };
-                for client_id in store.sweep_expired() {
+                let expired = store.sweep_expired();
+                for client_id in &expired {
                     tracing::info!(%client_id, "session expired");
                 }
+                on_sweep(expired.len());
             }
         })
     }

@@ -32,6 +32,15 @@ impl ServerProcess {
     /// # Panics
     /// If the binary cannot run or never listens.
     pub fn start(binary: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(binary, args, &[])
+    }
+
+    /// [`start`](Self::start), with `env` added to the inherited
+    /// environment (e.g. `RUST_LOG`).
+    ///
+    /// # Panics
+    /// If the binary cannot run or never listens.
+    pub fn start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
@@ -45,6 +54,7 @@ impl ServerProcess {
                 .arg("--port")
                 .arg(port.to_string())
                 .args(args)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file)

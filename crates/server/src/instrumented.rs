@@ -1,0 +1,122 @@
+//! A [`SessionStore`] wrapper that times every operation for
+//! `numstream_store_operation_duration_seconds` and counts store failures
+//! in `numstream_store_errors_total`, so neither the stores nor the call
+//! sites need to know about metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use tokio::time::Instant;
+
+use numstream_protocol::{ClientId, ResumeToken};
+use numstream_store::{
+    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+};
+
+use crate::telemetry::{StoreOp, Telemetry};
+
+/// `inner`, with every operation measured by `telemetry`.
+#[derive(Debug)]
+pub struct InstrumentedStore {
+    inner: Arc<dyn SessionStore>,
+    telemetry: Telemetry,
+}
+
+impl InstrumentedStore {
+    /// Wraps `inner`; a disabled `telemetry` gets `inner` back unwrapped.
+    pub fn wrap(inner: Arc<dyn SessionStore>, telemetry: &Telemetry) -> Arc<dyn SessionStore> {
+        if !telemetry.is_enabled() {
+            return inner;
+        }
+        Arc::new(Self {
+            inner,
+            telemetry: telemetry.clone(),
+        })
+    }
+
+    async fn timed<T>(
+        &self,
+        op: StoreOp,
+        operation: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = operation.await;
+        self.telemetry
+            .store_operation(op, started.elapsed(), result.as_ref().err());
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for InstrumentedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn create(&self, session: NewSession, lease: Duration) -> Result<Attachment, StoreError> {
+        self.timed(StoreOp::Create, self.inner.create(session, lease))
+            .await
+    }
+
+    async fn attach(
+        &self,
+        client_id: ClientId,
+        token: &ResumeToken,
+        lease: Duration,
+    ) -> Result<Attachment, StoreError> {
+        self.timed(StoreOp::Attach, self.inner.attach(client_id, token, lease))
+            .await
+    }
+
+    async fn renew(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.timed(
+            StoreOp::Renew,
+            self.inner.renew(client_id, generation, lease),
+        )
+        .await
+    }
+
+    async fn detach(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.timed(
+            StoreOp::Detach,
+            self.inner.detach(client_id, generation, ttl),
+        )
+        .await
+    }
+
+    async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
+        self.timed(
+            StoreOp::Complete,
+            self.inner.complete(client_id, generation),
+        )
+        .await
+    }
+
+    async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError> {
+        self.timed(StoreOp::Lookup, self.inner.lookup(client_id))
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(StoreOp::Ping, self.inner.ping()).await
+    }
+
+    fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
+        self.inner.takeover_notices()
+    }
+}

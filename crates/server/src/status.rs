@@ -1,0 +1,179 @@
+//! The status endpoint (`--metrics-addr`): Prometheus metrics, liveness and
+//! readiness over plain HTTP/1.1, for scrapers, load balancers and
+//! orchestrators.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/metrics` | 200, Prometheus text format 0.0.4 |
+//! | `/healthz` | 200 `ok` while the process runs (liveness) |
+//! | `/readyz` | 200 `ready` while the server accepts connections and the session store answers `ping` within [`READY_PING_TIMEOUT`]; otherwise 503 and the reason (starting, draining, store down) |
+//!
+//! It runs beside the session listener on its own address and is bounded
+//! like it: at most [`MAX_STATUS_CONNECTIONS`] at once, a header timeout
+//! and a lifetime per connection, so a slow or hostile scraper cannot pile
+//! up tasks.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use numstream_store::SessionStore;
+
+use crate::telemetry::{Telemetry, buckets, names};
+
+/// How long `/readyz` waits for the store's answer.
+pub const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Status connections served at once; more are closed at once.
+pub const MAX_STATUS_CONNECTIONS: usize = 32;
+/// Time a status client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a status connection (kept alive between scrapes) may live.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How often histogram samples are folded into their buckets between
+/// scrapes, so memory stays flat when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A Prometheus recorder with numstream's histogram buckets, and a task
+/// that keeps its memory flat between scrapes (call inside a runtime).
+pub fn prometheus_recorder() -> PrometheusRecorder {
+    let mut builder = PrometheusBuilder::new();
+    for (name, bounds) in [
+        (names::SEND_LATENESS, buckets::SEND_LATENESS),
+        (names::TIME_TO_RESUME, buckets::TIME_TO_RESUME),
+        (names::STORE_OPERATION_DURATION, buckets::STORE_OPERATION),
+    ] {
+        builder = builder
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(name.to_owned()),
+                bounds,
+            )
+            .unwrap_or_else(|_| unreachable!("bucket lists are not empty"));
+    }
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            ticks.tick().await;
+            handle.run_upkeep();
+        }
+    });
+    recorder
+}
+
+/// What the status endpoint reports on.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub metrics: PrometheusHandle,
+    pub telemetry: Telemetry,
+    /// The store `/readyz` pings.
+    pub store: Arc<dyn SessionStore>,
+}
+
+/// Serves the status endpoint on `listener` until the task is dropped.
+pub async fn serve_status(listener: TcpListener, status: Status) {
+    let status = Arc::new(status);
+    let slots = Arc::new(Semaphore::new(MAX_STATUS_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "status endpoint: accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "status endpoint: too many connections; closing");
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let status = status.clone();
+                async move { Ok::<_, Infallible>(status.respond(request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            // A connection past its lifetime is simply closed.
+            if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                debug!(%peer, %error, "status connection failed");
+            }
+            drop(slot);
+        });
+    }
+}
+
+impl Status {
+    async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are served\n".to_owned(),
+            );
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                self.telemetry.refresh();
+                let mut response = text(StatusCode::OK, self.metrics.render());
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n".to_owned()),
+            "/readyz" => match self.readiness().await {
+                Ok(()) => text(StatusCode::OK, "ready\n".to_owned()),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; this endpoint serves /metrics, /healthz and /readyz\n".to_owned(),
+            ),
+        }
+    }
+
+    /// Why this instance should not get traffic, if it should not.
+    async fn readiness(&self) -> Result<(), String> {
+        if !self.telemetry.is_accepting() {
+            return Err("not accepting connections (starting or draining)".to_owned());
+        }
+        match tokio::time::timeout(READY_PING_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("{} store: {error}", self.store.kind())),
+            Err(_) => Err(format!(
+                "{} store did not answer within {}",
+                self.store.kind(),
+                humantime::format_duration(READY_PING_TIMEOUT)
+            )),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT));
+    response
+}

@@ -1,0 +1,571 @@
+//! The `numstream-server` binary as an operator sees it: `/metrics` moving
+//! with session events (created, resumed after a forced drop, completed,
+//! expired, rejected), `/healthz`, `/readyz` following the Redis store, and
+//! logs that name every session but never its resume token.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use numstream_protocol::{
+    ClientId, ErrorCode, Frame, Open, Resume, ResumeToken, Welcome, encode_frame,
+};
+use numstream_testkit::process::ServerProcess;
+use numstream_testkit::proxy::{CutProxy, CutRule};
+use numstream_testkit::redis::RedisServer;
+use numstream_testkit::server::RawClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_numstream-server");
+/// Bound on anything a test polls for, so a bug fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A server process with its status endpoint on a free port.
+fn start(args: &[&str], env: &[(&str, &str)]) -> (ServerProcess, SocketAddr) {
+    let mut all = vec!["--metrics-addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let server = ServerProcess::start_with_env(Path::new(BIN), &all, env);
+    let status = status_address(&server.log());
+    (server, status)
+}
+
+/// The status endpoint's address, as the server logs it at startup.
+fn status_address(log: &str) -> SocketAddr {
+    let line = log
+        .lines()
+        .find(|line| line.contains("status endpoint listening"))
+        .unwrap_or_else(|| panic!("no status endpoint in the log:\n{log}"));
+    let start = line
+        .find("status_address")
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    let address: String = line[start + "status_address".len()..]
+        .trim_start_matches(['=', '"', ':'])
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    address
+        .parse()
+        .unwrap_or_else(|error| panic!("{address:?} in {line}: {error}"))
+}
+
+fn server_address(server: &ServerProcess) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], server.port()))
+}
+
+/// One HTTP/1.1 GET; the status code and the body.
+async fn get(status: SocketAddr, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(status).await.expect("connect to status");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("read response");
+        response
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} took over 5 s"));
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A parsed `/metrics` page: series (name and sorted labels) to value.
+#[derive(Debug)]
+struct Scrape(BTreeMap<(String, Vec<(String, String)>), f64>);
+
+impl Scrape {
+    fn parse(text: &str) -> Self {
+        let mut series = BTreeMap::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let (name, labels) = match key.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (key, ""),
+            };
+            let mut labels: Vec<(String, String)> = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            labels.sort();
+            series.insert((name.to_owned(), labels), value);
+        }
+        Self(series)
+    }
+
+    /// The sum over every series of `name` carrying all of `labels`; 0 when
+    /// there is none (a histogram or labelled counter never touched).
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|((series, have), _)| {
+                series == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.keys().any(|(series, _)| series == name)
+    }
+}
+
+async fn scrape(status: SocketAddr) -> Scrape {
+    let (code, body) = get(status, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    Scrape::parse(&body)
+}
+
+/// Scrapes until `ready` holds, or panics with the last scrape.
+async fn scrape_until(status: SocketAddr, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let scrape = scrape(status).await;
+        if ready(&scrape) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen within {PATIENCE:?}; last scrape: {scrape:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz_until(status: SocketAddr, code: u16) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (got, body) = get(status, "/readyz").await;
+        if got == code {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {got} ({body:?}) after {PATIENCE:?}, expected {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads numbers `from..` in order up to FINAL, acknowledges it (with the
+/// server's own checksum: only a mismatch is logged) and sees the close.
+async fn read_to_the_end(client: &mut RawClient, from: u16) {
+    let mut expected = from;
+    let checksum = loop {
+        match client.frame().await {
+            Frame::Number { index, .. } => {
+                assert_eq!(index, expected);
+                expected += 1;
+            }
+            Frame::Final {
+                index, checksum, ..
+            } => {
+                assert_eq!(index, expected);
+                break checksum;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    client
+        .send(Frame::Ack {
+            client_checksum: checksum,
+        })
+        .await;
+    client.expect_closed().await;
+}
+
+fn frame_value(frame: &Frame) -> u32 {
+    match frame {
+        Frame::Number { value, .. } => *value,
+        other => panic!("expected a NUMBER, got {other:?}"),
+    }
+}
+
+fn encoded_len(frame: &Frame) -> usize {
+    let mut buf = BytesMut::new();
+    encode_frame(frame, &mut buf);
+    buf.len()
+}
+
+const COUNTERS: [&str; 8] = [
+    "numstream_sessions_created_total",
+    "numstream_sessions_resumed_total",
+    "numstream_sessions_completed_total",
+    "numstream_sessions_expired_total",
+    "numstream_sessions_detached_total",
+    "numstream_sessions_taken_over_total",
+    "numstream_numbers_sent_total",
+    "numstream_numbers_replayed_total",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_sessions_through_a_drop_a_resume_completion_and_expiry() {
+    let (server, status) = start(
+        &["--interval", "10ms", "--session-ttl", "1s", "--seed", "42"],
+        &[],
+    );
+    // The launcher's probe connection, once the server has seen it close.
+    let before = scrape_until(status, "the probe", |s| {
+        s.value("numstream_connections_accepted_total", &[]) == 1.0
+            && s.value("numstream_connections", &[]) == 0.0
+    })
+    .await;
+    for counter in COUNTERS {
+        assert!(before.has(counter), "{counter} missing: {before:#?}");
+        assert_eq!(before.value(counter, &[]), 0.0, "{counter}");
+    }
+    assert_eq!(
+        before.value(
+            "numstream_build_info",
+            &[("store", "memory"), ("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    // A session whose first connection the proxy cuts in the middle of its
+    // sixth number, stepped by hand so every state can be scraped.
+    let proxy = CutProxy::start(server_address(&server))
+        .await
+        .expect("proxy");
+    let welcome_len = encoded_len(&Frame::Welcome(Welcome {
+        count: 1,
+        next_index: 0,
+        token: ResumeToken([0; 16]),
+        interval_us: 0,
+        session_ttl_ms: 0,
+    }));
+    let number_len = encoded_len(&Frame::Number { index: 0, value: 0 });
+    proxy.push_rules([CutRule::after_downstream_bytes(
+        welcome_len + 5 * number_len + number_len / 2,
+    )]);
+    let count: u16 = 60;
+    let client_id = ClientId::new_v4();
+    let mut first = RawClient::connect(proxy.addr()).await;
+    first.send(Frame::Open(Open { client_id, count })).await;
+    let Frame::Welcome(welcome) = first.frame().await else {
+        panic!("expected WELCOME");
+    };
+    let mut received: u16 = 0;
+    while let Some(Ok(frame)) = first.recv().await {
+        assert_eq!(
+            frame,
+            Frame::Number {
+                index: received,
+                value: frame_value(&frame)
+            }
+        );
+        received += 1;
+    }
+    assert_eq!(received, 5, "the cut falls inside the sixth number");
+
+    // Sampled gauges and counters are read one after the other, so wait
+    // for a scrape that shows the whole state.
+    let dropped = scrape_until(status, "the detach", |s| {
+        s.value("numstream_sessions_detached_total", &[]) == 1.0
+            && s.value("numstream_sessions_detached", &[]) == 1.0
+    })
+    .await;
+    assert_eq!(dropped.value("numstream_sessions_created_total", &[]), 1.0);
+    assert_eq!(dropped.value("numstream_sessions_attached", &[]), 0.0);
+    assert_eq!(dropped.value("numstream_sessions_open", &[]), 1.0);
+
+    let mut second = RawClient::connect(proxy.addr()).await;
+    second
+        .send(Frame::Resume(Resume {
+            client_id,
+            token: welcome.token,
+            next_index: received,
+        }))
+        .await;
+    assert!(matches!(second.frame().await, Frame::Welcome(_)));
+    let streaming = scrape(status).await;
+    assert_eq!(
+        streaming.value("numstream_sessions_resumed_total", &[]),
+        1.0
+    );
+    assert_eq!(streaming.value("numstream_sessions_attached", &[]), 1.0);
+    assert_eq!(streaming.value("numstream_sessions_detached", &[]), 0.0);
+    assert_eq!(streaming.value("numstream_connections", &[]), 1.0);
+    assert_eq!(
+        streaming.value("numstream_time_to_resume_seconds_count", &[]),
+        1.0,
+        "the drop was seen here, so the wait until the resume is measured"
+    );
+    // The sixth number went out whole but arrived cut: it is sent again.
+    assert!(streaming.value("numstream_numbers_replayed_total", &[]) >= 1.0);
+
+    read_to_the_end(&mut second, received).await;
+
+    let after = scrape_until(status, "the completion", |s| {
+        s.value("numstream_sessions_completed_total", &[]) == 1.0
+            && s.value("numstream_sessions_open", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(after.value("numstream_sessions_attached", &[]), 0.0);
+    assert_eq!(after.value("numstream_sessions_expired_total", &[]), 0.0);
+    assert_eq!(after.value("numstream_sessions_taken_over_total", &[]), 0.0);
+    let sent = after.value("numstream_numbers_sent_total", &[]);
+    let replayed = after.value("numstream_numbers_replayed_total", &[]);
+    assert_eq!(
+        sent,
+        f64::from(count) + replayed,
+        "each number once, plus replays"
+    );
+    assert_eq!(
+        after.value("numstream_send_lateness_seconds_count", &[]),
+        sent,
+        "one lateness sample per number"
+    );
+    assert_eq!(
+        after.value("numstream_connections_accepted_total", &[])
+            - before.value("numstream_connections_accepted_total", &[]),
+        2.0,
+        "the two connections of the session"
+    );
+    for op in ["create", "attach", "detach", "complete"] {
+        assert_eq!(
+            after.value(
+                "numstream_store_operation_duration_seconds_count",
+                &[("op", op), ("store", "memory")]
+            ),
+            1.0,
+            "{op}"
+        );
+    }
+
+    // A session whose client vanishes for good expires one TTL later.
+    let mut vanishing = RawClient::connect(server_address(&server)).await;
+    vanishing
+        .send(Frame::Open(Open {
+            client_id: ClientId::new_v4(),
+            count: 500,
+        }))
+        .await;
+    assert!(matches!(vanishing.frame().await, Frame::Welcome(_)));
+    drop(vanishing);
+    let expired = scrape_until(status, "the expiry", |s| {
+        s.value("numstream_sessions_expired_total", &[]) == 1.0
+            && s.value("numstream_sessions_open", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(expired.value("numstream_sessions_detached_total", &[]), 2.0);
+
+    // Refusals are counted by error code, broken handshakes by reason.
+    let mut unknown = RawClient::connect(server_address(&server)).await;
+    unknown
+        .send(Frame::Resume(Resume {
+            client_id: ClientId::new_v4(),
+            token: ResumeToken([7; 16]),
+            next_index: 0,
+        }))
+        .await;
+    unknown.expect_error(ErrorCode::SessionUnknown).await;
+    let mut garbage = RawClient::connect(server_address(&server)).await;
+    garbage.send_bytes(b"GET / HTTP/1.1\r\n\r\n").await;
+    garbage.expect_error(ErrorCode::Malformed).await;
+    let refused = scrape_until(status, "the refusals", |s| {
+        s.value("numstream_rejections_total", &[("code", "malformed")]) == 1.0
+    })
+    .await;
+    assert_eq!(
+        refused.value("numstream_rejections_total", &[("code", "session_unknown")]),
+        1.0
+    );
+    assert_eq!(
+        refused.value(
+            "numstream_handshake_failures_total",
+            &[("reason", "malformed")]
+        ),
+        1.0
+    );
+
+    // Liveness, readiness and the rest of the endpoint.
+    assert_eq!(get(status, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get(status, "/readyz").await, (200, "ready\n".to_owned()));
+    let (code, body) = get(status, "/nothing").await;
+    assert_eq!(code, 404);
+    assert!(body.contains("/metrics"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_redis_store_is_down_and_recovers() {
+    let mut redis = RedisServer::start();
+    let url = format!("{}0", redis.url());
+    let (_server, status) = start(&["--store", &url, "--session-ttl", "3s"], &[]);
+    readyz_until(status, 200).await;
+
+    redis.stop();
+    let why = readyz_until(status, 503).await;
+    assert!(why.starts_with("not ready: redis store"), "{why}");
+    let down = scrape(status).await;
+    assert!(
+        down.value(
+            "numstream_store_errors_total",
+            &[("store", "redis"), ("op", "ping")]
+        ) >= 1.0,
+        "{down:#?}"
+    );
+    assert_eq!(get(status, "/healthz").await.0, 200, "still alive");
+
+    redis.restart();
+    readyz_until(status, 200).await;
+}
+
+/// Runs a session with a drop and a resume (and a forged resume) against a
+/// server logging at debug level in `format`, and returns its log with the
+/// client id and both tokens.
+async fn session_logged(format: &str) -> (String, ClientId, [ResumeToken; 2]) {
+    let (server, _status) = start(
+        &["--interval", "2ms", "--log-format", format],
+        &[("RUST_LOG", "debug")],
+    );
+    let addr = server_address(&server);
+    let client_id = ClientId::new_v4();
+    let count = 30;
+    let mut first = RawClient::connect(addr).await;
+    first.send(Frame::Open(Open { client_id, count })).await;
+    let Frame::Welcome(welcome) = first.frame().await else {
+        panic!("expected WELCOME");
+    };
+    for _ in 0..5 {
+        assert!(matches!(first.frame().await, Frame::Number { .. }));
+    }
+    drop(first);
+
+    let forged = ResumeToken([0xc3; 16]);
+    let mut intruder = RawClient::connect(addr).await;
+    intruder
+        .send(Frame::Resume(Resume {
+            client_id,
+            token: forged,
+            next_index: 5,
+        }))
+        .await;
+    intruder.expect_error(ErrorCode::BadResumeToken).await;
+
+    let mut second = RawClient::connect(addr).await;
+    second
+        .send(Frame::Resume(Resume {
+            client_id,
+            token: welcome.token,
+            next_index: 5,
+        }))
+        .await;
+    assert!(matches!(second.frame().await, Frame::Welcome(_)));
+    read_to_the_end(&mut second, 5).await;
+
+    let deadline = Instant::now() + PATIENCE;
+    while !server.log().contains("session completed") {
+        assert!(
+            Instant::now() < deadline,
+            "no completion in {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (server.log(), client_id, [welcome.token, forged])
+}
+
+fn assert_no_token(log: &str, tokens: &[ResumeToken]) {
+    for token in tokens {
+        let lower: String = token.0.iter().map(|b| format!("{b:02x}")).collect();
+        let upper = lower.to_uppercase();
+        let decimal = format!("{:?}", token.0);
+        let spaced: String = token.0.iter().map(|b| format!("{b:02x} ")).collect();
+        for shape in [&lower, &upper, &decimal, spaced.trim_end()] {
+            assert!(
+                !log.contains(shape),
+                "a resume token ({shape}) appears in the log:\n{log}"
+            );
+        }
+        // No 8-byte run of the token in hex either.
+        for window in lower.as_bytes().chunks(16) {
+            let window = std::str::from_utf8(window).expect("hex");
+            assert!(!log.contains(window), "part of a token in the log:\n{log}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_name_every_session_line_and_never_a_token() {
+    let (log, client_id, tokens) = session_logged("text").await;
+    assert_no_token(&log, &tokens);
+    assert!(
+        !log.contains('\u{1b}'),
+        "no ANSI escapes off a terminal:\n{log}"
+    );
+    let id = format!("client_id={client_id}");
+    for (event, generation) in [
+        ("session opened", "generation=1"),
+        ("session detached", "generation=1"),
+        ("session resumed", "generation=2"),
+        ("session completed", "generation=2"),
+    ] {
+        let line = log
+            .lines()
+            .find(|line| line.contains(event))
+            .unwrap_or_else(|| panic!("no {event:?} line in\n{log}"));
+        assert!(line.contains(&id), "{line}");
+        assert!(line.contains(generation), "{line}");
+    }
+    let refused = log
+        .lines()
+        .find(|line| line.contains("bad_resume_token"))
+        .unwrap_or_else(|| panic!("the forged resume is not logged:\n{log}"));
+    assert!(refused.contains(&id), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_never_carry_a_token() {
+    let (log, client_id, tokens) = session_logged("json").await;
+    assert_no_token(&log, &tokens);
+    let id = client_id.to_string();
+    let mut session_lines = 0;
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(value["timestamp"].is_string(), "{line}");
+        assert!(value["level"].is_string(), "{line}");
+        let message = value["message"].as_str().unwrap_or_default();
+        if message.starts_with("session ") && message != "session expired" {
+            session_lines += 1;
+            assert_eq!(value["span"]["client_id"], id.as_str(), "{line}");
+            assert!(value["span"]["generation"].is_u64(), "{line}");
+        }
+    }
+    assert!(session_lines >= 4, "{log}");
+}
