@@ -20,7 +20,7 @@ const NUMBER_LEN: u64 = 11;
 /// `taken_over`, which is final, so the client fails although nobody but
 /// itself ever held its token.
 #[tokio::test]
-#[ignore = "bug: a client's own stale RESUME takes its session over (see the issue 4 report)"]
+
 async fn a_stale_resume_from_an_abandoned_connection_does_not_kill_the_session() {
     let mut config = fast_config();
     config.interval = Duration::from_millis(5);
@@ -82,7 +82,7 @@ async fn a_stale_resume_from_an_abandoned_connection_does_not_kill_the_session()
 /// arrives, and the client's immediate resume is refused although the
 /// client was never away.
 #[tokio::test]
-#[ignore = "bug: a slow reader's session expires before it has received it (see the issue 4 report)"]
+
 async fn a_slow_reader_keeps_its_session_until_it_has_received_it() {
     let mut config = fast_config();
     config.interval = Duration::ZERO;

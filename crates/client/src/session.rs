@@ -33,6 +33,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// TTL (30 s by default), so give it comfortably longer.
 const LOST_WELCOME_WAIT: Duration = Duration::from_secs(45);
 
+/// How many `taken_over` errors a run answers by resuming again. The usual
+/// taker is this client's own stale RESUME (sent on a connection it had
+/// already given up, and delivered late), which then dies with its
+/// abandoned socket; resuming once takes the session back. A second client
+/// holding the token would make the session bounce, so this is small.
+const TAKEOVER_RESUMES: u32 = 2;
+
 /// Fetches the session described by `config`, resuming across dropped
 /// connections, and reports the outcome. Never panics: every failure is
 /// described in the [`Report`].
@@ -45,6 +52,7 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
         observer,
         welcomes: 0,
         opens_sent: 0,
+        takeovers: 0,
         terms: None,
     };
     let result = match config.validate() {
@@ -110,6 +118,8 @@ struct Driver<'a> {
     welcomes: u32,
     /// OPEN frames sent (RESUMEs not counted).
     opens_sent: u32,
+    /// `taken_over` errors received so far.
+    takeovers: u32,
     /// Set by the first WELCOME, refreshed by every later one.
     terms: Option<Terms>,
 }
@@ -221,7 +231,19 @@ impl Driver<'_> {
     }
 
     /// Turns a server ERROR into a retry decision or the run's final error.
-    fn classify(&self, error: ErrorFrame, away: Duration) -> Result<Retry, ClientError> {
+    fn classify(&mut self, error: ErrorFrame, away: Duration) -> Result<Retry, ClientError> {
+        if error.code == ErrorCode::TakenOver && self.takeovers < TAKEOVER_RESUMES {
+            self.takeovers += 1;
+            return Ok(Retry {
+                cause: format!(
+                    "taken over ({} of {TAKEOVER_RESUMES} tolerated), probably by a stale \
+                     RESUME of ours: {error}",
+                    self.takeovers
+                ),
+                immediate: false,
+                awaits_orphan: false,
+            });
+        }
         match error.disposition {
             Disposition::RetryNow => Ok(Retry {
                 cause: format!("server asked to resume elsewhere: {error}"),

@@ -541,19 +541,33 @@ async fn final_shutting_down_ends_the_run() {
 }
 
 #[tokio::test]
-async fn taken_over_ends_the_run() {
+async fn taken_over_is_resumed_twice_then_ends_the_run() {
     let (listener, port) = listen().await;
+    let config = config(vec![port], 5);
+    let expected_config = config.clone();
     let server = tokio::spawn(async move {
         let mut conn = accept(&listener).await;
         recv(&mut conn).await;
         send(&mut conn, welcome(5, 0)).await;
+        send_numbers(&mut conn, 5, 0..1).await;
         send(&mut conn, error(ErrorCode::TakenOver, "resumed elsewhere")).await;
+        drop(conn);
+        // The taker may have been the client's own stale RESUME: it comes
+        // back, and is taken over again, twice; the third time it stops.
+        for _ in 0..2 {
+            let mut conn = accept(&listener).await;
+            assert_resume(&recv(&mut conn).await, &expected_config, 1);
+            send(&mut conn, welcome(5, 1)).await;
+            send(&mut conn, error(ErrorCode::TakenOver, "resumed elsewhere")).await;
+        }
     });
-    let (report, events) = run_client(config(vec![port], 5)).await;
+    let (report, events) = run_client(config).await;
     join(server).await;
     assert_eq!(report.exit_code(), 3);
     assert!(matches!(report.error, Some(ClientError::TakenOver { .. })));
-    assert!(reconnect_events(&events).is_empty());
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 2, "{reconnects:?}");
+    assert!(reconnects[0].0.contains("taken over"), "{reconnects:?}");
 }
 
 #[tokio::test]

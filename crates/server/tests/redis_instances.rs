@@ -175,6 +175,7 @@ fn config(interval: Duration, session_ttl: Duration) -> ServerConfig {
         seed: Some(SEED),
         handshake_timeout: Duration::from_secs(2),
         ack_timeout: Duration::from_secs(2),
+        dead_peer_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(3),
         ..ServerConfig::default()
     }

@@ -90,6 +90,7 @@ pub fn fast_config() -> ServerConfig {
         seed: Some(42),
         handshake_timeout: Duration::from_secs(2),
         ack_timeout: Duration::from_secs(2),
+        dead_peer_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(3),
         ..ServerConfig::default()
     }

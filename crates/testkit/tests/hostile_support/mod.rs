@@ -45,6 +45,7 @@ pub(crate) fn hostile_config() -> ServerConfig {
         handshake_timeout: HANDSHAKE_TIMEOUT,
         ack_timeout: Duration::from_secs(1),
         write_timeout: Duration::from_secs(1),
+        dead_peer_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(2),
         ..ServerConfig::default()
     }
