@@ -40,6 +40,10 @@ impl Report {
     /// `client_checksum` (string), `ok` (bool) and `error` (string or
     /// null). Checksums are strings of the form `"0x%08x"`, lower-case hex,
     /// because that is how people compare them with server logs.
+    ///
+    /// This is a stable interface for scripts, specified by
+    /// `docs/client-report.schema.json` (the binary's tests check real
+    /// output against it): keys may be added, never renamed or retyped.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "client_id": self.client_id.hyphenated().to_string(),

@@ -9,6 +9,7 @@ Examples:
   numstream-client --host 10.0.0.5 --port 7000 --port 7001 --count 65535
   numstream-client --port 7000 --client-id 5f0c5e1a-8d3c-4c2e-9b1a-2f3e4d5c6b7a --json
   RUST_LOG=numstream_client=debug numstream-client --port 7000 --quiet
+  numstream-client --generate man > numstream-client.1
 
 Exit codes:
   0  the sequence arrived complete and the checksums match
@@ -63,7 +64,8 @@ pub(crate) struct Cli {
     ///
     /// Keys: client_id, count, received, sum, server_checksum,
     /// client_checksum, reconnects, ok, error. Checksums are "0x%08x"
-    /// strings; server_checksum and error are null when absent.
+    /// strings; server_checksum and error are null when absent. The
+    /// schema is docs/client-report.schema.json; keys are only ever added.
     ///
     /// Example: --json
     #[arg(long)]
@@ -71,7 +73,9 @@ pub(crate) struct Cli {
 
     /// Do not draw the progress bar [default: off]
     ///
-    /// The bar is drawn on stderr, and only when stderr is a terminal.
+    /// The bar is drawn on stderr, and only when stderr is a terminal: it
+    /// shows numbers received out of the total, the rate, the time left,
+    /// the reconnects so far and the server in use (or the next retry).
     ///
     /// Example: --quiet
     #[arg(long, short)]

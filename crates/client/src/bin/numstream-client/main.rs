@@ -22,7 +22,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use numstream_client::{ClientConfig, EXIT_CANNOT_CONNECT, Report};
 use tracing_subscriber::EnvFilter;
 
@@ -31,7 +31,9 @@ use crate::progress::{LogWriter, ProgressObserver};
 
 fn main() -> ExitCode {
     // Exits with 2 and clap's message on a usage error.
-    let cli = Cli::parse();
+    let matches = numstream_cli_support::with_generate(Cli::command()).get_matches();
+    numstream_cli_support::generate_if_asked(&matches, Cli::command());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     match real_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
@@ -53,9 +55,14 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         ..ClientConfig::default()
     };
 
-    let stderr_is_terminal = std::io::stderr().is_terminal();
-    let bar = (stderr_is_terminal && !cli.quiet).then(|| progress::bar(count));
-    init_logging(cli.verbose, stderr_is_terminal, bar.clone());
+    // The bar is for people watching a terminal; scripts and logs get
+    // nothing on stderr but log lines.
+    let bar = (std::io::stderr().is_terminal() && !cli.quiet).then(|| progress::bar(count));
+    init_logging(
+        cli.verbose,
+        numstream_cli_support::stderr_wants_colour(),
+        bar.clone(),
+    );
 
     // One connection at a time: a single-threaded runtime is plenty.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -130,3 +130,124 @@ impl Write for LogWriter {
         io::stderr().flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn hidden_bar(count: u16) -> ProgressBar {
+        let bar = bar(count);
+        bar.disable_steady_tick();
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        bar
+    }
+
+    #[test]
+    fn shows_progress_reconnects_and_the_current_server() {
+        let bar = hidden_bar(100);
+        let mut observer = ProgressObserver::new(Some(bar.clone()));
+        let first = "127.0.0.1:7000".parse().expect("address");
+        observer.event(&Event::Connected { addr: first });
+        assert_eq!(bar.message(), "reconnects 0, 127.0.0.1:7000");
+        observer.event(&Event::Welcomed {
+            next_index: 0,
+            count: 100,
+        });
+        for index in 0..40 {
+            observer.event(&Event::Number { index, value: 1 });
+        }
+        assert_eq!((bar.position(), bar.length()), (40, Some(100)));
+
+        observer.event(&Event::Reconnecting {
+            cause: "127.0.0.1:7000 closed the connection".into(),
+            delay: Duration::from_micros(42_345),
+            attempt: 1,
+        });
+        assert_eq!(
+            bar.message(),
+            "reconnects 0, retry #1 in 42ms: 127.0.0.1:7000 closed the connection"
+        );
+        let second = "127.0.0.1:7001".parse().expect("address");
+        observer.event(&Event::Connected { addr: second });
+        observer.event(&Event::Welcomed {
+            next_index: 40,
+            count: 100,
+        });
+        assert_eq!(bar.message(), "reconnects 1, 127.0.0.1:7001");
+        assert_eq!(bar.position(), 40, "the resume continues where it was");
+
+        observer.event(&Event::Completed);
+        assert!(bar.is_finished(), "cleared before the report is printed");
+    }
+
+    /// A terminal 100 columns wide that keeps what was drawn since the
+    /// last line clear.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl Screen {
+        fn shown(&self) -> String {
+            self.0.lock().expect("screen").clone()
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            100
+        }
+        fn move_cursor_up(&self, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, line: &str) -> io::Result<()> {
+            self.write_str(line)
+        }
+        fn write_str(&self, text: &str) -> io::Result<()> {
+            self.0.lock().expect("screen").push_str(text);
+            Ok(())
+        }
+        fn clear_line(&self) -> io::Result<()> {
+            self.0.lock().expect("screen").clear();
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_line_shows_received_of_total_rate_eta_reconnects_and_server() {
+        let screen = Screen::default();
+        let bar = bar(65535);
+        bar.disable_steady_tick();
+        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like(Box::new(
+            screen.clone(),
+        )));
+        bar.set_position(1234);
+        bar.set_message("reconnects 2, 127.0.0.1:7000");
+        bar.tick();
+        let line = screen.shown();
+        for part in ["1234/65535", "/s ", "ETA ", "reconnects 2, 127.0.0.1:7000"] {
+            assert!(line.contains(part), "{part:?} missing from {line:?}");
+        }
+        assert!(!line.contains('\n'), "one line: {line:?}");
+    }
+
+    #[test]
+    fn without_a_bar_events_are_ignored() {
+        let mut observer = ProgressObserver::new(None);
+        observer.event(&Event::Number { index: 0, value: 1 });
+        observer.event(&Event::Failed {
+            error: "nope".into(),
+        });
+    }
+}
