@@ -16,6 +16,8 @@ struct Point {
     cpu_percent: f64,
 }
 
+/// A plot panel: title, top of the y axis, and the value it shows.
+type Panel = (&'static str, f64, fn(&Point) -> f64);
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 420.0;
 const PANEL: f64 = 400.0;
@@ -67,7 +69,7 @@ fn render(series: &[(&str, Vec<Point>)]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let panels: [(&str, f64, fn(&Point) -> f64); 2] = [
+    let panels: [Panel; 2] = [
         ("lateness p99 (ms)", max_lateness, |p| p.lateness_p99_ms),
         ("server CPU (% of one core)", max_cpu, |p| p.cpu_percent),
     ];
