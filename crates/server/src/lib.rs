@@ -23,7 +23,7 @@
 //! let metrics = recorder.handle();
 //! let store: Arc<dyn numstream_store::SessionStore> =
 //!     Arc::new(numstream_store::InMemoryStore::new(100_000));
-//! let telemetry = Telemetry::new(&recorder, store.kind());
+//! let telemetry = Telemetry::new(&recorder, store.kind(), None);
 //! let store = InstrumentedStore::wrap(store, &telemetry);
 //! let status = Status { metrics, telemetry: telemetry.clone(), store: store.clone() };
 //! tokio::spawn(numstream_server::serve_status(

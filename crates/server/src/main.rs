@@ -286,11 +286,17 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Created first: the metrics count its sessions at every scrape.
+    let memory =
+        matches!(args.store, StoreUrl::Memory).then(|| Arc::new(InMemoryStore::new(max_sessions)));
     let (telemetry, metrics) = match status_listener {
         Some(_) => {
             let recorder = numstream_server::prometheus_recorder();
             let metrics = recorder.handle();
-            let telemetry = Telemetry::new(&recorder, args.store.kind());
+            let session_count = memory.clone().map(|memory| {
+                Box::new(move || memory.len()) as numstream_server::telemetry::SessionCounter
+            });
+            let telemetry = Telemetry::new(&recorder, args.store.kind(), session_count);
             // Also the process-wide recorder, for any library that reports
             // through the `metrics` macros.
             let _ = metrics::set_global_recorder(recorder);
@@ -299,9 +305,8 @@ async fn main() -> anyhow::Result<()> {
         None => (Telemetry::disabled(), None),
     };
 
-    let store: Arc<dyn SessionStore> = match &args.store {
-        StoreUrl::Memory => {
-            let memory = Arc::new(InMemoryStore::new(max_sessions));
+    let store: Arc<dyn SessionStore> = match (&args.store, memory) {
+        (StoreUrl::Memory, Some(memory)) => {
             // Frees memory of sessions whose TTL passed; expiry itself is
             // decided on access, so the period only bounds how long dead
             // entries linger. Runs as long as the runtime does.
@@ -311,16 +316,15 @@ async fn main() -> anyhow::Result<()> {
                     expired.sessions_expired(swept as u64)
                 }),
             );
-            let counted = memory.clone();
-            telemetry.count_sessions_with(move || counted.len());
             memory
         }
-        StoreUrl::Redis(url) => {
+        (StoreUrl::Redis(url), _) => {
             if max_sessions_given {
                 tracing::warn!("--max-sessions does not apply to a Redis store; ignoring it");
             }
             redis_store(url, &args.redis_prefix).await?
         }
+        (StoreUrl::Memory, None) => unreachable!("the in-memory store was created above"),
     };
     let store = InstrumentedStore::wrap(store, &telemetry);
 

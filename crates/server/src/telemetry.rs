@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
@@ -164,9 +164,9 @@ struct Inner {
     store_kind: &'static str,
     accepting: AtomicBool,
     attached_now: AtomicUsize,
-    /// Counts the store's sessions at scrape time, when it can (the
-    /// in-memory store); see [`Telemetry::count_sessions_with`].
-    session_counter: OnceLock<SessionCounter>,
+    /// The store's session count, sampled at scrape time, when the store
+    /// can count its sessions (the in-memory store).
+    session_gauges: Option<SessionGauges>,
     departures: Mutex<Departures>,
 
     connections: Gauge,
@@ -174,9 +174,7 @@ struct Inner {
     connections_over_limit: Counter,
     handshake_failures: [Counter; HandshakeFailure::ALL.len()],
     rejections: Vec<(ErrorCode, Counter)>,
-    sessions_open: Gauge,
     sessions_attached: Gauge,
-    sessions_detached: Gauge,
     sessions_created: Counter,
     sessions_resumed: Counter,
     sessions_completed: Counter,
@@ -191,21 +189,40 @@ struct Inner {
     store_errors: [Counter; StoreOp::ALL.len()],
 }
 
-type SessionCounter = Box<dyn Fn() -> usize + Send + Sync>;
+/// Counts the sessions a store holds, cheaply (called at every scrape).
+pub type SessionCounter = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// `numstream_sessions_open` and `_detached`, sampled from a counter.
+struct SessionGauges {
+    count: SessionCounter,
+    open: Gauge,
+    detached: Gauge,
+}
 
 impl Telemetry {
     /// Registers every metric of a server whose sessions live in a store of
     /// kind `store_kind` (the `store` label) with `recorder`.
-    pub fn new(recorder: &dyn Recorder, store_kind: &'static str) -> Self {
-        Self::build(Some(recorder), store_kind)
+    /// `numstream_sessions_open` and `numstream_sessions_detached` exist
+    /// only with a `session_count` (the in-memory store's `len`): a shared
+    /// store's sessions belong to no instance.
+    pub fn new(
+        recorder: &dyn Recorder,
+        store_kind: &'static str,
+        session_count: Option<SessionCounter>,
+    ) -> Self {
+        Self::build(Some(recorder), store_kind, session_count)
     }
 
     /// No metrics, no bookkeeping; always "accepting" once `run` starts.
     pub fn disabled() -> Self {
-        Self::build(None, "")
+        Self::build(None, "", None)
     }
 
-    fn build(recorder: Option<&dyn Recorder>, store_kind: &'static str) -> Self {
+    fn build(
+        recorder: Option<&dyn Recorder>,
+        store_kind: &'static str,
+        session_count: Option<SessionCounter>,
+    ) -> Self {
         let registrar = Registrar { recorder };
         let r = &registrar;
         let store = || Label::new("store", store_kind);
@@ -221,7 +238,21 @@ impl Telemetry {
             store_kind,
             accepting: AtomicBool::new(false),
             attached_now: AtomicUsize::new(0),
-            session_counter: OnceLock::new(),
+            session_gauges: session_count.and_then(|count| {
+                Some(SessionGauges {
+                    count,
+                    open: r.gauge(
+                        names::SESSIONS_OPEN,
+                        vec![store()],
+                        "Sessions held by the store, attached or awaiting a resume (in-memory store only).",
+                    )?,
+                    detached: r.gauge(
+                        names::SESSIONS_DETACHED,
+                        vec![store()],
+                        "Sessions awaiting a resume: open minus attached (in-memory store only).",
+                    )?,
+                })
+            }),
             departures: Mutex::new(Departures::default()),
             connections: r.gauge_or_noop(
                 names::CONNECTIONS,
@@ -256,20 +287,10 @@ impl Telemetry {
                     (code, counter)
                 })
                 .collect(),
-            sessions_open: r.gauge_or_noop(
-                names::SESSIONS_OPEN,
-                vec![store()],
-                "Sessions held by the store, attached or awaiting a resume (in-memory store only).",
-            ),
             sessions_attached: r.gauge_or_noop(
                 names::SESSIONS_ATTACHED,
                 vec![store()],
                 "Sessions this instance is streaming right now.",
-            ),
-            sessions_detached: r.gauge_or_noop(
-                names::SESSIONS_DETACHED,
-                vec![store()],
-                "Sessions awaiting a resume: open minus attached (in-memory store only).",
             ),
             sessions_created: r.counter(
                 names::SESSIONS_CREATED,
@@ -354,24 +375,14 @@ impl Telemetry {
         self.inner.accepting.store(accepting, Ordering::Relaxed);
     }
 
-    /// Lets scrapes report how many sessions the store holds, for a store
-    /// that can count them cheaply (the in-memory store's `len`). Without
-    /// it `numstream_sessions_open` and `_detached` are not exported. Only
-    /// the first call counts.
-    pub fn count_sessions_with(&self, counter: impl Fn() -> usize + Send + Sync + 'static) {
-        let _ = self.inner.session_counter.set(Box::new(counter));
-    }
-
     /// Brings the gauges that are sampled rather than tracked up to date;
     /// call before rendering a scrape.
     pub fn refresh(&self) {
-        if let Some(count) = self.inner.session_counter.get() {
-            let open = count();
+        if let Some(gauges) = &self.inner.session_gauges {
+            let open = (gauges.count)();
             let attached = self.inner.attached_now.load(Ordering::Relaxed);
-            self.inner.sessions_open.set(open as f64);
-            self.inner
-                .sessions_detached
-                .set(open.saturating_sub(attached) as f64);
+            gauges.open.set(open as f64);
+            gauges.detached.set(open.saturating_sub(attached) as f64);
         }
     }
 

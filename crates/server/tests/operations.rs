@@ -440,6 +440,14 @@ async fn readyz_fails_while_the_redis_store_is_down_and_recovers() {
         "{down:#?}"
     );
     assert_eq!(get(status, "/healthz").await.0, 200, "still alive");
+    assert!(
+        !down.has("numstream_sessions_open"),
+        "a shared store's sessions are nobody's to count"
+    );
+    assert_eq!(
+        down.value("numstream_build_info", &[("store", "redis")]),
+        1.0
+    );
 
     redis.restart();
     readyz_until(status, 200).await;
