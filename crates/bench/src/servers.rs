@@ -59,15 +59,26 @@ pub(crate) struct ServerOptions {
     #[arg(long)]
     pub(crate) server_bin: Option<PathBuf>,
     /// Use already running numstream servers at these addresses instead of
-    /// starting them (repeatable). The bare baseline is still spawned.
+    /// starting them (repeatable).
     #[arg(long = "connect")]
     pub(crate) external: Vec<SocketAddr>,
     /// Pids of the external servers, for their CPU and RSS (repeatable).
     #[arg(long = "server-pid")]
     pub(crate) external_pids: Vec<u32>,
+    /// Use already running bare servers (`numstream-bench bare-server`) at
+    /// these addresses instead of starting them (repeatable).
+    #[arg(long = "bare-connect")]
+    pub(crate) external_bare: Vec<SocketAddr>,
+    /// Pids of the external bare servers (repeatable).
+    #[arg(long = "bare-pid")]
+    pub(crate) external_bare_pids: Vec<u32>,
     /// Where spawned numstream servers log (default: discarded).
     #[arg(long)]
     pub(crate) server_log: Option<PathBuf>,
+    /// Extra argument for every spawned numstream server (repeatable), e.g.
+    /// `--server-arg=--store --server-arg=redis://127.0.0.1:6390/0`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub(crate) server_args: Vec<String>,
 }
 
 /// Running servers of one flavor.
@@ -92,9 +103,13 @@ impl Servers {
             children: Vec::new(),
             inproc: None,
         };
-        if flavor == Flavor::Numstream && !options.external.is_empty() {
-            servers.addrs = options.external.clone();
-            servers.pids = options.external_pids.clone();
+        let (external, pids) = match flavor {
+            Flavor::Numstream => (&options.external, &options.external_pids),
+            Flavor::Bare => (&options.external_bare, &options.external_bare_pids),
+        };
+        if !external.is_empty() {
+            servers.addrs = external.clone();
+            servers.pids = pids.clone();
             return Ok(servers);
         }
         let processes = options.servers.max(1);
@@ -121,6 +136,7 @@ impl Servers {
                                 "--interval".to_owned(),
                                 format!("{}us", interval.as_micros()),
                             ]);
+                            command.args(&options.server_args);
                             command
                         }
                         Flavor::Bare => {
