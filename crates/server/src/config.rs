@@ -63,7 +63,7 @@ impl Default for ServerConfig {
             seed: None,
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(5),
-            ack_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(120),
             write_timeout: Duration::from_secs(10),
             dead_peer_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),

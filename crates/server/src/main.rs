@@ -108,10 +108,14 @@ struct Args {
 
     /// Time the client has to acknowledge FINAL
     ///
-    /// Past it the session is kept for a resume instead of completed.
+    /// Past it the session is kept for a resume instead of completed. This
+    /// is not how a dead client is found (keepalive and TCP_USER_TIMEOUT do
+    /// that, and a client that closes is detached at once): it only bounds a
+    /// client that stays connected without acknowledging, and it must cover
+    /// FINAL's trip over a slow link, hence the generous default.
     ///
-    /// Example: --ack-timeout 10s
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive)]
+    /// Example: --ack-timeout 30s
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_positive)]
     ack_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to drain
