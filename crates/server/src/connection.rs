@@ -61,7 +61,10 @@ const LINGER_TIME: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 enum SessionEnd {
     /// FINAL was delivered and acknowledged.
-    Completed { client_checksum: u32 },
+    Completed {
+        client_checksum: u32,
+        server_checksum: u32,
+    },
     /// The connection broke or went quiet; the session waits for a resume.
     Disconnected(String),
     /// The client sent something it must not send while streaming.
@@ -359,6 +362,8 @@ impl Connection {
         let origin = Instant::now();
         let mut due = origin;
         let mut next_index = u32::from(start);
+        // Computed once, when FINAL is built, and kept for the ACK check.
+        let mut server_checksum = 0;
         loop {
             let batch_end = (next_index + batch).min(count);
             for index in next_index..batch_end {
@@ -366,11 +371,12 @@ impl Connection {
                 let index = index as u16;
                 let value = numbers.next_number();
                 if u32::from(index) + 1 == count {
-                    let checksum = SequenceChecksum::of_session(&session.seed, session.count);
+                    server_checksum =
+                        SequenceChecksum::of_session(&session.seed, session.count).checksum();
                     self.writer.push(&Frame::Final {
                         index,
                         value,
-                        checksum: checksum.checksum(),
+                        checksum: server_checksum,
                     });
                 } else {
                     self.writer.push(&Frame::Number { index, value });
@@ -387,7 +393,7 @@ impl Connection {
             // Lateness means nothing in burst mode, where all is due at once.
             metrics.sent(batch_size, (!interval.is_zero()).then_some(due), last_write);
             if next_index == count {
-                return self.await_ack(superseded, lease).await;
+                return self.await_ack(superseded, lease, server_checksum).await;
             }
 
             due = origin + interval * (next_index - u32::from(start));
@@ -412,7 +418,12 @@ impl Connection {
         }
     }
 
-    async fn await_ack(&mut self, superseded: &CancellationToken, lease: &mut Lease) -> SessionEnd {
+    async fn await_ack(
+        &mut self,
+        superseded: &CancellationToken,
+        lease: &mut Lease,
+        server_checksum: u32,
+    ) -> SessionEnd {
         let ack_timeout = self.shared.config.ack_wait();
         tokio::select! {
             biased;
@@ -421,7 +432,10 @@ impl Connection {
             loss = lease.lost() => loss.into(),
             input = timeout(ack_timeout, self.reader.next()) => match input {
                 Ok(Some(Ok(Frame::Ack { client_checksum }))) => {
-                    SessionEnd::Completed { client_checksum }
+                    SessionEnd::Completed {
+                        client_checksum,
+                        server_checksum,
+                    }
                 }
                 Ok(other) => unexpected_input(other),
                 Err(_elapsed) => SessionEnd::Disconnected(format!(
@@ -488,13 +502,15 @@ impl Connection {
             );
         }
         match end {
-            SessionEnd::Completed { client_checksum } => {
+            SessionEnd::Completed {
+                client_checksum,
+                server_checksum,
+            } => {
                 drop(claim);
-                let expected = SequenceChecksum::of_session(&session.seed, session.count);
-                if client_checksum != expected.checksum() {
+                if client_checksum != server_checksum {
                     warn!(
                         client_checksum = format_args!("{client_checksum:#010x}"),
-                        server_checksum = format_args!("{:#010x}", expected.checksum()),
+                        server_checksum = format_args!("{server_checksum:#010x}"),
                         "client acknowledged with a different checksum"
                     );
                 }
