@@ -117,6 +117,9 @@ enum Command {
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
         bind: IpAddr,
+        /// Share the port with other bare servers (SO_REUSEPORT).
+        #[arg(long)]
+        reuse_port: bool,
     },
     /// Runs one share of a load and prints its result as JSON (started by
     /// the scenarios past the per-process descriptor limit).
@@ -242,9 +245,18 @@ fn main() -> anyhow::Result<()> {
                 common,
             } => churn(concurrency, count, duration, &common).await,
             Command::Plot { out, reports } => plot::run(&reports, &out),
-            Command::BareServer { port, bind } => {
-                let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, port))
-                    .await
+            Command::BareServer {
+                port,
+                bind,
+                reuse_port,
+            } => {
+                // The same listen backlog and options as numstream-server,
+                // so the baseline differs only in what it serves.
+                let options = numstream_server::ListenOptions {
+                    reuse_port,
+                    ..Default::default()
+                };
+                let listener = numstream_server::listen(SocketAddr::new(bind, port), options)
                     .with_context(|| format!("cannot listen on {bind}:{port}"))?;
                 bare::serve(listener).await;
                 Ok(())

@@ -79,6 +79,11 @@ pub(crate) struct ServerOptions {
     /// `--server-arg=--store --server-arg=redis://127.0.0.1:6390/0`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub(crate) server_args: Vec<String>,
+    /// Spawn every server process of a flavor on one port with
+    /// SO_REUSEPORT (numstream-server --reuse-port), letting the kernel
+    /// spread connections, instead of one port per process.
+    #[arg(long)]
+    pub(crate) reuse_port: bool,
 }
 
 /// Running servers of one flavor.
@@ -117,7 +122,10 @@ impl Servers {
             Placement::Inproc => {
                 let stop = CancellationToken::new();
                 for _ in 0..processes {
-                    let listener = TcpListener::bind("127.0.0.1:0").await?;
+                    let listener = numstream_server::listen(
+                        SocketAddr::from(([127, 0, 0, 1], 0)),
+                        numstream_server::ListenOptions::default(),
+                    )?;
                     servers.addrs.push(listener.local_addr()?);
                     tokio::spawn(serve_inproc(flavor, listener, interval, stop.clone()));
                 }
@@ -125,8 +133,16 @@ impl Servers {
                 servers.inproc = Some(stop);
             }
             Placement::Spawn => {
+                let shared_port = if options.reuse_port {
+                    Some(free_port()?)
+                } else {
+                    None
+                };
                 for _ in 0..processes {
-                    let port = free_port()?;
+                    let port = match shared_port {
+                        Some(port) => port,
+                        None => free_port()?,
+                    };
                     let mut command = match flavor {
                         Flavor::Numstream => {
                             let mut command = Command::new(server_binary(options)?);
@@ -137,11 +153,17 @@ impl Servers {
                                 format!("{}us", interval.as_micros()),
                             ]);
                             command.args(&options.server_args);
+                            if options.reuse_port {
+                                command.arg("--reuse-port");
+                            }
                             command
                         }
                         Flavor::Bare => {
                             let mut command = Command::new(std::env::current_exe()?);
                             command.args(["bare-server", "--port", &port.to_string()]);
+                            if options.reuse_port {
+                                command.arg("--reuse-port");
+                            }
                             command
                         }
                     };
@@ -163,7 +185,12 @@ impl Servers {
                         .with_context(|| format!("starting the {} server", flavor.name()))?;
                     servers.pids.push(child.id());
                     servers.children.push(child);
-                    servers.addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+                    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                    // One address for all when they share a port: the
+                    // kernel, not the load generator, spreads the load.
+                    if !servers.addrs.contains(&addr) {
+                        servers.addrs.push(addr);
+                    }
                 }
             }
         }

@@ -128,6 +128,20 @@ impl Writer {
         encode_frame(frame, &mut self.buf);
     }
 
+    /// Writes what the socket takes without waiting; true once the buffer
+    /// is empty.
+    fn try_flush(&mut self) -> io::Result<bool> {
+        use bytes::Buf;
+        while !self.buf.is_empty() {
+            match self.half.try_write(&self.buf) {
+                Ok(written) => self.buf.advance(written),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(true)
+    }
+
     /// Cancel-safe: bytes already written are removed from the buffer.
     async fn flush(&mut self) -> io::Result<()> {
         self.half.write_all_buf(&mut self.buf).await
@@ -281,7 +295,9 @@ impl Connection {
         self.shared
             .registry
             .release(attachment.client_id, attachment.generation);
-        self.finish(&attachment, end, claim, attached).await;
+        // Boxed: the ending paths' futures are large and needed once, so
+        // they should not size the task that streams for hours.
+        Box::pin(self.finish(&attachment, end, claim, attached)).await;
     }
 
     fn handshake_failed(&self, reason: HandshakeFailure) {
@@ -364,6 +380,17 @@ impl Connection {
         let mut next_index = u32::from(start);
         // Computed once, when FINAL is built, and kept for the ACK check.
         let mut server_checksum = 0;
+        // Pinned once: a fresh `cancelled()` per tick would register (and
+        // drop) a waiter on the server-wide shutdown token every number.
+        let shutdown = self.shared.shutdown.clone();
+        let stopped = async {
+            tokio::select! {
+                biased;
+                _ = superseded.cancelled() => SessionEnd::TakenOver,
+                _ = shutdown.cancelled() => SessionEnd::Shutdown,
+            }
+        };
+        tokio::pin!(stopped);
         loop {
             let batch_end = (next_index + batch).min(count);
             for index in next_index..batch_end {
@@ -401,10 +428,9 @@ impl Connection {
                 let heartbeat_at = last_write + MAX_SERVER_SILENCE;
                 tokio::select! {
                     biased;
-                    _ = superseded.cancelled() => return SessionEnd::TakenOver,
-                    _ = self.shared.shutdown.cancelled() => return SessionEnd::Shutdown,
+                    end = &mut stopped => return end,
                     input = self.reader.next() => return unexpected_input(input),
-                    loss = lease.lost() => return loss.into(),
+                    loss = lease.lost(), if lease.busy_before(due) => return loss.into(),
                     _ = sleep_until(heartbeat_at), if heartbeat_at < due => {
                         self.writer.push(&Frame::Heartbeat);
                         if let Err(end) = self.flush(superseded, lease).await {
@@ -451,6 +477,19 @@ impl Connection {
         superseded: &CancellationToken,
         lease: &mut Lease,
     ) -> Result<(), SessionEnd> {
+        // Fast path: nothing to stop for and the socket takes it all (one
+        // NUMBER nearly always fits): no timer, no waiter registrations.
+        if superseded.is_cancelled() {
+            return Err(SessionEnd::TakenOver);
+        }
+        if self.shared.shutdown.is_cancelled() {
+            return Err(SessionEnd::Shutdown);
+        }
+        match self.writer.try_flush() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => return Err(SessionEnd::Disconnected(format!("write failed: {error}"))),
+        }
         let write_timeout = self.shared.config.write_timeout;
         tokio::select! {
             biased;
@@ -655,7 +694,9 @@ impl Connection {
     async fn close(mut self) {
         let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.half.shutdown()).await;
         let mut read = self.reader.into_inner();
-        let mut scratch = [0u8; 4096];
+        // On the heap: a 4 KiB array here would be part of every
+        // connection's task for its whole life, not just while closing.
+        let mut scratch = vec![0u8; 4096];
         let mut drained = 0;
         let _ = timeout(LINGER_TIME, async {
             while drained < LINGER_BYTES {

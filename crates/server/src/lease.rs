@@ -94,6 +94,13 @@ impl Lease {
         }
     }
 
+    /// Whether [`Lease::lost`] has anything to do before `at` (a renewal to
+    /// send or collect, a deadline to watch): when it has not, a caller may
+    /// leave it unpolled until then, and save the timer it would arm.
+    pub(crate) fn busy_before(&self, at: Instant) -> bool {
+        self.in_flight.is_some() || self.last_error.is_some() || self.next_renewal <= at
+    }
+
     /// Renews the lease for as long as it can and completes only once it
     /// is lost. Cancel-safe: a renewal in flight survives being raced in a
     /// `select!` and is picked up by the next call.

@@ -157,6 +157,26 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
     metrics_addr: Option<SocketAddr>,
 
+    /// Set SO_REUSEPORT on the client listener, so several server
+    /// processes can listen on the same --port and the kernel spreads new
+    /// connections over them
+    ///
+    /// Each process is a separate server: give them one shared
+    /// --store redis://... so that a client that reconnects to another
+    /// process can resume there. With the in-memory store a resume that
+    /// lands on another process is refused (session_unknown).
+    ///
+    /// Example: --reuse-port --store redis://127.0.0.1:6379/0
+    #[arg(long)]
+    reuse_port: bool,
+
+    /// Length of the queue of connections not yet accepted (the kernel caps
+    /// it at net.core.somaxconn)
+    ///
+    /// Example: --listen-backlog 8192
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    listen_backlog: u32,
+
     /// Log line format on stderr: text (colours only on a terminal, and
     /// not with NO_COLOR) or json (one object per line)
     ///
@@ -333,9 +353,27 @@ async fn main() -> anyhow::Result<()> {
     let store = InstrumentedStore::wrap(store, &telemetry);
 
     let address = SocketAddr::new(args.bind, args.port);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
+    let listen_options = numstream_server::ListenOptions {
+        reuse_port: args.reuse_port,
+        backlog: args.listen_backlog,
+    };
+    let listener = numstream_server::listen(address, listen_options).with_context(|| {
+        if args.reuse_port {
+            format!("cannot listen on {address} (with --reuse-port)")
+        } else {
+            format!(
+                "cannot listen on {address} (another process may hold the port; several \
+                 servers share one port only if each is started with --reuse-port)"
+            )
+        }
+    })?;
+    if args.reuse_port && matches!(args.store, StoreUrl::Memory) {
+        tracing::warn!(
+            "--reuse-port with the in-memory store: a client that reconnects may reach \
+             another process, which does not know its session; share a --store redis://... \
+             between the processes to make resumes work across them"
+        );
+    }
 
     if let (Some(status_listener), Some(metrics)) = (status_listener, metrics) {
         let status = Status {
@@ -363,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
         // Only the in-memory store is bounded by --max-sessions.
         max_sessions = matches!(args.store, StoreUrl::Memory).then_some(max_sessions),
         max_connections,
+        reuse_port = args.reuse_port,
         "numstream-server starting"
     );
     numstream_server::run_with_telemetry(listener, store, config, shutdown, telemetry).await?;

@@ -1,11 +1,61 @@
-//! Per-connection socket options that bound how long a vanished peer (cut
-//! cable, dead host: no FIN, no RST) can keep a session looking attached.
+//! Socket set-up: the listening socket (backlog, `SO_REUSEPORT`) and the
+//! per-connection options that bound how long a vanished peer (cut cable,
+//! dead host: no FIN, no RST) can keep a session looking attached.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Listen backlog asked of the kernel (which caps it at
+/// `net.core.somaxconn`, 4096 on current Linux). The 128 of older defaults
+/// and the 1024 tokio asks for overflow when thousands of clients reconnect
+/// at once after an outage: the kernel then drops their SYNs and each
+/// client loses a whole SYN-retransmit second.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+
+/// How the client listener is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// Set `SO_REUSEPORT`, so several server processes can listen on one
+    /// port and the kernel spreads new connections over them.
+    pub reuse_port: bool,
+    /// Pending-connection queue length; see [`DEFAULT_LISTEN_BACKLOG`].
+    pub backlog: u32,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        Self {
+            reuse_port: false,
+            backlog: DEFAULT_LISTEN_BACKLOG,
+        }
+    }
+}
+
+/// Binds and listens on `address` as `options` say. `SO_REUSEADDR` is
+/// always set, so a restarted server can bind while old connections of its
+/// predecessor linger in TIME_WAIT.
+pub fn listen(address: SocketAddr, options: ListenOptions) -> io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if options.reuse_port {
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        #[cfg(not(unix))]
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_REUSEPORT is only available on Unix",
+        ));
+    }
+    socket.bind(address)?;
+    socket.listen(options.backlog)
+}
 
 /// Applies `TCP_NODELAY`, keepalive probes and `TCP_USER_TIMEOUT`.
 ///

@@ -47,6 +47,9 @@ fn help_documents_every_flag_with_defaults() {
         "--redis-prefix",
         "--metrics-addr",
         "--log-format",
+        "--reuse-port",
+        "--listen-backlog",
+        "[default: 4096]",
         "--generate",
         "[default: memory]",
         "[default: numstream:]",
@@ -106,7 +109,11 @@ fn generates_a_man_page_and_completions_without_other_flags() {
 
 #[test]
 fn bad_flags_exit_2_and_say_what_is_accepted() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
+        (
+            &["--port", "7000", "--listen-backlog", "0"],
+            "--listen-backlog",
+        ),
         (&[], "--port"),
         (&["--port", "0"], "--port"),
         (
@@ -164,31 +171,15 @@ async fn connect_when_up(port: u16) -> TcpStream {
     panic!("server did not start listening on port {port}");
 }
 
-#[tokio::test]
-async fn serves_a_reproducible_session_and_drains_on_sigterm() {
-    let port = free_port();
-    let mut server = tokio::process::Command::new(BIN)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--interval",
-            "5ms",
-            "--seed",
-            "7",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn server");
-
-    // A complete session whose numbers follow from --seed and the client id.
+/// Runs one whole session of `count` numbers against the server on `port`
+/// (started with `--seed seed`) and checks every number and the checksum.
+async fn complete_session(port: u16, seed: u64, count: u16) {
     let id = ClientId::new_v4();
     let mut framed = Framed::new(connect_when_up(port).await, FrameCodec);
     framed
         .send(Frame::Open(Open {
             client_id: id,
-            count: 5,
+            count,
         }))
         .await
         .expect("send OPEN");
@@ -213,9 +204,91 @@ async fn serves_a_reproducible_session_and_drains_on_sigterm() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let expected = SequenceChecksum::of_session(&SessionSeed::derive(7, id), 5);
+    let expected = SequenceChecksum::of_session(&SessionSeed::derive(seed, id), count);
     assert_eq!(received, expected);
     assert_eq!(server_checksum, Some(expected.checksum()));
+}
+
+/// Starts the server on `port` with `args` and waits (bounded) for its
+/// "starting" log line, which it writes once its listener is bound.
+/// Returns the process and the log lines read so far.
+async fn start_and_wait_until_listening(
+    port: u16,
+    args: &[&str],
+) -> (tokio::process::Child, Vec<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut server = tokio::process::Command::new(BIN)
+        .args(["--port", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn server");
+    let stderr = server.stderr.take().expect("piped stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let done = line.contains("numstream-server starting");
+            seen.push(line);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(started, Ok(true), "server did not start: {seen:#?}");
+    // Keep draining its log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (server, seen)
+}
+
+#[tokio::test]
+async fn reuse_port_lets_a_second_server_share_the_port() {
+    let port = free_port();
+    let args = ["--reuse-port", "--seed", "11", "--interval", "1ms"];
+    let (mut first, _) = start_and_wait_until_listening(port, &args).await;
+    let (_second, second_log) = start_and_wait_until_listening(port, &args).await;
+    assert!(
+        second_log
+            .iter()
+            .any(|line| line.contains("--reuse-port with the in-memory store")),
+        "sharing a port without a shared store must warn: {second_log:#?}"
+    );
+
+    // Without the flag the port is still refused, with a hint.
+    let output = run_to_end(&["--port", &port.to_string()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--reuse-port"), "{stderr}");
+
+    // With the first one gone, the port is served by the second alone.
+    first.kill().await.expect("kill the first server");
+    complete_session(port, 11, 4).await;
+}
+
+#[tokio::test]
+async fn serves_a_reproducible_session_and_drains_on_sigterm() {
+    let port = free_port();
+    let mut server = tokio::process::Command::new(BIN)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--interval",
+            "5ms",
+            "--seed",
+            "7",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn server");
+
+    // A complete session whose numbers follow from --seed and the client id.
+    complete_session(port, 7, 5).await;
 
     // A streaming client is told about the shutdown; the process exits 0.
     let mut streaming = Framed::new(connect_when_up(port).await, FrameCodec);
