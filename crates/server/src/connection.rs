@@ -91,19 +91,37 @@ impl From<LeaseLoss> for SessionEnd {
     }
 }
 
-/// Serves one accepted connection to the end.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    if let Err(error) = crate::socket::configure(&stream, shared.config.dead_peer_timeout) {
-        debug!(%peer, %error, "could not set socket options");
+/// What an admitted connection holds until it ends: its place under the
+/// connection limit and its count in the open-connections gauge.
+/// Held for its `Drop`s only.
+pub(crate) struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: GaugeGuard,
+}
+
+impl Admission {
+    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, open: GaugeGuard) -> Self {
+        Self {
+            _permit: permit,
+            _open: open,
+        }
     }
+}
+
+/// Serves one accepted connection to the end.
+///
+/// Not an `async fn`: the connection is built here, so the returned future
+/// captures it once. An async fn's arguments, and anything they are moved
+/// into, would each keep their own slot for the task's whole life, and
+/// this future is what every connection costs in memory.
+pub(crate) fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    admission: Admission,
+) -> impl Future<Output = ()> + Send {
     let (read, write) = stream.into_split();
-    let span = info_span!(
-        "conn",
-        %peer,
-        client_id = tracing::field::Empty,
-        generation = tracing::field::Empty
-    );
-    let connection = Connection {
+    let mut connection = Connection {
         // Handshake frames are tiny; a small initial buffer keeps idle
         // connections cheap.
         reader: FramedRead::with_capacity(read, FrameCodec, 64),
@@ -113,8 +131,23 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         },
         shared,
         sent_up_to: 0,
+        _admission: admission,
     };
-    connection.run().instrument(span).await;
+    async move {
+        let dead_peer_timeout = connection.shared.config.dead_peer_timeout;
+        if let Err(error) =
+            crate::socket::configure(connection.writer.half.as_ref(), dead_peer_timeout)
+        {
+            debug!(%peer, %error, "could not set socket options");
+        }
+        let span = info_span!(
+            "conn",
+            %peer,
+            client_id = tracing::field::Empty,
+            generation = tracing::field::Empty
+        );
+        connection.run().instrument(span).await;
+    }
 }
 
 /// Writes that first accumulate encoded frames, then go out in one syscall.
@@ -154,98 +187,43 @@ struct Connection {
     shared: Arc<Shared>,
     /// Index after the last number this connection wrote.
     sent_up_to: u16,
+    _admission: Admission,
+}
+
+/// A handshake the store accepted.
+struct Accepted {
+    attachment: Attachment,
+    /// First index to send.
+    start: u16,
+    resumed: bool,
+    /// When the store was asked: the lease counts from then.
+    requested: Instant,
 }
 
 impl Connection {
-    async fn run(mut self) {
-        let handshake_timeout = self.shared.config.handshake_timeout;
-        let shutdown = self.shared.shutdown.clone();
-        let hello = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                self.handshake_failed(HandshakeFailure::ShuttingDown);
-                let error = shutting_down(&*self.shared.store);
-                return self.reject(error).await;
-            }
-            hello = timeout(handshake_timeout, self.reader.next()) => hello,
+    async fn run(&mut self) {
+        let Accepted {
+            attachment,
+            start,
+            resumed,
+            requested,
+        } = match self.handshake().await {
+            Ok(accepted) => accepted,
+            Err(Some(error)) => return self.reject(error).await,
+            Err(None) => return,
         };
-        let hello = match hello {
-            Err(_elapsed) => {
-                debug!("handshake timed out");
-                self.handshake_failed(HandshakeFailure::Timeout);
-                return self
-                    .reject(ErrorFrame::new(
-                        ErrorCode::HandshakeTimeout,
-                        format!(
-                            "no complete OPEN or RESUME within {}",
-                            humantime::format_duration(handshake_timeout)
-                        ),
-                    ))
-                    .await;
-            }
-            Ok(None) => {
-                self.handshake_failed(HandshakeFailure::Closed);
-                return debug!("closed before the handshake");
-            }
-            Ok(Some(Err(CodecError::Io(error)))) => {
-                self.handshake_failed(HandshakeFailure::IoError);
-                return debug!(%error, "read error before the handshake");
-            }
-            Ok(Some(Err(CodecError::Decode(DecodeError::UnsupportedVersion(version))))) => {
-                info!(version, "rejected unsupported protocol version");
-                self.handshake_failed(HandshakeFailure::UnsupportedVersion);
-                return self.reject(ErrorFrame::unsupported_version(version)).await;
-            }
-            Ok(Some(Err(CodecError::Decode(error)))) => {
-                info!(%error, "rejected malformed handshake");
-                self.handshake_failed(HandshakeFailure::Malformed);
-                return self
-                    .reject(ErrorFrame::new(
-                        ErrorCode::Malformed,
-                        format!("malformed handshake: {error}"),
-                    ))
-                    .await;
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-
-        // Every line about a session names it, from its first frame on.
         let span = tracing::Span::current();
-        if let Frame::Open(Open { client_id, .. }) | Frame::Resume(Resume { client_id, .. }) =
-            &hello
-        {
-            span.record("client_id", tracing::field::display(client_id));
-        }
-        // The lease counts from when the store was asked, not answered.
-        let requested = Instant::now();
-        let (attachment, start, resumed) = match hello {
-            Frame::Open(open) => match self.open(open).await {
-                Ok(attachment) => (attachment, 0, false),
-                Err(error) => return self.reject(error).await,
-            },
-            Frame::Resume(resume) => match self.resume(resume).await {
-                Ok(attachment) => (attachment, resume.next_index, true),
-                Err(error) => return self.reject(error).await,
-            },
-            other => {
-                self.handshake_failed(HandshakeFailure::UnexpectedFrame);
-                let error = ErrorFrame::new(
-                    ErrorCode::Malformed,
-                    format!("expected OPEN or RESUME, got {}", other.name()),
-                );
-                return self.reject(error).await;
-            }
-        };
         span.record("generation", attachment.generation);
         if !resumed {
             self.shared.telemetry.session_created();
         }
 
-        let Some(claim) = self
-            .shared
-            .registry
-            .claim(attachment.client_id, attachment.generation)
-            .await
+        let Some(claim) = Box::pin(
+            self.shared
+                .registry
+                .claim(attachment.client_id, attachment.generation),
+        )
+        .await
         else {
             info!("session taken over before streaming started");
             return self.reject(taken_over()).await;
@@ -290,7 +268,7 @@ impl Connection {
             requested,
         );
         let end = self
-            .stream(&attachment, start, &claim.superseded, &mut lease)
+            .stream(&attachment, start, &claim.stop, &mut lease)
             .await;
         self.shared
             .registry
@@ -298,6 +276,95 @@ impl Connection {
         // Boxed: the ending paths' futures are large and needed once, so
         // they should not size the task that streams for hours.
         Box::pin(self.finish(&attachment, end, claim, attached)).await;
+    }
+
+    /// Reads OPEN or RESUME and gets the session from the store. `Err`
+    /// carries the error to send, or `None` when the client is gone.
+    async fn handshake(&mut self) -> Result<Accepted, Option<ErrorFrame>> {
+        let handshake_timeout = self.shared.config.handshake_timeout;
+        let shutdown = self.shared.shutdown.clone();
+        let hello = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            hello = timeout(handshake_timeout, self.reader.next()) => Some(hello),
+        };
+        let Some(hello) = hello else {
+            self.handshake_failed(HandshakeFailure::ShuttingDown);
+            return Err(Some(shutting_down(&*self.shared.store)));
+        };
+        let hello = match hello {
+            Err(_elapsed) => {
+                debug!("handshake timed out");
+                self.handshake_failed(HandshakeFailure::Timeout);
+                return Err(Some(ErrorFrame::new(
+                    ErrorCode::HandshakeTimeout,
+                    format!(
+                        "no complete OPEN or RESUME within {}",
+                        humantime::format_duration(handshake_timeout)
+                    ),
+                )));
+            }
+            Ok(None) => {
+                self.handshake_failed(HandshakeFailure::Closed);
+                debug!("closed before the handshake");
+                return Err(None);
+            }
+            Ok(Some(Err(CodecError::Io(error)))) => {
+                self.handshake_failed(HandshakeFailure::IoError);
+                debug!(%error, "read error before the handshake");
+                return Err(None);
+            }
+            Ok(Some(Err(CodecError::Decode(DecodeError::UnsupportedVersion(version))))) => {
+                info!(version, "rejected unsupported protocol version");
+                self.handshake_failed(HandshakeFailure::UnsupportedVersion);
+                return Err(Some(ErrorFrame::unsupported_version(version)));
+            }
+            Ok(Some(Err(CodecError::Decode(error)))) => {
+                info!(%error, "rejected malformed handshake");
+                self.handshake_failed(HandshakeFailure::Malformed);
+                return Err(Some(ErrorFrame::new(
+                    ErrorCode::Malformed,
+                    format!("malformed handshake: {error}"),
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+
+        // Every line about a session names it, from its first frame on.
+        let span = tracing::Span::current();
+        if let Frame::Open(Open { client_id, .. }) | Frame::Resume(Resume { client_id, .. }) =
+            &hello
+        {
+            span.record("client_id", tracing::field::display(client_id));
+        }
+        // The lease counts from when the store was asked, not answered.
+        let requested = Instant::now();
+        let (attachment, start, resumed) = match hello {
+            Frame::Open(open) => (self.open(open).await?, 0, false),
+            Frame::Resume(resume) => (self.resume(resume).await?, resume.next_index, true),
+            other => {
+                self.handshake_failed(HandshakeFailure::UnexpectedFrame);
+                return Err(Some(ErrorFrame::new(
+                    ErrorCode::Malformed,
+                    format!("expected OPEN or RESUME, got {}", other.name()),
+                )));
+            }
+        };
+        Ok(Accepted {
+            attachment,
+            start,
+            resumed,
+            requested,
+        })
+    }
+
+    /// Why a claim's `stop` token was cancelled.
+    fn stop_reason(&self) -> SessionEnd {
+        if self.shared.shutdown.is_cancelled() {
+            SessionEnd::Shutdown
+        } else {
+            SessionEnd::TakenOver
+        }
     }
 
     fn handshake_failed(&self, reason: HandshakeFailure) {
@@ -355,7 +422,7 @@ impl Connection {
         &mut self,
         session: &Attachment,
         start: u16,
-        superseded: &CancellationToken,
+        stop: &CancellationToken,
         lease: &mut Lease,
     ) -> SessionEnd {
         let config = &self.shared.config;
@@ -371,7 +438,6 @@ impl Connection {
             session_ttl_ms: u32::try_from(config.session_ttl.as_millis()).unwrap_or(u32::MAX),
         }));
 
-        let mut numbers = NumberGenerator::starting_at(&session.seed, start);
         let metrics = self.shared.telemetry.streaming();
         // Number `start + k` is due at `origin + k * interval`: an absolute
         // schedule, so one late tick does not delay all later ones.
@@ -381,37 +447,22 @@ impl Connection {
         // Computed once, when FINAL is built, and kept for the ACK check.
         let mut server_checksum = 0;
         // Pinned once: a fresh `cancelled()` per tick would register (and
-        // drop) a waiter on the server-wide shutdown token every number.
-        let shutdown = self.shared.shutdown.clone();
-        let stopped = async {
-            tokio::select! {
-                biased;
-                _ = superseded.cancelled() => SessionEnd::TakenOver,
-                _ = shutdown.cancelled() => SessionEnd::Shutdown,
-            }
-        };
+        // drop) a waiter every number.
+        let stopped = stop.cancelled();
         tokio::pin!(stopped);
+        // One timer for the whole stream, re-armed for the next number (or
+        // heartbeat): smaller than a fresh `sleep_until` per wait and per
+        // kind of wake-up in every connection's task.
+        let wake = sleep_until(due);
+        tokio::pin!(wake);
         loop {
             let batch_end = (next_index + batch).min(count);
-            for index in next_index..batch_end {
-                // Indices stay below `count <= 65535`, so they fit a u16.
-                let index = index as u16;
-                let value = numbers.next_number();
-                if u32::from(index) + 1 == count {
-                    server_checksum =
-                        SequenceChecksum::of_session(&session.seed, session.count).checksum();
-                    self.writer.push(&Frame::Final {
-                        index,
-                        value,
-                        checksum: server_checksum,
-                    });
-                } else {
-                    self.writer.push(&Frame::Number { index, value });
-                }
+            if let Some(checksum) = self.encode_numbers(session, next_index, batch_end) {
+                server_checksum = checksum;
             }
             let batch_size = batch_end - next_index;
             next_index = batch_end;
-            if let Err(end) = self.flush(superseded, lease).await {
+            if let Err(end) = self.flush(stop, lease).await {
                 return end;
             }
             let mut last_write = Instant::now();
@@ -420,41 +471,76 @@ impl Connection {
             // Lateness means nothing in burst mode, where all is due at once.
             metrics.sent(batch_size, (!interval.is_zero()).then_some(due), last_write);
             if next_index == count {
-                return self.await_ack(superseded, lease, server_checksum).await;
+                // Boxed: needed once per session, it should not size the
+                // state every streaming connection carries.
+                return Box::pin(self.await_ack(stop, lease, server_checksum)).await;
             }
 
             due = origin + interval * (next_index - u32::from(start));
             loop {
                 let heartbeat_at = last_write + MAX_SERVER_SILENCE;
+                let heartbeat_first = heartbeat_at < due;
+                wake.as_mut()
+                    .reset(if heartbeat_first { heartbeat_at } else { due });
                 tokio::select! {
                     biased;
-                    end = &mut stopped => return end,
+                    () = &mut stopped => return self.stop_reason(),
                     input = self.reader.next() => return unexpected_input(input),
                     loss = lease.lost(), if lease.busy_before(due) => return loss.into(),
-                    _ = sleep_until(heartbeat_at), if heartbeat_at < due => {
+                    () = &mut wake => {
+                        if !heartbeat_first {
+                            break;
+                        }
                         self.writer.push(&Frame::Heartbeat);
-                        if let Err(end) = self.flush(superseded, lease).await {
+                        if let Err(end) = self.flush(stop, lease).await {
                             return end;
                         }
                         last_write = Instant::now();
                     }
-                    _ = sleep_until(due) => break,
                 }
             }
         }
     }
 
+    /// Buffers numbers `from..to` (FINAL if `to` is the session's end,
+    /// and then returns the session checksum it carries).
+    fn encode_numbers(&mut self, session: &Attachment, from: u32, to: u32) -> Option<u32> {
+        let count = u32::from(session.count);
+        // Made per batch (an O(1) seek, ~0.2 µs) and never held across an
+        // await: its 300-byte keystream buffer would otherwise sit in every
+        // streaming connection between its once-a-second numbers.
+        // Indices stay below `count <= 65535`, so they fit a u16.
+        let mut numbers = NumberGenerator::starting_at(&session.seed, from as u16);
+        let mut final_checksum = None;
+        for index in from..to {
+            let index = index as u16;
+            let value = numbers.next_number();
+            if u32::from(index) + 1 == count {
+                let checksum =
+                    SequenceChecksum::of_session(&session.seed, session.count).checksum();
+                self.writer.push(&Frame::Final {
+                    index,
+                    value,
+                    checksum,
+                });
+                final_checksum = Some(checksum);
+            } else {
+                self.writer.push(&Frame::Number { index, value });
+            }
+        }
+        final_checksum
+    }
+
     async fn await_ack(
         &mut self,
-        superseded: &CancellationToken,
+        stop: &CancellationToken,
         lease: &mut Lease,
         server_checksum: u32,
     ) -> SessionEnd {
         let ack_timeout = self.shared.config.ack_wait();
         tokio::select! {
             biased;
-            _ = superseded.cancelled() => SessionEnd::TakenOver,
-            _ = self.shared.shutdown.cancelled() => SessionEnd::Shutdown,
+            () = stop.cancelled() => self.stop_reason(),
             loss = lease.lost() => loss.into(),
             input = timeout(ack_timeout, self.reader.next()) => match input {
                 Ok(Some(Ok(Frame::Ack { client_checksum }))) => {
@@ -474,27 +560,35 @@ impl Connection {
 
     async fn flush(
         &mut self,
-        superseded: &CancellationToken,
+        stop: &CancellationToken,
         lease: &mut Lease,
     ) -> Result<(), SessionEnd> {
         // Fast path: nothing to stop for and the socket takes it all (one
         // NUMBER nearly always fits): no timer, no waiter registrations.
-        if superseded.is_cancelled() {
-            return Err(SessionEnd::TakenOver);
-        }
-        if self.shared.shutdown.is_cancelled() {
-            return Err(SessionEnd::Shutdown);
+        if stop.is_cancelled() {
+            return Err(self.stop_reason());
         }
         match self.writer.try_flush() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(error) => return Err(SessionEnd::Disconnected(format!("write failed: {error}"))),
+            Ok(true) => Ok(()),
+            // Boxed: the waiting flush is several times the size of the
+            // rest of the streaming state and needed only when the client
+            // reads slower than we write (in burst mode, once per batch).
+            Ok(false) => Box::pin(self.flush_when_writable(stop, lease)).await,
+            Err(error) => Err(SessionEnd::Disconnected(format!("write failed: {error}"))),
         }
+    }
+
+    /// Waits until the socket takes the rest of the buffer, bounded by the
+    /// write timeout and raced against everything that ends a session.
+    async fn flush_when_writable(
+        &mut self,
+        stop: &CancellationToken,
+        lease: &mut Lease,
+    ) -> Result<(), SessionEnd> {
         let write_timeout = self.shared.config.write_timeout;
         tokio::select! {
             biased;
-            _ = superseded.cancelled() => Err(SessionEnd::TakenOver),
-            _ = self.shared.shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            () = stop.cancelled() => Err(self.stop_reason()),
             loss = lease.lost() => Err(loss.into()),
             written = timeout(write_timeout, self.writer.flush()) => match written {
                 Ok(Ok(())) => Ok(()),
@@ -516,7 +610,7 @@ impl Connection {
     /// first thing; each outcome is counted once the store knows of it, so
     /// a scrape never sees a count ahead of the session gauges.
     async fn finish(
-        self,
+        &mut self,
         session: &Attachment,
         end: SessionEnd,
         claim: Claim,
@@ -672,14 +766,15 @@ impl Connection {
         }
     }
 
-    /// Sends `error` (bounded in time) and closes.
-    async fn reject(self, error: ErrorFrame) {
-        self.reject_releasing(error, None).await;
+    /// Sends `error` (bounded in time) and closes. Boxed: every handshake
+    /// path can end here, and unboxed this would size the whole task.
+    fn reject(&mut self, error: ErrorFrame) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.reject_releasing(error, None))
     }
 
     /// Sends whatever is still buffered and then `error`, bounded in time;
     /// only then gives up `claim`, and closes.
-    async fn reject_releasing(mut self, error: ErrorFrame, claim: Option<Claim>) {
+    async fn reject_releasing(&mut self, error: ErrorFrame, claim: Option<Claim>) {
         debug!(code = %error.code, message = %error.message, "sending error");
         self.shared.telemetry.rejected(error.code);
         self.writer.push(&Frame::Error(error));
@@ -691,9 +786,9 @@ impl Connection {
     /// Half-closes, then drains what the client still sends for a moment:
     /// closing a socket with unread input makes the kernel send RST, which
     /// can destroy the last frame before the client reads it.
-    async fn close(mut self) {
+    async fn close(&mut self) {
         let _ = timeout(REJECT_WRITE_TIMEOUT, self.writer.half.shutdown()).await;
-        let mut read = self.reader.into_inner();
+        let read = self.reader.get_mut();
         // On the heap: a 4 KiB array here would be part of every
         // connection's task for its whole life, not just while closing.
         let mut scratch = vec![0u8; 4096];
@@ -793,5 +888,49 @@ fn shutting_down(store: &dyn SessionStore) -> ErrorFrame {
             "server is shutting down and its in-memory sessions end with it",
         )
         .with_disposition(Disposition::Final)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Largest acceptable connection task future, in bytes. Every
+    /// connection's task is this future, held for the whole session, so
+    /// growing it is memory per session (see BENCHMARKS.md); 1,384 bytes
+    /// when this was written (it was 2,592 before the handshake, the
+    /// waiting paths and the number generator stopped living in it).
+    const CONNECTION_TASK_BUDGET: usize = 1536;
+
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let shared = Arc::new(Shared {
+            config: ServerConfig::default(),
+            store: Arc::new(numstream_store::InMemoryStore::new(10)),
+            registry: Registry::new(CancellationToken::new()),
+            shutdown: CancellationToken::new(),
+            telemetry: Telemetry::disabled(),
+        });
+        let admission = Admission::new(
+            Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a free permit"),
+            shared.telemetry.connection_open(),
+        );
+        let task = serve(stream, peer, shared, admission);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= CONNECTION_TASK_BUDGET,
+            "the connection task grew to {size} bytes (budget {CONNECTION_TASK_BUDGET}): \
+             box what a connection needs only once (see Connection::reject, finish)"
+        );
+        drop((task, client));
     }
 }

@@ -107,11 +107,17 @@ impl Lease {
     pub(crate) async fn lost(&mut self) -> LeaseLoss {
         loop {
             let Some((sent, renewal)) = self.in_flight.as_mut() else {
+                // One timer, not a race of two: this future sits in every
+                // streaming connection's task, so its size is per session.
                 let failing = self.last_error.is_some();
-                tokio::select! {
-                    biased;
-                    _ = sleep_until(self.stop_at), if failing => return self.unconfirmed(),
-                    _ = sleep_until(self.next_renewal) => {}
+                let wake_at = if failing {
+                    self.stop_at.min(self.next_renewal)
+                } else {
+                    self.next_renewal
+                };
+                sleep_until(wake_at).await;
+                if failing && Instant::now() >= self.stop_at {
+                    return self.unconfirmed();
                 }
                 let store = self.store.clone();
                 let (client_id, generation, length) =

@@ -23,8 +23,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 #[derive(Debug)]
 struct Live {
     generation: u64,
-    /// Cancelled to tell the holder it has been taken over.
-    superseded: CancellationToken,
+    /// The holder's [`Claim::stop`].
+    stop: CancellationToken,
     /// Cancelled by the holder once it has stopped streaming.
     stopped: CancellationToken,
 }
@@ -32,14 +32,20 @@ struct Live {
 /// What a connection holds while it streams a session.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    pub(crate) superseded: CancellationToken,
+    /// Cancelled when the holder must stop streaming: a newer connection
+    /// took the session over, or the server is shutting down (it is a
+    /// child of the shutdown token, so one waiter covers both; the
+    /// shutdown token says which).
+    pub(crate) stop: CancellationToken,
     /// Dropping it tells a waiting successor that this connection stopped.
     _stopped: DropGuard,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Registry {
     live: Mutex<HashMap<ClientId, Live>>,
+    /// The server's shutdown token, parent of every claim's `stop`.
+    shutdown: CancellationToken,
 }
 
 /// Longest a new connection waits for the one it replaces to stop: longer
@@ -48,6 +54,13 @@ pub(crate) struct Registry {
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 impl Registry {
+    pub(crate) fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            live: Mutex::default(),
+            shutdown,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -57,7 +70,7 @@ impl Registry {
     /// generation is already registered: the caller lost a race and must
     /// not stream.
     pub(crate) async fn claim(&self, client_id: ClientId, generation: u64) -> Option<Claim> {
-        let superseded = CancellationToken::new();
+        let stop = self.shutdown.child_token();
         let stopped = CancellationToken::new();
         let previous = {
             let mut live = self.lock();
@@ -71,20 +84,20 @@ impl Registry {
                 client_id,
                 Live {
                     generation,
-                    superseded: superseded.clone(),
+                    stop: stop.clone(),
                     stopped: stopped.clone(),
                 },
             )
         };
         if let Some(previous) = previous {
-            previous.superseded.cancel();
+            previous.stop.cancel();
             // If the old connection is wedged in a write, it stops at its
             // write timeout at the latest; the store generation has already
             // fenced it, so waiting longer would only delay the client.
             let _ = tokio::time::timeout(HANDOVER_WAIT, previous.stopped.cancelled()).await;
         }
         Some(Claim {
-            superseded,
+            stop,
             _stopped: stopped.drop_guard(),
         })
     }
@@ -109,7 +122,7 @@ impl Registry {
     pub(crate) fn supersede(&self, client_id: ClientId, generation: u64) -> bool {
         match self.lock().get(&client_id) {
             Some(entry) if entry.generation < generation => {
-                entry.superseded.cancel();
+                entry.stop.cancel();
                 true
             }
             _ => false,
@@ -128,12 +141,12 @@ mod tests {
 
     #[tokio::test]
     async fn newer_claim_stops_and_awaits_the_older_one() {
-        let registry = Registry::default();
+        let registry = Registry::new(CancellationToken::new());
         let id = ClientId::from_bytes([1; 16]);
         let old = registry.claim(id, 1).await.expect("first claim");
-        let old_superseded = old.superseded.clone();
+        let old_stop = old.stop.clone();
         let waiter = tokio::spawn(async move {
-            old_superseded.cancelled().await;
+            old_stop.cancelled().await;
             // Simulate the old connection finishing its current write.
             tokio::time::sleep(Duration::from_millis(20)).await;
             drop(old);
@@ -143,7 +156,7 @@ mod tests {
             waiter.is_finished(),
             "claim must wait for the old streamer to stop"
         );
-        assert!(!new.superseded.is_cancelled());
+        assert!(!new.stop.is_cancelled());
         assert!(
             registry.claim(id, 1).await.is_none(),
             "stale generation must lose"
@@ -160,14 +173,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_notice_stops_older_streamers_only() {
-        let registry = Registry::default();
+        let registry = Registry::new(CancellationToken::new());
         let id = ClientId::from_bytes([2; 16]);
         let claim = registry.claim(id, 3).await.expect("claim");
         assert!(!registry.supersede(id, 3), "its own generation");
         assert!(!registry.supersede(id, 2), "an older generation");
-        assert!(!claim.superseded.is_cancelled());
+        assert!(!claim.stop.is_cancelled());
         assert!(registry.supersede(id, 4), "a newer generation");
-        assert!(claim.superseded.is_cancelled());
+        assert!(claim.stop.is_cancelled());
         assert!(!registry.supersede(ClientId::from_bytes([9; 16]), 1));
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_every_claim() {
+        let shutdown = CancellationToken::new();
+        let registry = Registry::new(shutdown.clone());
+        let first = registry.claim(ClientId::from_bytes([3; 16]), 1).await;
+        let second = registry.claim(ClientId::from_bytes([4; 16]), 1).await;
+        let (first, second) = (first.expect("claim"), second.expect("claim"));
+        assert!(!first.stop.is_cancelled() && !second.stop.is_cancelled());
+        shutdown.cancel();
+        assert!(first.stop.is_cancelled() && second.stop.is_cancelled());
     }
 }

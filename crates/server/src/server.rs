@@ -67,7 +67,7 @@ pub async fn run_with_telemetry(
     let shared = Arc::new(Shared {
         config,
         store,
-        registry: Registry::default(),
+        registry: Registry::new(shutdown.clone()),
         shutdown: shutdown.clone(),
         telemetry,
     });
@@ -108,13 +108,9 @@ pub async fn run_with_telemetry(
         shared.telemetry.connection_accepted();
         match admission.clone().try_acquire_owned() {
             Ok(permit) => {
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    let open = shared.telemetry.connection_open();
-                    connection::serve(stream, peer, shared).await;
-                    drop(open);
-                    drop(permit);
-                });
+                let admission =
+                    connection::Admission::new(permit, shared.telemetry.connection_open());
+                tracker.spawn(connection::serve(stream, peer, shared.clone(), admission));
             }
             Err(_) => match rejections.clone().try_acquire_owned() {
                 Ok(permit) => {
