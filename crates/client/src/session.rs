@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use numstream_protocol::codec::{CodecError, FrameCodec};
+use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec, decode_frame};
 use numstream_protocol::{
     Disposition, ErrorCode, ErrorFrame, Frame, Outcome, Progress, SequenceReceiver,
     client_silence_timeout,
@@ -343,7 +343,7 @@ impl Driver<'_> {
             }
             Err(_) => return Ending::Lost(format!("sending {hello_name} to {addr} timed out")),
         }
-        let frame = match read_before(&mut framed, Some(deadline), addr).await {
+        let frame = match read_before(&mut framed, deadline, addr).await {
             Ok(frame) => frame,
             Err(ReadError::Ended(ending)) => return ending,
             Err(ReadError::TimedOut) => {
@@ -398,19 +398,27 @@ impl Driver<'_> {
         let mut waiting_for_progress = false;
         loop {
             // A frame already buffered (a burst delivers hundreds per read)
-            // is decoded without a clock read or a timer: the silence
-            // timeout only matters when the next read has to wait.
-            let deadline = (!frame_buffered(&framed)).then(|| {
-                let now = Instant::now();
-                if self.receiver.received() != progress_mark.0 {
-                    progress_mark = (self.receiver.received(), now);
+            // is decoded straight from the buffer: no future, no clock read,
+            // no timer. The silence timeout only matters when the next read
+            // has to wait.
+            let buffered = match decode_frame(framed.read_buffer_mut()) {
+                Ok(buffered) => buffered,
+                Err(error) => return undecodable(error, addr),
+            };
+            let next = match buffered {
+                Some(frame) => Ok(frame),
+                None => {
+                    let now = Instant::now();
+                    if self.receiver.received() != progress_mark.0 {
+                        progress_mark = (self.receiver.received(), now);
+                    }
+                    let silent_at = deadline_from(now, silence);
+                    let stalled_at = deadline_from(progress_mark.1, progress_window);
+                    waiting_for_progress = stalled_at < silent_at;
+                    read_before(&mut framed, silent_at.min(stalled_at), addr).await
                 }
-                let silent_at = deadline_from(now, silence);
-                let stalled_at = deadline_from(progress_mark.1, progress_window);
-                waiting_for_progress = stalled_at < silent_at;
-                silent_at.min(stalled_at)
-            });
-            let frame = match read_before(&mut framed, deadline, addr).await {
+            };
+            let frame = match next {
                 Ok(frame) => frame,
                 Err(ReadError::Ended(ending)) => return ending,
                 Err(ReadError::TimedOut) if waiting_for_progress => {
@@ -525,38 +533,26 @@ enum ReadError {
     Ended(Ending),
 }
 
-/// Whether the read buffer already holds a whole frame (or at least a
-/// length prefix the decoder rejects), so reading the next one cannot wait.
-fn frame_buffered(framed: &Framed<TcpStream, FrameCodec>) -> bool {
-    match framed.read_buffer().as_ref() {
-        [a, b, c, d, payload @ ..] => {
-            payload.len() >= u32::from_be_bytes([*a, *b, *c, *d]) as usize
-        }
-        _ => false,
-    }
+/// Bytes that are not a v1 frame mean the stream cannot be trusted, let
+/// alone re-synchronised: not a network hiccup to retry.
+fn undecodable(error: DecodeError, addr: SocketAddr) -> Ending {
+    Ending::Fatal(ClientError::ProtocolViolation(format!(
+        "undecodable frame from {addr}: {error}"
+    )))
 }
 
-/// Reads the next frame, or says why there is none by `deadline` (`None`:
-/// only when the frame is known to be buffered already).
+/// Reads the next frame, or says why there is none by `deadline`.
 async fn read_before(
     framed: &mut Framed<TcpStream, FrameCodec>,
-    deadline: Option<Instant>,
+    deadline: Instant,
     addr: SocketAddr,
 ) -> Result<Frame, ReadError> {
-    let next = match deadline {
-        Some(deadline) => timeout_at(deadline, framed.next()).await,
-        None => Ok(framed.next().await),
-    };
-    match next {
+    match timeout_at(deadline, framed.next()).await {
         Ok(Some(Ok(frame))) => Ok(frame),
         Ok(Some(Err(CodecError::Io(error)))) => Err(ReadError::Ended(Ending::Lost(format!(
             "reading from {addr}: {error}"
         )))),
-        // Bytes that are not a v1 frame mean the stream cannot be trusted,
-        // let alone re-synchronised: not a network hiccup to retry.
-        Ok(Some(Err(CodecError::Decode(error)))) => Err(ReadError::Ended(Ending::Fatal(
-            ClientError::ProtocolViolation(format!("undecodable frame from {addr}: {error}")),
-        ))),
+        Ok(Some(Err(CodecError::Decode(error)))) => Err(ReadError::Ended(undecodable(error, addr))),
         Ok(None) => Err(ReadError::Ended(Ending::Lost(format!(
             "{addr} closed the connection"
         )))),
