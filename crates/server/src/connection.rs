@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) shutdown: CancellationToken,
     pub(crate) telemetry: Telemetry,
+    /// Accepted sockets start with the dead-peer options (set once on the
+    /// listener), so connections need not set them.
+    pub(crate) socket_options_inherited: bool,
 }
 
 /// Numbers encoded per write in burst mode (interval 0): large enough to
@@ -134,11 +137,13 @@ pub(crate) fn serve(
         _admission: admission,
     };
     async move {
-        let dead_peer_timeout = connection.shared.config.dead_peer_timeout;
-        if let Err(error) =
-            crate::socket::configure(connection.writer.half.as_ref(), dead_peer_timeout)
-        {
-            debug!(%peer, %error, "could not set socket options");
+        // Unless it came from a listener that already set them up.
+        if !connection.shared.socket_options_inherited {
+            let dead_peer_timeout = connection.shared.config.dead_peer_timeout;
+            let socket = socket2::SockRef::from(connection.writer.half.as_ref());
+            if let Err(error) = crate::socket::configure(socket, dead_peer_timeout) {
+                debug!(%peer, %error, "could not set socket options");
+            }
         }
         let span = info_span!(
             "conn",
@@ -383,15 +388,20 @@ impl Connection {
         }
         check_client_id(open.client_id)?;
         let config = &self.shared.config;
+        // One getrandom call for both the seed and the token.
+        let random: [u8; 48] = random_bytes()?;
+        let (mut random_seed, mut token) = ([0u8; 32], [0u8; 16]);
+        random_seed.copy_from_slice(&random[..32]);
+        token.copy_from_slice(&random[32..]);
         let seed = match config.seed {
             Some(master) => SessionSeed::derive(master, open.client_id),
-            None => SessionSeed(random_bytes()?),
+            None => SessionSeed(random_seed),
         };
         let session = NewSession {
             client_id: open.client_id,
             seed,
             count: open.count,
-            token: ResumeToken(random_bytes()?),
+            token: ResumeToken(token),
         };
         self.shared
             .store
@@ -917,6 +927,7 @@ mod tests {
             registry: Registry::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
             telemetry: Telemetry::disabled(),
+            socket_options_inherited: false,
         });
         let admission = Admission::new(
             Arc::new(tokio::sync::Semaphore::new(1))

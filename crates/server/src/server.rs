@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +65,18 @@ pub async fn run_with_telemetry(
     let grace = config.shutdown_grace;
     let admission = Arc::new(Semaphore::new(config.max_connections));
     let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
+    // Once here rather than for every connection, where accepted sockets
+    // inherit the listener's options.
+    let socket_options_inherited = crate::socket::ACCEPTED_SOCKETS_INHERIT
+        && match crate::socket::configure(SockRef::from(&listener), config.dead_peer_timeout) {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(%error, "cannot set socket options on the listener; setting them per connection");
+                false
+            }
+        };
     let shared = Arc::new(Shared {
+        socket_options_inherited,
         config,
         store,
         registry: Registry::new(shutdown.clone()),
