@@ -31,7 +31,10 @@ pub struct ClientConfig {
     /// of thousands of them to one server port do not exhaust (or slowly
     /// search) one source address's ephemeral ports.
     pub local_addr: Option<std::net::IpAddr>,
-    /// Bound on waiting for WELCOME (or ERROR) after OPEN/RESUME. Default 5 s.
+    /// Bound on waiting for WELCOME (or ERROR) after OPEN/RESUME. Default
+    /// 5 s; doubled after each handshake in a row that timed out, up to
+    /// 4 times this (an overloaded server welcomes late, and reconnecting
+    /// would only put the client at the back of its queue again).
     pub handshake_timeout: Duration,
     /// Until the first WELCOME there is no session and no TTL to bound the
     /// retries, so these two do: give up with `CannotConnect` after this

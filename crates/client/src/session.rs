@@ -40,6 +40,14 @@ const LOST_WELCOME_WAIT: Duration = Duration::from_secs(45);
 /// holding the token would make the session bounce, so this is small.
 const TAKEOVER_RESUMES: u32 = 2;
 
+/// After a handshake times out, the next one waits twice as long, up to
+/// 2^this times `handshake_timeout` (5 s, 10 s, 20 s by default). A server
+/// that accepts but welcomes late is overloaded (a reconnect storm after
+/// an outage, a saturated machine); a client that gave up at the same
+/// bound every time would re-join the back of its queue, adding a fresh
+/// handshake to the load, and might never get in. Any WELCOME resets it.
+const MAX_HANDSHAKE_DOUBLINGS: u32 = 2;
+
 /// Fetches the session described by `config`, resuming across dropped
 /// connections, and reports the outcome. Never panics: every failure is
 /// described in the [`Report`].
@@ -53,6 +61,7 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
         welcomes: 0,
         opens_sent: 0,
         takeovers: 0,
+        slow_handshakes: 0,
         terms: None,
     };
     let result = match config.validate() {
@@ -120,6 +129,8 @@ struct Driver<'a> {
     opens_sent: u32,
     /// `taken_over` errors received so far.
     takeovers: u32,
+    /// Handshakes in a row that got no WELCOME in time.
+    slow_handshakes: u32,
     /// Set by the first WELCOME, refreshed by every later one.
     terms: Option<Terms>,
 }
@@ -335,7 +346,11 @@ impl Driver<'_> {
             self.opens_sent = self.opens_sent.saturating_add(1);
         }
         let hello_name = hello.name();
-        let deadline = deadline_after(self.config.handshake_timeout);
+        let handshake_wait = self
+            .config
+            .handshake_timeout
+            .saturating_mul(1 << self.slow_handshakes.min(MAX_HANDSHAKE_DOUBLINGS));
+        let deadline = deadline_after(handshake_wait);
         match timeout_at(deadline, framed.send(hello)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
@@ -347,9 +362,10 @@ impl Driver<'_> {
             Ok(frame) => frame,
             Err(ReadError::Ended(ending)) => return ending,
             Err(ReadError::TimedOut) => {
+                self.slow_handshakes = self.slow_handshakes.saturating_add(1);
                 return Ending::Lost(format!(
                     "no WELCOME from {addr} within {}",
-                    human(self.config.handshake_timeout)
+                    human(handshake_wait)
                 ));
             }
         };
@@ -360,6 +376,7 @@ impl Driver<'_> {
                     ttl: Duration::from_millis(u64::from(welcome.session_ttl_ms)),
                 };
                 self.welcomes = self.welcomes.saturating_add(1);
+                self.slow_handshakes = 0;
                 self.terms = Some(terms);
                 tracing::debug!(
                     %addr,

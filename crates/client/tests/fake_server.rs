@@ -418,6 +418,37 @@ async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
 }
 
 #[tokio::test]
+async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
+    // An overloaded server welcomes late; a client that keeps abandoning
+    // its place in the queue would never get in.
+    let (listener, port) = listen().await;
+    let mut config = config(vec![port], 2);
+    config.handshake_timeout = Duration::from_millis(200);
+    let expected_config = config.clone();
+    let server = tokio::spawn(async move {
+        let mut first = accept(&listener).await;
+        assert_open(&recv(&mut first).await, &expected_config);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Too late for the first 200 ms wait: the client is gone.
+        let _ = futures::SinkExt::send(&mut first, welcome(2, 0)).await;
+        let mut second = accept(&listener).await;
+        assert_open(&recv(&mut second).await, &expected_config);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(&mut second, welcome(2, 0)).await;
+        finish(&mut second, 2, 0).await
+    });
+    let (report, events) = run_client(config).await;
+    join(server).await;
+    assert!(report.ok, "{}", report.render_human());
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), 1, "{reconnects:?}");
+    assert!(
+        reconnects[0].0.contains("no WELCOME") && reconnects[0].0.contains("200ms"),
+        "{reconnects:?}"
+    );
+}
+
+#[tokio::test]
 async fn refused_port_is_skipped_for_the_next_one() {
     let closed = closed_port().await;
     let (listener, port) = listen().await;
