@@ -393,34 +393,13 @@ async fn silent_server_is_abandoned_and_the_session_resumed() {
     assert!(reconnects[0].0.contains("silent"), "{reconnects:?}");
 }
 
-#[tokio::test]
-async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
-    let (listener, port) = listen().await;
-    let mut config = config(vec![port], 2);
-    config.handshake_timeout = Duration::from_millis(200);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
-        recv(&mut first).await;
-        let mut second = accept(&listener).await;
-        // No session was opened, so the client opens again.
-        assert_open(&recv(&mut second).await, &expected_config);
-        send(&mut second, welcome(2, 0)).await;
-        let ack = finish(&mut second, 2, 0).await;
-        drop(first);
-        ack
-    });
-    let (report, events) = run_client(config).await;
-    join(server).await;
-    assert!(report.ok, "{}", report.render_human());
-    assert_eq!(report.reconnects, 0, "only WELCOMEd connections count");
-    assert!(reconnect_events(&events)[0].0.contains("no WELCOME"));
-}
-
-#[tokio::test]
-async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
-    // An overloaded server welcomes late; a client that keeps abandoning
-    // its place in the queue would never get in.
+/// A client that waits 200 ms for WELCOME, against a server that answers
+/// its first OPEN late by `first_after` (never, with `None`) and its second
+/// by `second_after`. Returns the client's report and its reconnect events.
+async fn late_welcomes(
+    first_after: Option<Duration>,
+    second_after: Duration,
+) -> (numstream_client::Report, Vec<(String, Duration)>) {
     let (listener, port) = listen().await;
     let mut config = config(vec![port], 2);
     config.handshake_timeout = Duration::from_millis(200);
@@ -428,19 +407,40 @@ async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
     let server = tokio::spawn(async move {
         let mut first = accept(&listener).await;
         assert_open(&recv(&mut first).await, &expected_config);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // Too late for the first 200 ms wait: the client is gone.
-        let _ = futures::SinkExt::send(&mut first, welcome(2, 0)).await;
+        if let Some(delay) = first_after {
+            tokio::time::sleep(delay).await;
+            // Too late for the client's first 200 ms wait: it is gone.
+            let _ = futures::SinkExt::send(&mut first, welcome(2, 0)).await;
+        }
         let mut second = accept(&listener).await;
+        // No WELCOME reached the client, so it opens again.
         assert_open(&recv(&mut second).await, &expected_config);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(second_after).await;
         send(&mut second, welcome(2, 0)).await;
-        finish(&mut second, 2, 0).await
+        let ack = finish(&mut second, 2, 0).await;
+        drop(first);
+        ack
     });
     let (report, events) = run_client(config).await;
     join(server).await;
+    (report, reconnect_events(&events))
+}
+
+#[tokio::test]
+async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
+    let (report, reconnects) = late_welcomes(None, Duration::ZERO).await;
     assert!(report.ok, "{}", report.render_human());
-    let reconnects = reconnect_events(&events);
+    assert_eq!(report.reconnects, 0, "only WELCOMEd connections count");
+    assert!(reconnects[0].0.contains("no WELCOME"), "{reconnects:?}");
+}
+
+#[tokio::test]
+async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
+    // An overloaded server welcomes late; a client that kept abandoning
+    // its place in the queue at the same bound would never get in.
+    let late = Duration::from_millis(300);
+    let (report, reconnects) = late_welcomes(Some(late), late).await;
+    assert!(report.ok, "{}", report.render_human());
     assert_eq!(reconnects.len(), 1, "{reconnects:?}");
     assert!(
         reconnects[0].0.contains("no WELCOME") && reconnects[0].0.contains("200ms"),
