@@ -194,6 +194,18 @@ pub fn kill_plan(config: &ChaosConfig) -> Vec<KillEvent> {
     events
 }
 
+/// A server stop as it happened: from the signal until the process was
+/// gone. A SIGTERM drain takes a while, and a client that connects in
+/// that window is told the server is shutting down: it was exposed to the
+/// kill as much as one that was streaming when the signal went.
+#[derive(Debug, Clone, Copy)]
+pub struct Kill {
+    pub server: usize,
+    pub signal: Signal,
+    pub from: Instant,
+    pub until: Instant,
+}
+
 /// What happened to one client.
 #[derive(Debug, Clone)]
 pub struct ClientResult {
@@ -335,7 +347,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
     let total = specs.len();
 
     // Kills and restarts, one at a time, until the clients are done.
-    let kills: Arc<Mutex<Vec<(usize, Instant, Signal)>>> = Arc::default();
+    let kills: Arc<Mutex<Vec<Kill>>> = Arc::default();
     let clients_done = CancellationToken::new();
     let killer = tokio::spawn(kill_and_restart(
         servers,
@@ -378,8 +390,10 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         .iter()
         .map(|result| {
             let exposed = memory
-                && kills.iter().any(|(server, at, _)| {
-                    *server == result.spec.home && *at >= result.started && *at <= result.ended
+                && kills.iter().any(|kill| {
+                    kill.server == result.spec.home
+                        && kill.from <= result.ended
+                        && kill.until >= result.started
                 });
             judge(config.seed, result, exposed, config.client_time_limit)
         })
@@ -493,7 +507,7 @@ async fn kill_and_restart(
     mut servers: Vec<ServerProcess>,
     events: Vec<KillEvent>,
     started: Instant,
-    kills: Arc<Mutex<Vec<(usize, Instant, Signal)>>>,
+    kills: Arc<Mutex<Vec<Kill>>>,
     done: CancellationToken,
 ) -> KillerResult {
     for event in events {
@@ -512,10 +526,16 @@ async fn kill_and_restart(
             server.addr(),
             event.downtime.as_millis()
         );
-        if let Ok(mut kills) = kills.lock() {
-            kills.push((event.server, Instant::now(), event.signal));
-        }
+        let from = Instant::now();
         server.stop(event.signal).await;
+        if let Ok(mut kills) = kills.lock() {
+            kills.push(Kill {
+                server: event.server,
+                signal: event.signal,
+                from,
+                until: Instant::now(),
+            });
+        }
         tokio::time::sleep(event.downtime).await;
         if let Err(error) = server.restart().await {
             return (servers, Some(format!("{error:#}")));
@@ -623,7 +643,7 @@ fn summarize(
     config: &ChaosConfig,
     results: &[ClientResult],
     verdicts: &[Verdict],
-    kills: &[(usize, Instant, Signal)],
+    kills: &[Kill],
     kill_error: Option<String>,
     reference_lines: &[(bool, String)],
     started: Instant,
@@ -652,11 +672,12 @@ fn summarize(
     ));
     let kill_text: Vec<String> = kills
         .iter()
-        .map(|(server, at, signal)| {
+        .map(|kill| {
             format!(
-                "{} server {server} at {:.1}s",
-                signal.name(),
-                at.duration_since(started).as_secs_f64()
+                "{} server {} at {:.1}s",
+                kill.signal.name(),
+                kill.server,
+                kill.from.duration_since(started).as_secs_f64()
             )
         })
         .collect();

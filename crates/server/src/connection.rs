@@ -295,7 +295,19 @@ impl Connection {
         };
         let Some(hello) = hello else {
             self.handshake_failed(HandshakeFailure::ShuttingDown);
-            return Err(Some(shutting_down(&*self.shared.store)));
+            // No session is attached to this connection yet, so even with
+            // the in-memory store there is nothing to lose by retrying: an
+            // OPEN succeeds once a server is back (or on another one).
+            let error = if self.shared.store.is_shared() {
+                shutting_down(&*self.shared.store)
+            } else {
+                ErrorFrame::new(
+                    ErrorCode::ShuttingDown,
+                    "server is shutting down before this connection's handshake; retry later",
+                )
+                .with_disposition(Disposition::Retry)
+            };
+            return Err(Some(error));
         };
         let hello = match hello {
             Err(_elapsed) => {

@@ -448,7 +448,18 @@ async fn shutdown_tells_streaming_clients_their_in_memory_session_ends() {
     client.send(open(id, 1000)).await;
     welcome(&mut client).await;
     read_numbers(&mut client, id, 0, 2).await;
+    // Connected, but no hello yet: it has nothing to lose, so it is told
+    // to retry (once the server is back, or elsewhere).
+    let mut newcomer = RawClient::connect(server.addr).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let shutdown = tokio::spawn(server.shutdown());
+    match newcomer.frame().await {
+        Frame::Error(error) => {
+            assert_eq!(error.code, ErrorCode::ShuttingDown);
+            assert_eq!(error.disposition, Disposition::Retry, "{error:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     loop {
         match client.frame().await {
             Frame::Number { .. } => continue,
