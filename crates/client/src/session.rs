@@ -148,11 +148,25 @@ impl Driver<'_> {
         // that welcomes and then delivers nothing must not keep the client
         // trying forever.
         let mut dropped_at: Option<Instant> = None;
+        // Whether the last attempt found an orphan of ours to wait out,
+        // which extends the time allowed before the first WELCOME.
+        let mut awaiting_orphan = false;
         loop {
             let port = ports[port_index];
             let welcomes_before = self.welcomes;
             let received_before = self.receiver.received();
-            let ending = self.connection(port).await;
+            // Before the first WELCOME the run has a deadline of its own; a
+            // handshake wait must not overshoot it (the WELCOME wait grows
+            // after timeouts).
+            let open_until = self.terms.is_none().then(|| {
+                let allowed = if awaiting_orphan {
+                    self.config.open_deadline.max(LOST_WELCOME_WAIT)
+                } else {
+                    self.config.open_deadline
+                };
+                deadline_from(started, allowed)
+            });
+            let ending = self.connection(port, open_until).await;
             let welcomed = self.welcomes > welcomes_before;
             let progressed = self.receiver.received() > received_before;
             if progressed || (welcomed && dropped_at.is_none()) {
@@ -177,6 +191,7 @@ impl Driver<'_> {
                 Ending::ServerError(error) => self.classify(error, away)?,
             };
             attempt = attempt.saturating_add(1);
+            awaiting_orphan = retry.awaits_orphan;
 
             // A RetryNow skips the backoff only while there are untried
             // ports: if every instance is draining, hammering them in a
@@ -312,7 +327,8 @@ impl Driver<'_> {
     }
 
     /// One connection, from TCP connect to FINAL, ERROR or loss.
-    async fn connection(&mut self, port: u16) -> Ending {
+    /// `open_until`: no handshake wait goes past it.
+    async fn connection(&mut self, port: u16, open_until: Option<Instant>) -> Ending {
         let host = self.config.host.as_str();
         let connect = connect_from(host, port, self.config.local_addr);
         let stream = match timeout(self.config.connect_timeout, connect).await {
@@ -350,6 +366,12 @@ impl Driver<'_> {
             .config
             .handshake_timeout
             .saturating_mul(1 << self.slow_handshakes.min(MAX_HANDSHAKE_DOUBLINGS));
+        let handshake_wait = match open_until {
+            Some(open_until) => {
+                handshake_wait.min(open_until.saturating_duration_since(Instant::now()))
+            }
+            None => handshake_wait,
+        };
         let deadline = deadline_after(handshake_wait);
         match timeout_at(deadline, framed.send(hello)).await {
             Ok(Ok(())) => {}

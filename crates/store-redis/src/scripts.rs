@@ -99,13 +99,14 @@ return {'ok', seed, count, next_generation}
 "#
 );
 
-/// KEYS[1] session; ARGV generation, lease ms.
-///
-/// Leaves `attached` alone, like the in-memory store: a renewal only moves
-/// the deadline of whatever the caller's generation owns.
-const RENEW: &str = concat!(
-    generation_prelude!(),
-    r#"
+/// The check every fenced write starts with: `KEYS[1]` must exist with a
+/// valid generation equal to `ARGV[1]` (the caller's), or the script
+/// returns the reply saying why not (`not_found`, `corrupt`, `superseded`).
+macro_rules! fenced_prelude {
+    () => {
+        concat!(
+            generation_prelude!(),
+            r#"
 local generation, early = current_generation(KEYS[1])
 if not generation then
   return early
@@ -113,6 +114,18 @@ end
 if generation ~= ARGV[1] then
   return {'superseded', generation}
 end
+"#
+        )
+    };
+}
+
+/// KEYS[1] session; ARGV generation, lease ms.
+///
+/// Leaves `attached` alone, like the in-memory store: a renewal only moves
+/// the deadline of whatever the caller's generation owns.
+const RENEW: &str = concat!(
+    fenced_prelude!(),
+    r#"
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'ok'}
 "#
@@ -121,15 +134,8 @@ return {'ok'}
 /// KEYS[1] session; ARGV generation, ttl ms. The TTL replaces the lease as
 /// the key's expiry in the same step that marks the session detached.
 const DETACH: &str = concat!(
-    generation_prelude!(),
+    fenced_prelude!(),
     r#"
-local generation, early = current_generation(KEYS[1])
-if not generation then
-  return early
-end
-if generation ~= ARGV[1] then
-  return {'superseded', generation}
-end
 redis.call('HSET', KEYS[1], 'attached', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'ok'}
@@ -138,15 +144,8 @@ return {'ok'}
 
 /// KEYS[1] session; ARGV generation.
 const COMPLETE: &str = concat!(
-    generation_prelude!(),
+    fenced_prelude!(),
     r#"
-local generation, early = current_generation(KEYS[1])
-if not generation then
-  return early
-end
-if generation ~= ARGV[1] then
-  return {'superseded', generation}
-end
 redis.call('DEL', KEYS[1])
 return {'ok'}
 "#
