@@ -50,7 +50,7 @@ pub mod telemetry;
 
 pub use config::ServerConfig;
 pub use instrumented::InstrumentedStore;
-pub use server::{ServerError, run, run_with_telemetry};
+pub use server::{MAX_CONCURRENT_REJECTIONS, ServerError, run, run_with_telemetry};
 pub use socket::{DEFAULT_LISTEN_BACKLOG, ListenOptions, listen};
 pub use status::{
     MAX_STATUS_CONNECTIONS, READY_PING_TIMEOUT, Status, prometheus_recorder, serve_status,

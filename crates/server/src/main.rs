@@ -17,9 +17,14 @@ use numstream_server::{InstrumentedStore, ServerConfig, Status, Telemetry};
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
-/// Descriptors kept back from the connection limit for the listener, the
-/// store's connections, logs and the busy-rejection path.
-const RESERVED_FDS: u64 = 64;
+/// Descriptors kept back from the connection limit: the listener, the
+/// store's connections, logs and the runtime's own (64), every connection
+/// being told `server_busy` at once, and every status-endpoint connection.
+/// With less, a server at its limit would run out of descriptors and fail
+/// `accept` (EMFILE) instead of refusing politely.
+const RESERVED_FDS: u64 = 64
+    + numstream_server::MAX_CONCURRENT_REJECTIONS as u64
+    + numstream_server::MAX_STATUS_CONNECTIONS as u64;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -92,9 +97,11 @@ struct Args {
     max_sessions: u64,
 
     /// Most client connections served at once [default: the open-file limit
-    /// minus 64]
+    /// minus 352]
     ///
-    /// New connections past it get server_busy.
+    /// New connections past it get server_busy. The default keeps
+    /// descriptors for the listener, the store, 256 busy rejections in
+    /// flight and 32 status connections, so the server never runs out.
     ///
     /// Example: --max-connections 20000
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]

@@ -25,8 +25,10 @@ use crate::registry::Registry;
 use crate::telemetry::Telemetry;
 
 /// Connections being turned away at once; past this, excess connections are
-/// closed without a word rather than spending memory on politeness.
-const MAX_CONCURRENT_REJECTIONS: usize = 256;
+/// closed without a word rather than spending memory on politeness. Each
+/// holds a descriptor while it is told, so a connection limit derived from
+/// the descriptor limit must leave room for them.
+pub const MAX_CONCURRENT_REJECTIONS: usize = 256;
 const REJECTION_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Fatal server errors. Per-connection problems are logged, never returned.

@@ -209,40 +209,56 @@ async fn complete_session(port: u16, seed: u64, count: u16) {
     assert_eq!(server_checksum, Some(expected.checksum()));
 }
 
+/// The log a server has written so far, line by line; read in the
+/// background so the server never blocks on a full pipe.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn log_lines(log: &Log) -> Vec<String> {
+    log.lock().map(|lines| lines.clone()).unwrap_or_default()
+}
+
 /// Starts the server on `port` with `args` and waits (bounded) for its
 /// "starting" log line, which it writes once its listener is bound.
-/// Returns the process and the log lines read so far.
-async fn start_and_wait_until_listening(
-    port: u16,
-    args: &[&str],
-) -> (tokio::process::Child, Vec<String>) {
+async fn start_and_wait_until_listening(port: u16, args: &[&str]) -> (tokio::process::Child, Log) {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(["--port", &port.to_string()]).args(args);
+    spawn_and_wait_until_listening(command).await
+}
+
+async fn spawn_and_wait_until_listening(
+    mut command: tokio::process::Command,
+) -> (tokio::process::Child, Log) {
     use tokio::io::AsyncBufReadExt;
-    let mut server = tokio::process::Command::new(BIN)
-        .args(["--port", &port.to_string()])
-        .args(args)
+    let mut server = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn server");
     let stderr = server.stderr.take().expect("piped stderr");
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let mut seen = Vec::new();
-    let started = tokio::time::timeout(Duration::from_secs(10), async {
+    let log = Log::default();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let collected = log.clone();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut started = Some(started_tx);
         while let Ok(Some(line)) = lines.next_line().await {
-            let done = line.contains("numstream-server starting");
-            seen.push(line);
-            if done {
-                return true;
+            let starting = line.contains("numstream-server starting");
+            if let Ok(mut log) = collected.lock() {
+                log.push(line);
+            }
+            if starting && let Some(started) = started.take() {
+                let _ = started.send(());
             }
         }
-        false
-    })
-    .await;
-    assert_eq!(started, Ok(true), "server did not start: {seen:#?}");
-    // Keep draining its log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (server, seen)
+    });
+    let started = tokio::time::timeout(Duration::from_secs(10), started_rx).await;
+    assert!(
+        matches!(started, Ok(Ok(()))),
+        "server did not start: {:#?}",
+        log_lines(&log)
+    );
+    (server, log)
 }
 
 #[tokio::test]
@@ -252,7 +268,7 @@ async fn reuse_port_lets_a_second_server_share_the_port() {
     let (mut first, _) = start_and_wait_until_listening(port, &args).await;
     let (_second, second_log) = start_and_wait_until_listening(port, &args).await;
     assert!(
-        second_log
+        log_lines(&second_log)
             .iter()
             .any(|line| line.contains("--reuse-port with the in-memory store")),
         "sharing a port without a shared store must warn: {second_log:#?}"
@@ -267,6 +283,64 @@ async fn reuse_port_lets_a_second_server_share_the_port() {
     // With the first one gone, the port is served by the second alone.
     first.kill().await.expect("kill the first server");
     complete_session(port, 11, 4).await;
+}
+
+#[tokio::test]
+async fn at_its_descriptor_limit_the_server_refuses_politely() {
+    // 400 descriptors: the default connection limit leaves room for the
+    // listener, the store, 256 busy rejections and the status endpoint.
+    let port = free_port();
+    let mut command = tokio::process::Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -n 400 && exec \"$0\" \"$@\"",
+        BIN,
+        "--port",
+        &port.to_string(),
+    ]);
+    let (_server, log) = spawn_and_wait_until_listening(command).await;
+    assert!(
+        log_lines(&log)
+            .iter()
+            .any(|line| line.contains("max_connections=48")),
+        "{:#?}",
+        log_lines(&log)
+    );
+
+    // Far more clients than that, all at once, each holding on.
+    let mut clients = Vec::new();
+    for _ in 0..400 {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut framed = Framed::new(stream, FrameCodec);
+        // A rejected connection may already be closed: ignore send errors.
+        let _ = framed
+            .send(Frame::Open(Open {
+                client_id: ClientId::new_v4(),
+                count: 1000,
+            }))
+            .await;
+        clients.push(framed);
+    }
+    let (mut welcomed, mut busy, mut closed) = (0, 0, 0);
+    for framed in &mut clients {
+        match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
+            Ok(Some(Ok(Frame::Welcome(_)))) => welcomed += 1,
+            Ok(Some(Ok(Frame::Error(error)))) if error.code == ErrorCode::ServerBusy => busy += 1,
+            // Past the rejections in flight, excess connections are closed.
+            Ok(None | Some(Err(_))) => closed += 1,
+            Ok(Some(Ok(other))) => panic!("unexpected {other:?}"),
+            Err(_) => panic!("a connection got no answer within 10 s"),
+        }
+    }
+    assert_eq!(welcomed, 48, "busy {busy}, closed {closed}");
+    assert!(busy > 0, "welcomed {welcomed}, closed {closed}");
+    let log = log_lines(&log);
+    assert!(
+        !log.iter().any(|line| line.contains("accept failed")),
+        "the server ran out of descriptors: {log:#?}"
+    );
 }
 
 #[tokio::test]
