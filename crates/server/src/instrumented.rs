@@ -86,6 +86,23 @@ impl SessionStore for InstrumentedStore {
         .await
     }
 
+    /// Each renewal is one `renew` observation: the batch's duration is
+    /// how long each of its callers waited.
+    async fn renew_many(
+        &self,
+        renewals: &[(ClientId, u64)],
+        lease: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let started = Instant::now();
+        let results = self.inner.renew_many(renewals, lease).await;
+        let took = started.elapsed();
+        for result in &results {
+            self.telemetry
+                .store_operation(StoreOp::Renew, took, result.as_ref().err());
+        }
+        results
+    }
+
     async fn detach(
         &self,
         client_id: ClientId,

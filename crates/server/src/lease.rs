@@ -185,78 +185,13 @@ fn round_ms(duration: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_store::TestStore;
     use numstream_protocol::{ResumeToken, SessionSeed};
-    use numstream_store::{InMemoryStore, NewSession};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use numstream_store::NewSession;
+    use std::sync::atomic::Ordering;
 
-    /// An in-memory store whose renewals can be made to fail.
-    #[derive(Debug)]
-    struct Flaky {
-        inner: InMemoryStore,
-        down: AtomicBool,
-    }
-
-    #[async_trait::async_trait]
-    impl SessionStore for Flaky {
-        fn kind(&self) -> &'static str {
-            "flaky"
-        }
-        fn is_shared(&self) -> bool {
-            true
-        }
-        async fn create(
-            &self,
-            session: NewSession,
-            lease: Duration,
-        ) -> Result<Attachment, StoreError> {
-            self.inner.create(session, lease).await
-        }
-        async fn attach(
-            &self,
-            client_id: ClientId,
-            token: &ResumeToken,
-            lease: Duration,
-        ) -> Result<Attachment, StoreError> {
-            self.inner.attach(client_id, token, lease).await
-        }
-        async fn renew(
-            &self,
-            client_id: ClientId,
-            generation: u64,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("down for the test".into()));
-            }
-            self.inner.renew(client_id, generation, lease).await
-        }
-        async fn detach(
-            &self,
-            client_id: ClientId,
-            generation: u64,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.inner.detach(client_id, generation, ttl).await
-        }
-        async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
-            self.inner.complete(client_id, generation).await
-        }
-        async fn lookup(
-            &self,
-            client_id: ClientId,
-        ) -> Result<Option<numstream_store::SessionInfo>, StoreError> {
-            self.inner.lookup(client_id).await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-
-    async fn setup() -> (Arc<Flaky>, Attachment, ServerConfig) {
-        let store = Arc::new(Flaky {
-            inner: InMemoryStore::new(10),
-            down: AtomicBool::new(false),
-        });
+    async fn setup() -> (Arc<TestStore>, Attachment, ServerConfig) {
+        let store = Arc::new(TestStore::default());
         let config = ServerConfig {
             session_ttl: Duration::from_secs(3),
             ..ServerConfig::default()

@@ -43,10 +43,13 @@ mod connection;
 mod instrumented;
 mod lease;
 mod registry;
+mod renewals;
 mod server;
 mod socket;
 mod status;
 pub mod telemetry;
+#[cfg(test)]
+mod test_store;
 
 pub use config::ServerConfig;
 pub use instrumented::InstrumentedStore;

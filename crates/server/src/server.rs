@@ -77,6 +77,13 @@ pub async fn run_with_telemetry(
                 false
             }
         };
+    // With a shared store, lease renewals are a round trip each; batch
+    // them (see `renewals`). In memory they cost nanoseconds as they are.
+    let store = if store.is_shared() {
+        crate::renewals::BatchedRenewals::wrap(store)
+    } else {
+        store
+    };
     let shared = Arc::new(Shared {
         socket_options_inherited,
         config,

@@ -413,6 +413,48 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
+    async fn renew_many(
+        &self,
+        renewals: &[(ClientId, u64)],
+        lease: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        if renewals.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<String> = renewals
+            .iter()
+            .map(|&(client_id, _)| self.session_key(client_id))
+            .collect();
+        let mut args: Vec<Vec<u8>> = renewals
+            .iter()
+            .map(|&(_, generation)| decimal(generation))
+            .collect();
+        args.push(expiry_ms(lease));
+        let replies = self
+            .bounded(Replay::Idempotent, |mut connection| {
+                let mut invocation = self.scripts.renew_many.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                for arg in &args {
+                    invocation.arg(arg.as_slice());
+                }
+                async move { invocation.invoke_async::<Value>(&mut connection).await }
+            })
+            .await;
+        match replies {
+            Ok(Value::Array(replies)) if replies.len() == renewals.len() => replies
+                .into_iter()
+                .map(|reply| Reply::decode(reply)?.expect_ok().map(drop))
+                .collect(),
+            Ok(_) => {
+                let error = reply::corrupt("renewals replied something else than one reply each");
+                vec![Err(error); renewals.len()]
+            }
+            Err(error) => vec![Err(error); renewals.len()],
+        }
+    }
+
     async fn detach(
         &self,
         client_id: ClientId,

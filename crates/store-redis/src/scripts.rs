@@ -99,20 +99,24 @@ return {'ok', seed, count, next_generation}
 "#
 );
 
-/// The check every fenced write starts with: `KEYS[1]` must exist with a
-/// valid generation equal to `ARGV[1]` (the caller's), or the script
-/// returns the reply saying why not (`not_found`, `corrupt`, `superseded`).
+/// The check every fenced write starts with: `key` must exist with a valid
+/// generation equal to `claimed` (the caller's). `refused` returns nil when
+/// it does, else the reply saying why not (`not_found`, `corrupt`,
+/// `superseded`).
 macro_rules! fenced_prelude {
     () => {
         concat!(
             generation_prelude!(),
             r#"
-local generation, early = current_generation(KEYS[1])
-if not generation then
-  return early
-end
-if generation ~= ARGV[1] then
-  return {'superseded', generation}
+local function refused(key, claimed)
+  local generation, early = current_generation(key)
+  if not generation then
+    return early
+  end
+  if generation ~= claimed then
+    return {'superseded', generation}
+  end
+  return nil
 end
 "#
         )
@@ -126,8 +130,36 @@ end
 const RENEW: &str = concat!(
     fenced_prelude!(),
     r#"
+local refusal = refused(KEYS[1], ARGV[1])
+if refusal then
+  return refusal
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'ok'}
+"#
+);
+
+/// KEYS sessions; ARGV[i] the generation claimed for KEYS[i], then the
+/// lease ms. Replies one RENEW reply per key, in order: a server renews all
+/// its leases due at once in one round trip.
+///
+/// The keys may lie in different hash slots, so this runs on one Redis,
+/// not a Cluster (as does the rest of the store today).
+const RENEW_MANY: &str = concat!(
+    fenced_prelude!(),
+    r#"
+local lease = ARGV[#KEYS + 1]
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local refusal = refused(key, ARGV[i])
+  if refusal then
+    replies[i] = refusal
+  else
+    redis.call('PEXPIRE', key, lease)
+    replies[i] = {'ok'}
+  end
+end
+return replies
 "#
 );
 
@@ -136,6 +168,10 @@ return {'ok'}
 const DETACH: &str = concat!(
     fenced_prelude!(),
     r#"
+local refusal = refused(KEYS[1], ARGV[1])
+if refusal then
+  return refusal
+end
 redis.call('HSET', KEYS[1], 'attached', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'ok'}
@@ -146,6 +182,10 @@ return {'ok'}
 const COMPLETE: &str = concat!(
     fenced_prelude!(),
     r#"
+local refusal = refused(KEYS[1], ARGV[1])
+if refusal then
+  return refusal
+end
 redis.call('DEL', KEYS[1])
 return {'ok'}
 "#
@@ -176,6 +216,7 @@ pub(crate) struct Scripts {
     pub(crate) create: Script,
     pub(crate) attach: Script,
     pub(crate) renew: Script,
+    pub(crate) renew_many: Script,
     pub(crate) detach: Script,
     pub(crate) complete: Script,
     pub(crate) lookup: Script,
@@ -187,6 +228,7 @@ impl Scripts {
             create: Script::new(CREATE),
             attach: Script::new(ATTACH),
             renew: Script::new(RENEW),
+            renew_many: Script::new(RENEW_MANY),
             detach: Script::new(DETACH),
             complete: Script::new(COMPLETE),
             lookup: Script::new(LOOKUP),

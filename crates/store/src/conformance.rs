@@ -58,7 +58,45 @@ pub async fn run_all(store: &dyn SessionStore) {
     complete_removes_and_rejects_stale_generations(store).await;
     expired_id_can_open_a_new_session(store).await;
     concurrent_attaches_get_distinct_generations(store).await;
+    renew_many_answers_each_renewal_like_renew(store).await;
     ping_answers(store).await;
+}
+
+pub async fn renew_many_answers_each_renewal_like_renew(store: &dyn SessionStore) {
+    let owned = random_session();
+    store.create(owned, SHORT).await.expect("create");
+    let taken = random_session();
+    store.create(taken, LONG).await.expect("create");
+    store
+        .attach(taken.client_id, &taken.token, LONG)
+        .await
+        .expect("takeover attach");
+    let unknown = random_session().client_id;
+    let results = store
+        .renew_many(
+            &[
+                (owned.client_id, 1),
+                (taken.client_id, 1),
+                (unknown, 1),
+                (taken.client_id, 2),
+            ],
+            LONG,
+        )
+        .await;
+    assert_eq!(
+        results,
+        vec![
+            Ok(()),
+            Err(StoreError::Superseded { current: 2 }),
+            Err(StoreError::NotFound),
+            Ok(()),
+        ]
+    );
+    assert!(store.renew_many(&[], LONG).await.is_empty());
+    // The renewal took: the session outlives its first, short lease.
+    wait_past(SHORT).await;
+    let info = store.lookup(owned.client_id).await.expect("lookup");
+    assert!(info.is_some(), "renewed lease must outlive the first one");
 }
 
 pub async fn create_attaches_with_generation_one(store: &dyn SessionStore) {

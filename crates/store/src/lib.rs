@@ -154,6 +154,22 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
         lease: Duration,
     ) -> Result<(), StoreError>;
 
+    /// [`renew`](Self::renew) for many attachments at once: one result per
+    /// entry, in order. The default renews them one by one; a store with
+    /// round trips does them in one, which is what keeps a shared store's
+    /// renewal load proportional to servers rather than to sessions.
+    async fn renew_many(
+        &self,
+        renewals: &[(ClientId, u64)],
+        lease: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(renewals.len());
+        for &(client_id, generation) in renewals {
+            results.push(self.renew(client_id, generation, lease).await);
+        }
+        results
+    }
+
     /// Marks the session disconnected; it expires `ttl` from now unless
     /// resumed. No-op error `Superseded` if the generation is stale.
     async fn detach(
