@@ -393,33 +393,28 @@ async fn silent_server_is_abandoned_and_the_session_resumed() {
     assert!(reconnects[0].0.contains("silent"), "{reconnects:?}");
 }
 
-/// A client that waits 200 ms for WELCOME, against a server that answers
-/// its first OPEN late by `first_after` (never, with `None`) and its second
-/// by `second_after`. Returns the client's report and its reconnect events.
+/// A client that waits `handshake_timeout` for WELCOME, against a server
+/// that leaves its first OPEN unanswered until the client gives up, and
+/// answers its second after `second_after`. Returns the client's report
+/// and its reconnect events.
 async fn late_welcomes(
-    first_after: Option<Duration>,
+    handshake_timeout: Duration,
     second_after: Duration,
 ) -> (numstream_client::Report, Vec<(String, Duration)>) {
     let (listener, port) = listen().await;
     let mut config = config(vec![port], 2);
-    config.handshake_timeout = Duration::from_millis(200);
+    config.handshake_timeout = handshake_timeout;
     let expected_config = config.clone();
     let server = tokio::spawn(async move {
         let mut first = accept(&listener).await;
         assert_open(&recv(&mut first).await, &expected_config);
-        if let Some(delay) = first_after {
-            tokio::time::sleep(delay).await;
-            // Too late for the client's first 200 ms wait: it is gone.
-            let _ = futures::SinkExt::send(&mut first, welcome(2, 0)).await;
-        }
+        closed_by_client(&mut first).await;
         let mut second = accept(&listener).await;
         // No WELCOME reached the client, so it opens again.
         assert_open(&recv(&mut second).await, &expected_config);
         tokio::time::sleep(second_after).await;
         send(&mut second, welcome(2, 0)).await;
-        let ack = finish(&mut second, 2, 0).await;
-        drop(first);
-        ack
+        finish(&mut second, 2, 0).await
     });
     let (report, events) = run_client(config).await;
     join(server).await;
@@ -428,7 +423,7 @@ async fn late_welcomes(
 
 #[tokio::test]
 async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
-    let (report, reconnects) = late_welcomes(None, Duration::ZERO).await;
+    let (report, reconnects) = late_welcomes(Duration::from_millis(200), Duration::ZERO).await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 0, "only WELCOMEd connections count");
     assert!(reconnects[0].0.contains("no WELCOME"), "{reconnects:?}");
@@ -437,13 +432,15 @@ async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
 #[tokio::test]
 async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
     // An overloaded server welcomes late; a client that kept abandoning
-    // its place in the queue at the same bound would never get in.
-    let late = Duration::from_millis(300);
-    let (report, reconnects) = late_welcomes(Some(late), late).await;
+    // its place in the queue at the same bound would never get in. The
+    // second WELCOME comes 1.5 s after OPEN: past the first 1 s wait, well
+    // inside the doubled 2 s one.
+    let (report, reconnects) =
+        late_welcomes(Duration::from_secs(1), Duration::from_millis(1500)).await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(reconnects.len(), 1, "{reconnects:?}");
     assert!(
-        reconnects[0].0.contains("no WELCOME") && reconnects[0].0.contains("200ms"),
+        reconnects[0].0.contains("no WELCOME") && reconnects[0].0.contains("1s"),
         "{reconnects:?}"
     );
 }
