@@ -12,6 +12,29 @@ use numstream_testkit::server::{TestServer, fast_config};
 const WELCOME_LEN: u64 = 35;
 const NUMBER_LEN: u64 = 11;
 
+/// Runs one client through `proxy` to its end (bounded) and checks that it
+/// printed OK with exactly the reference sequence of the test server
+/// (`fast_config`'s seed 42).
+async fn run_and_verify(proxy: &ChaosProxy, count: u16, handshake_timeout: Duration) {
+    let client_id = ClientId::new_v4();
+    let client = ClientConfig {
+        ports: vec![proxy.port()],
+        count,
+        client_id,
+        handshake_timeout,
+        ..ClientConfig::default()
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        numstream_client::run(client, &mut ()),
+    )
+    .await
+    .expect("client must finish");
+    assert!(report.ok, "{}", report.render_human());
+    let reference = SequenceChecksum::of_session(&SessionSeed::derive(42, client_id), count);
+    assert_eq!(report.sum, reference.sum());
+}
+
 /// Long profile, seed 2026, clients 373 and 378: the client abandons a
 /// connection whose RESUME is still on its way (here: the proxy half-closes
 /// the client's side after 8 bytes of it and delays the rest), resumes on a
@@ -55,23 +78,8 @@ async fn a_stale_resume_from_an_abandoned_connection_does_not_kill_the_session()
     let proxy = ChaosProxy::start_local(server.addr, Schedule::fixed(plans))
         .await
         .expect("proxy");
-    let client_id = ClientId::new_v4();
-    let client = ClientConfig {
-        ports: vec![proxy.port()],
-        count,
-        client_id,
-        ..ClientConfig::default()
-    };
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        numstream_client::run(client, &mut ()),
-    )
-    .await
-    .expect("client must finish");
+    run_and_verify(&proxy, count, ClientConfig::default().handshake_timeout).await;
     assert!(proxy.records().len() >= 3, "{:?}", proxy.records());
-    assert!(report.ok, "{}", report.render_human());
-    let reference = SequenceChecksum::of_session(&SessionSeed::derive(42, client_id), count);
-    assert_eq!(report.sum, reference.sum());
 }
 
 /// Long profile, seed 2026, 25 clients: the server's ACK timeout counts from
@@ -102,22 +110,6 @@ async fn a_slow_reader_keeps_its_session_until_it_has_received_it() {
     let proxy = ChaosProxy::start_local(server.addr, Schedule::fixed(plans))
         .await
         .expect("proxy");
-    let client_id = ClientId::new_v4();
-    let client = ClientConfig {
-        ports: vec![proxy.port()],
-        count,
-        client_id,
-        // The latency applies both ways: OPEN and WELCOME take 6 s.
-        handshake_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    };
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        numstream_client::run(client, &mut ()),
-    )
-    .await
-    .expect("client must finish");
-    assert!(report.ok, "{}", report.render_human());
-    let reference = SequenceChecksum::of_session(&SessionSeed::derive(42, client_id), count);
-    assert_eq!(report.sum, reference.sum());
+    // The latency applies both ways: OPEN and WELCOME take 6 s.
+    run_and_verify(&proxy, count, Duration::from_secs(10)).await;
 }

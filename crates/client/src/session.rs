@@ -158,14 +158,10 @@ impl Driver<'_> {
             // Before the first WELCOME the run has a deadline of its own; a
             // handshake wait must not overshoot it (the WELCOME wait grows
             // after timeouts).
-            let open_until = self.terms.is_none().then(|| {
-                let allowed = if awaiting_orphan {
-                    self.config.open_deadline.max(LOST_WELCOME_WAIT)
-                } else {
-                    self.config.open_deadline
-                };
-                deadline_from(started, allowed)
-            });
+            let open_until = self
+                .terms
+                .is_none()
+                .then(|| deadline_from(started, self.open_allowance(awaiting_orphan)));
             let ending = self.connection(port, open_until).await;
             let welcomed = self.welcomes > welcomes_before;
             let progressed = self.receiver.received() > received_before;
@@ -203,27 +199,19 @@ impl Driver<'_> {
                 self.config.backoff.delay_for(attempt)
             };
             match self.terms {
-                None if retry.awaits_orphan => {
-                    let deadline = self.config.open_deadline.max(LOST_WELCOME_WAIT);
-                    let elapsed = started.elapsed();
-                    if elapsed >= deadline {
-                        return Err(ClientError::CannotConnect {
-                            attempts: attempt,
-                            last_error: retry.cause,
-                        });
-                    }
-                    delay = delay.min(deadline - elapsed);
-                }
                 None => {
+                    // Waiting out our own orphan takes time, not attempts.
+                    let allowance = self.open_allowance(retry.awaits_orphan);
+                    let out_of_attempts =
+                        !retry.awaits_orphan && attempt >= self.config.open_attempts;
                     let elapsed = started.elapsed();
-                    if attempt >= self.config.open_attempts || elapsed >= self.config.open_deadline
-                    {
+                    if out_of_attempts || elapsed >= allowance {
                         return Err(ClientError::CannotConnect {
                             attempts: attempt,
                             last_error: retry.cause,
                         });
                     }
-                    delay = delay.min(self.config.open_deadline - elapsed);
+                    delay = delay.min(allowance - elapsed);
                 }
                 Some(terms) => {
                     if away >= terms.ttl {
@@ -253,6 +241,16 @@ impl Driver<'_> {
                 attempt,
             });
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// How long the run may try before its first WELCOME: the open
+    /// deadline, or longer while an orphan of ours must expire first.
+    fn open_allowance(&self, awaiting_orphan: bool) -> Duration {
+        if awaiting_orphan {
+            self.config.open_deadline.max(LOST_WELCOME_WAIT)
+        } else {
+            self.config.open_deadline
         }
     }
 

@@ -295,19 +295,7 @@ impl Connection {
         };
         let Some(hello) = hello else {
             self.handshake_failed(HandshakeFailure::ShuttingDown);
-            // No session is attached to this connection yet, so even with
-            // the in-memory store there is nothing to lose by retrying: an
-            // OPEN succeeds once a server is back (or on another one).
-            let error = if self.shared.store.is_shared() {
-                shutting_down(&*self.shared.store)
-            } else {
-                ErrorFrame::new(
-                    ErrorCode::ShuttingDown,
-                    "server is shutting down before this connection's handshake; retry later",
-                )
-                .with_disposition(Disposition::Retry)
-            };
-            return Err(Some(error));
+            return Err(Some(shutting_down(&*self.shared.store, false)));
         };
         let hello = match hello {
             Err(_elapsed) => {
@@ -705,7 +693,7 @@ impl Connection {
                 self.detach(session).await;
                 telemetry.session_detached();
                 info!("session detached by server shutdown");
-                let error = shutting_down(&*self.shared.store);
+                let error = shutting_down(&*self.shared.store, true);
                 self.reject_releasing(error, Some(claim)).await;
             }
             SessionEnd::Lost(error) => {
@@ -896,14 +884,22 @@ fn taken_over() -> ErrorFrame {
 }
 
 /// Whether a client should come back depends on whether its session
-/// outlives this process.
-fn shutting_down(store: &dyn SessionStore) -> ErrorFrame {
+/// outlives this process, and a connection still before its hello
+/// (`attached` false) has no session to lose: even with the in-memory
+/// store its OPEN succeeds once a server is back, or on another one.
+fn shutting_down(store: &dyn SessionStore, attached: bool) -> ErrorFrame {
     if store.is_shared() {
         ErrorFrame::new(
             ErrorCode::ShuttingDown,
             "server is draining: resume now on another instance",
         )
         .with_disposition(Disposition::RetryNow)
+    } else if !attached {
+        ErrorFrame::new(
+            ErrorCode::ShuttingDown,
+            "server is shutting down before this connection's handshake; retry later",
+        )
+        .with_disposition(Disposition::Retry)
     } else {
         ErrorFrame::new(
             ErrorCode::ShuttingDown,
