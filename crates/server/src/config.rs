@@ -3,6 +3,14 @@
 
 use std::time::Duration;
 
+use crate::peers::PeerLimits;
+
+/// Send buffer asked for in burst mode (the kernel doubles it for its own
+/// bookkeeping). Enough to keep a reading client's pipe full on a fast
+/// link (1,024 numbers are 14 KiB), small enough that a client that stops
+/// reading pins little kernel memory and soon blocks the write.
+pub const DEFAULT_BURST_SEND_BUFFER: usize = 64 * 1024;
+
 /// Everything `server::run` needs to know besides its listener and store.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -30,6 +38,20 @@ pub struct ServerConfig {
     pub dead_peer_timeout: Duration,
     /// How long a draining server waits for its connections to finish.
     pub shutdown_grace: Duration,
+    /// What one source address (IPv4, or IPv6 /64) may take of this
+    /// server: connections, handshake slots, sessions, new sessions a
+    /// second (see `peers`).
+    pub per_address: PeerLimits,
+    /// Cap on each connection's kernel send buffer in burst mode
+    /// (`interval` zero), where a client that does not read would
+    /// otherwise let the kernel queue megabytes for it (send-buffer
+    /// autotuning) before a write ever blocks and the write timeout can
+    /// apply. `None` leaves the kernel's autotuning alone.
+    pub burst_send_buffer: Option<usize>,
+    /// How often the tallies of events a peer can cause at will (failed
+    /// handshakes, refusals) are logged, one info line for all of them,
+    /// instead of a line each.
+    pub log_digest_every: Duration,
 }
 
 impl ServerConfig {
@@ -67,6 +89,9 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(10),
             dead_peer_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            per_address: PeerLimits::derived(10_000, 100_000),
+            burst_send_buffer: Some(DEFAULT_BURST_SEND_BUFFER),
+            log_digest_every: Duration::from_secs(60),
         }
     }
 }

@@ -31,9 +31,11 @@ use numstream_protocol::{
 use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
 
 use crate::config::ServerConfig;
+use crate::digest::LogDigest;
 use crate::lease::{Lease, LeaseLoss};
+use crate::peers::{PeerKey, PeerTicket, Peers};
 use crate::registry::{Claim, Registry};
-use crate::telemetry::{GaugeGuard, HandshakeFailure, Telemetry};
+use crate::telemetry::{AdmissionRefusal, GaugeGuard, HandshakeFailure, Telemetry};
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -43,9 +45,13 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) shutdown: CancellationToken,
     pub(crate) telemetry: Telemetry,
-    /// Accepted sockets start with the dead-peer options (set once on the
-    /// listener), so connections need not set them.
-    pub(crate) socket_options_inherited: bool,
+    /// What each source address holds, against its quotas.
+    pub(crate) peers: Arc<Peers>,
+    /// Tallies of failed handshakes and refusals, logged periodically.
+    pub(crate) digest: Arc<LogDigest>,
+    /// Options each connection must set on its socket; `None` when accepted
+    /// sockets inherit them from the listener, where they were set once.
+    pub(crate) socket_options: Option<crate::socket::SocketOptions>,
 }
 
 /// Numbers encoded per write in burst mode (interval 0): large enough to
@@ -95,19 +101,40 @@ impl From<LeaseLoss> for SessionEnd {
 }
 
 /// What an admitted connection holds until it ends: its place under the
-/// connection limit and its count in the open-connections gauge.
-/// Held for its `Drop`s only.
+/// connection limit, under its address's quotas, and its count in the
+/// open-connections gauge.
 pub(crate) struct Admission {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _open: GaugeGuard,
+    ticket: PeerTicket,
 }
 
 impl Admission {
-    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, open: GaugeGuard) -> Self {
+    pub(crate) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        open: GaugeGuard,
+        ticket: PeerTicket,
+    ) -> Self {
         Self {
             _permit: permit,
             _open: open,
+            ticket,
         }
+    }
+}
+
+impl Shared {
+    /// Counts a connection that never produced a valid hello, for the
+    /// metrics and the periodic digest (each also gets a debug line).
+    pub(crate) fn handshake_failed(&self, reason: HandshakeFailure, peer: PeerKey) {
+        self.telemetry.handshake_failed(reason);
+        self.digest.handshake_failed(reason, peer);
+    }
+
+    /// Counts a connection or an OPEN turned away at admission.
+    pub(crate) fn admission_refused(&self, reason: AdmissionRefusal, peer: PeerKey) {
+        self.telemetry.admission_refused(reason);
+        self.digest.refused(reason, peer);
     }
 }
 
@@ -134,14 +161,13 @@ pub(crate) fn serve(
         },
         shared,
         sent_up_to: 0,
-        _admission: admission,
+        admission,
     };
     async move {
         // Unless it came from a listener that already set them up.
-        if !connection.shared.socket_options_inherited {
-            let dead_peer_timeout = connection.shared.config.dead_peer_timeout;
+        if let Some(options) = connection.shared.socket_options {
             let socket = socket2::SockRef::from(connection.writer.half.as_ref());
-            if let Err(error) = crate::socket::configure(socket, dead_peer_timeout) {
+            if let Err(error) = crate::socket::configure(socket, options) {
                 debug!(%peer, %error, "could not set socket options");
             }
         }
@@ -192,7 +218,7 @@ struct Connection {
     shared: Arc<Shared>,
     /// Index after the last number this connection wrote.
     sent_up_to: u16,
-    _admission: Admission,
+    admission: Admission,
 }
 
 /// A handshake the store accepted.
@@ -231,6 +257,9 @@ impl Connection {
         .await
         else {
             info!("session taken over before streaming started");
+            self.shared
+                .peers
+                .session_detached(attachment.client_id, self.shared.config.session_ttl);
             return self.reject(taken_over()).await;
         };
 
@@ -242,6 +271,9 @@ impl Connection {
             self.shared
                 .registry
                 .release(attachment.client_id, attachment.generation);
+            self.shared
+                .peers
+                .session_detached(attachment.client_id, self.shared.config.session_ttl);
             let error = ErrorFrame::new(
                 ErrorCode::ResumeIndexOutOfRange,
                 format!(
@@ -293,6 +325,8 @@ impl Connection {
             _ = shutdown.cancelled() => None,
             hello = timeout(handshake_timeout, self.reader.next()) => Some(hello),
         };
+        // Whatever came, the connection no longer holds a handshake slot.
+        self.admission.ticket.handshake_done();
         let Some(hello) = hello else {
             self.handshake_failed(HandshakeFailure::ShuttingDown);
             return Err(Some(shutting_down(&*self.shared.store, false)));
@@ -319,13 +353,15 @@ impl Connection {
                 debug!(%error, "read error before the handshake");
                 return Err(None);
             }
+            // Debug, not info: any peer can send these at will (the periodic
+            // digest and the metrics count them).
             Ok(Some(Err(CodecError::Decode(DecodeError::UnsupportedVersion(version))))) => {
-                info!(version, "rejected unsupported protocol version");
+                debug!(version, "rejected unsupported protocol version");
                 self.handshake_failed(HandshakeFailure::UnsupportedVersion);
                 return Err(Some(ErrorFrame::unsupported_version(version)));
             }
             Ok(Some(Err(CodecError::Decode(error)))) => {
-                info!(%error, "rejected malformed handshake");
+                debug!(%error, "rejected malformed handshake");
                 self.handshake_failed(HandshakeFailure::Malformed);
                 return Err(Some(ErrorFrame::new(
                     ErrorCode::Malformed,
@@ -373,7 +409,8 @@ impl Connection {
     }
 
     fn handshake_failed(&self, reason: HandshakeFailure) {
-        self.shared.telemetry.handshake_failed(reason);
+        self.shared
+            .handshake_failed(reason, self.admission.ticket.peer());
     }
 
     async fn open(&self, open: Open) -> Result<Attachment, ErrorFrame> {
@@ -387,6 +424,14 @@ impl Connection {
             ));
         }
         check_client_id(open.client_id)?;
+        // After the cheap checks, before anything costs the store a write:
+        // the address's session quota and its rate of new sessions.
+        let peer = self.admission.ticket.peer();
+        let reservation = self.shared.peers.admit_session(peer).map_err(|refusal| {
+            debug!(%peer, ?refusal, "OPEN refused: the address is over its quota");
+            self.shared.admission_refused(refusal.into(), peer);
+            refusal.error_frame(peer)
+        })?;
         let config = &self.shared.config;
         // One getrandom call for both the seed and the token.
         let random: [u8; 48] = random_bytes()?;
@@ -403,11 +448,20 @@ impl Connection {
             count: open.count,
             token: ResumeToken(token),
         };
-        self.shared
-            .store
-            .create(session, config.lease())
-            .await
-            .map_err(|error| self.store_error(error))
+        let created = self.shared.store.create(session, config.lease()).await;
+        match created {
+            Ok(attachment) => {
+                reservation.commit(attachment.client_id);
+                Ok(attachment)
+            }
+            Err(error) => {
+                if matches!(error, StoreError::Full { .. }) {
+                    self.shared
+                        .admission_refused(AdmissionRefusal::Sessions, peer);
+                }
+                Err(self.store_error(error))
+            }
+        }
     }
 
     async fn resume(&self, resume: Resume) -> Result<Attachment, ErrorFrame> {
@@ -417,6 +471,9 @@ impl Connection {
             .store
             .attach(resume.client_id, &resume.token, self.shared.config.lease())
             .await;
+        if let Ok(attachment) = &attached {
+            self.shared.peers.session_attached(attachment.client_id);
+        }
         attached.map_err(|error| {
             if error == StoreError::Expired {
                 info!(client_id = %resume.client_id, "session expired");
@@ -633,6 +690,17 @@ impl Connection {
             end,
             SessionEnd::Completed { .. } | SessionEnd::TakenOver | SessionEnd::Lost(_)
         );
+        // Its address's quota counts the session until it is over, or
+        // for as long as someone may still resume it.
+        match end {
+            SessionEnd::Completed { .. } | SessionEnd::Lost(_) => {
+                self.shared.peers.session_ended(session.client_id)
+            }
+            _ => self
+                .shared
+                .peers
+                .session_detached(session.client_id, self.shared.config.session_ttl),
+        }
         // Before the claim goes: a local successor waits for it, then looks
         // up how far this connection got.
         if detached || matches!(end, SessionEnd::TakenOver) {
@@ -935,13 +1003,19 @@ mod tests {
             registry: Registry::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
             telemetry: Telemetry::disabled(),
-            socket_options_inherited: false,
+            socket_options: None,
+            peers: Arc::new(Peers::new(crate::peers::PeerLimits::UNLIMITED)),
+            digest: Arc::new(LogDigest::new()),
         });
         let admission = Admission::new(
             Arc::new(tokio::sync::Semaphore::new(1))
                 .try_acquire_owned()
                 .expect("a free permit"),
             shared.telemetry.connection_open(),
+            shared
+                .peers
+                .admit_connection(PeerKey::from(peer.ip()))
+                .expect("unlimited"),
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);

@@ -40,8 +40,10 @@
 
 mod config;
 mod connection;
+mod digest;
 mod instrumented;
 mod lease;
+mod peers;
 mod registry;
 mod renewals;
 mod server;
@@ -51,7 +53,8 @@ pub mod telemetry;
 #[cfg(test)]
 mod test_store;
 
-pub use config::ServerConfig;
+pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
+pub use peers::{DEFAULT_SESSION_RATE, PeerKey, PeerLimits, SessionRate};
 pub use instrumented::InstrumentedStore;
 pub use server::{MAX_CONCURRENT_REJECTIONS, ServerError, run, run_with_telemetry};
 pub use socket::{DEFAULT_LISTEN_BACKLOG, ListenOptions, listen};

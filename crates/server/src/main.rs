@@ -13,7 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use numstream_server::{InstrumentedStore, ServerConfig, Status, Telemetry};
+use numstream_server::{InstrumentedStore, PeerLimits, ServerConfig, SessionRate, Status, Telemetry};
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
@@ -89,46 +89,101 @@ struct Args {
 
     /// Most sessions held at once (attached or awaiting a resume)
     ///
-    /// New sessions past it get server_busy. In-memory store only: with
+    /// 1 to 1000000000. New sessions past it get server_busy. In-memory store only: with
     /// Redis it does not apply (Redis's memory is the bound).
     ///
     /// Example: --max-sessions 500000
-    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=MAX_SESSIONS_CAP))]
     max_sessions: u64,
 
     /// Most client connections served at once [default: the open-file limit
     /// minus 352]
     ///
-    /// New connections past it get server_busy. The default keeps
+    /// 1 to 10000000. New connections past it get server_busy. The default keeps
     /// descriptors for the listener, the store, 256 busy rejections in
     /// flight and 32 status connections, so the server never runs out.
     ///
     /// Example: --max-connections 20000
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS_CAP))]
     max_connections: Option<u64>,
+
+    /// Connections one address may hold [default: max-connections/10, >= 64]
+    ///
+    /// 0 (no limit) to 10000000. An address is an IPv4 address or an IPv6 /64. Past it that address
+    /// gets server_busy while every other address is still served. Raise
+    /// it (or 0) when many clients share one address: behind NAT, or when
+    /// a proxy or load balancer connects on their behalf.
+    ///
+    /// Example: --per-address-connections 5000
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNECTIONS_CAP as i64))]
+    per_address_connections: Option<u32>,
+
+    /// Handshakes one address may have open [default: its connections/4, >= 16]
+    ///
+    /// Connections that have not yet sent OPEN or RESUME, 0 (no limit) to
+    /// 10000000; the default is a quarter of
+    /// --per-address-connections, at least 16. Bounds slowloris: connections that say nothing cost an attacker
+    /// nothing but hold a slot for --handshake-timeout.
+    ///
+    /// Example: --per-address-handshakes 100
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNECTIONS_CAP as i64))]
+    per_address_handshakes: Option<u32>,
+
+    /// Sessions one address may hold [default: max-sessions/10, >= 64]
+    ///
+    /// Streaming or awaiting a resume, 0 (no limit) to 1000000000; the
+    /// default is a tenth of --max-sessions, at least 64. A session counts against the address that opened it until it
+    /// completes or, once disconnected, for the session TTL (plus up to
+    /// 1s). Counted by each instance for the sessions opened on it.
+    ///
+    /// Example: --per-address-sessions 20000
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_SESSIONS_CAP as i64))]
+    per_address_sessions: Option<u32>,
+
+    /// New sessions (OPENs) one address may start per second
+    ///
+    /// 0 (no limit) to 1000000, sustained. A token bucket: an address that has been quiet may start
+    /// --per-address-session-burst at once. Past it, OPENs get
+    /// server_busy (resumes are never rate-limited).
+    ///
+    /// Example: --per-address-session-rate 500
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.per_second, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    per_address_session_rate: u32,
+
+    /// New sessions one address may start at once after a quiet spell
+    ///
+    /// 1 to 1000000.
+    ///
+    /// Example: --per-address-session-burst 1000
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.burst, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    per_address_session_burst: u32,
 
     /// Time a new connection has to send its OPEN or RESUME
     ///
+    /// At most 1h.
+    ///
     /// Example: --handshake-timeout 2s
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_up_to_an_hour)]
     handshake_timeout: Duration,
 
     /// Time the client has to acknowledge FINAL
     ///
-    /// Past it the session is kept for a resume instead of completed. This
+    /// At most 24h. Past it the session is kept for a resume instead of completed. This
     /// is not how a dead client is found (keepalive and TCP_USER_TIMEOUT do
     /// that, and a client that closes is detached at once): it only bounds a
     /// client that stays connected without acknowledging, and it must cover
     /// FINAL's trip over a slow link, hence the generous default.
     ///
     /// Example: --ack-timeout 30s
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_positive)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_up_to_a_day)]
     ack_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to drain
     ///
+    /// 0s to 1h.
+    ///
     /// Example: --shutdown-grace 10s
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_grace)]
     shutdown_grace: Duration,
 
     /// Where sessions live: memory, or redis://[USER:PASSWORD@]HOST:PORT/DB
@@ -145,10 +200,10 @@ struct Args {
 
     /// Prefix of every Redis key and of the takeover channel
     ///
-    /// Lets several deployments share one Redis (with --store redis://...).
+    /// At most 256 bytes. Lets several deployments share one Redis (with --store redis://...).
     ///
     /// Example: --redis-prefix staging:numstream:
-    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX)]
+    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]
     redis_prefix: String,
 
     /// Serve /metrics, /healthz and /readyz over HTTP on this address
@@ -268,6 +323,38 @@ fn parse_positive(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A positive duration of at most `max` (named `max_text` in the error).
+fn parse_bounded(text: &str, max: Duration, max_text: &str) -> Result<Duration, String> {
+    let duration = parse_positive(text)?;
+    if duration > max {
+        return Err(format!("must be between 1ms and {max_text}"));
+    }
+    Ok(duration)
+}
+
+fn parse_up_to_an_hour(text: &str) -> Result<Duration, String> {
+    parse_bounded(text, Duration::from_secs(3600), "1h")
+}
+
+fn parse_up_to_a_day(text: &str) -> Result<Duration, String> {
+    parse_bounded(text, Duration::from_secs(24 * 3600), "24h")
+}
+
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    let grace = parse_duration(text)?;
+    if grace > Duration::from_secs(3600) {
+        return Err("must be between 0s and 1h".into());
+    }
+    Ok(grace)
+}
+
+fn parse_prefix(text: &str) -> Result<String, String> {
+    if text.len() > 256 {
+        return Err(format!("must be at most 256 bytes, got {}", text.len()));
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = parse_positive(text)?;
     // The protocol carries the TTL in milliseconds in a u32.
@@ -280,10 +367,47 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+/// Upper bounds of `--max-connections` and `--max-sessions`: far beyond
+/// what one process can serve, well inside what the code can count.
+const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
+const MAX_SESSIONS_CAP: u64 = 1_000_000_000;
+
 fn default_max_connections() -> u64 {
     match rlimit::Resource::NOFILE.get() {
-        Ok((soft, _hard)) => soft.saturating_sub(RESERVED_FDS).max(1),
+        Ok((soft, _hard)) => soft
+            .saturating_sub(RESERVED_FDS)
+            .clamp(1, MAX_CONNECTIONS_CAP),
         Err(_) => 1024,
+    }
+}
+
+/// The per-address limits: each flag given, or its share of the global
+/// caps; 0 turns a limit off.
+fn per_address_limits(args: &Args, max_connections: usize, max_sessions: usize) -> PeerLimits {
+    let derived = PeerLimits::derived(max_connections, max_sessions);
+    let given = |flag: Option<u32>, default: Option<u32>| match flag {
+        Some(0) => None,
+        Some(limit) => Some(limit),
+        None => default,
+    };
+    let connections = given(args.per_address_connections, derived.connections);
+    // The handshake default follows the connection quota actually in force.
+    let handshake_default = match args.per_address_connections {
+        Some(_) => PeerLimits::derived(
+            connections.map_or(usize::MAX, |c| c as usize * 10),
+            max_sessions,
+        )
+        .handshakes,
+        None => derived.handshakes,
+    };
+    PeerLimits {
+        connections,
+        handshakes: given(args.per_address_handshakes, handshake_default),
+        sessions: given(args.per_address_sessions, derived.sessions),
+        new_sessions: (args.per_address_session_rate > 0).then_some(SessionRate {
+            per_second: args.per_address_session_rate,
+            burst: args.per_address_session_burst,
+        }),
     }
 }
 
@@ -297,11 +421,14 @@ async fn main() -> anyhow::Result<()> {
 
     let max_sessions = usize::try_from(args.max_sessions).unwrap_or(usize::MAX);
     let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
+    let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    let per_address = per_address_limits(&args, max_connections, max_sessions);
     let config = ServerConfig {
         interval: args.interval,
         session_ttl: args.session_ttl,
         seed: args.seed,
-        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        per_address,
+        max_connections,
         handshake_timeout: args.handshake_timeout,
         ack_timeout: args.ack_timeout,
         shutdown_grace: args.shutdown_grace,
@@ -408,11 +535,26 @@ async fn main() -> anyhow::Result<()> {
         // Only the in-memory store is bounded by --max-sessions.
         max_sessions = matches!(args.store, StoreUrl::Memory).then_some(max_sessions),
         max_connections,
+        per_address = %describe(per_address),
         reuse_port = args.reuse_port,
         "numstream-server starting"
     );
     numstream_server::run_with_telemetry(listener, store, config, shutdown, telemetry).await?;
     Ok(())
+}
+
+/// The per-address limits as the startup line shows them.
+fn describe(limits: PeerLimits) -> String {
+    let limit = |value: Option<u32>| value.map_or("unlimited".to_owned(), |v| v.to_string());
+    let rate = limits.new_sessions.map_or("unlimited".to_owned(), |rate| {
+        format!("{}/s (burst {})", rate.per_second, rate.burst)
+    });
+    format!(
+        "connections {}, handshakes {}, sessions {}, new sessions {rate}",
+        limit(limits.connections),
+        limit(limits.handshakes),
+        limit(limits.sessions),
+    )
 }
 
 /// Logs to stderr as text (coloured only on a terminal without NO_COLOR)

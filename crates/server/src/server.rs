@@ -1,5 +1,6 @@
-//! The accept loop: admits connections up to the configured bound, turns
-//! away the rest with `server_busy`, and drains everything on shutdown.
+//! The accept loop: admits connections up to the configured bound and
+//! within their address's quotas (`peers`), turns away the rest with
+//! `server_busy`, and drains everything on shutdown.
 //!
 //! Shaped like tokio's graceful-shutdown example: one `CancellationToken`
 //! tells every task to stop, one `TaskTracker` tells `run` when they have.
@@ -21,8 +22,10 @@ use numstream_store::{SessionStore, TakeoverNotice};
 
 use crate::config::ServerConfig;
 use crate::connection::{self, Shared};
+use crate::digest::LogDigest;
+use crate::peers::{PeerKey, Peers};
 use crate::registry::Registry;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{AdmissionRefusal, Telemetry};
 
 /// Connections being turned away at once; past this, excess connections are
 /// closed without a word rather than spending memory on politeness. Each
@@ -69,8 +72,17 @@ pub async fn run_with_telemetry(
     let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
     // Once here rather than for every connection, where accepted sockets
     // inherit the listener's options.
-    let socket_options_inherited = crate::socket::ACCEPTED_SOCKETS_INHERIT
-        && match crate::socket::configure(SockRef::from(&listener), config.dead_peer_timeout) {
+    let send_buffer = config
+        .interval
+        .is_zero()
+        .then_some(config.burst_send_buffer)
+        .flatten();
+    let socket_options = crate::socket::SocketOptions {
+        dead_peer_timeout: config.dead_peer_timeout,
+        send_buffer,
+    };
+    let inherited = crate::socket::ACCEPTED_SOCKETS_INHERIT
+        && match crate::socket::configure(SockRef::from(&listener), socket_options) {
             Ok(()) => true,
             Err(error) => {
                 warn!(%error, "cannot set socket options on the listener; setting them per connection");
@@ -84,13 +96,20 @@ pub async fn run_with_telemetry(
     } else {
         store
     };
+    let peers = Arc::new(Peers::new(config.per_address));
+    peers.spawn_sweeper();
+    let digest = Arc::new(LogDigest::new());
+    digest.spawn_reporter(config.log_digest_every);
+    telemetry.set_connection_limit(config.max_connections);
     let shared = Arc::new(Shared {
-        socket_options_inherited,
+        socket_options: (!inherited).then_some(socket_options),
         config,
         store,
         registry: Registry::new(shutdown.clone()),
         shutdown: shutdown.clone(),
         telemetry,
+        peers,
+        digest,
     });
     let tracker = TaskTracker::new();
     // Takeovers by other instances sharing the store stop our streamers
@@ -127,27 +146,34 @@ pub async fn run_with_telemetry(
             }
         };
         shared.telemetry.connection_accepted();
+        let peer_key = PeerKey::from(peer.ip());
+        // The address's own quotas first: an address over them is refused
+        // even while the server has room, so it cannot take the room.
+        let ticket = match shared.peers.admit_connection(peer_key) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                debug!(%peer, ?refusal, "address over its connection quota; rejecting");
+                shared.admission_refused(refusal.into(), peer_key);
+                refuse(stream, refusal.error_frame(peer_key), &rejections, &tracker, &shared);
+                continue;
+            }
+        };
         match admission.clone().try_acquire_owned() {
             Ok(permit) => {
                 let admission =
-                    connection::Admission::new(permit, shared.telemetry.connection_open());
+                    connection::Admission::new(permit, shared.telemetry.connection_open(), ticket);
                 tracker.spawn(connection::serve(stream, peer, shared.clone(), admission));
             }
-            Err(_) => match rejections.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    debug!(%peer, "connection limit reached; rejecting");
-                    shared.telemetry.connection_over_limit();
-                    shared.telemetry.rejected(ErrorCode::ServerBusy);
-                    tracker.spawn(async move {
-                        reject_busy(stream).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    debug!(%peer, "connection limit reached; dropping");
-                    shared.telemetry.connection_over_limit();
-                }
-            },
+            Err(_) => {
+                debug!(%peer, "connection limit reached; rejecting");
+                shared.telemetry.connection_over_limit();
+                shared.admission_refused(AdmissionRefusal::Connections, peer_key);
+                let error = ErrorFrame::new(
+                    ErrorCode::ServerBusy,
+                    "server is at its connection limit; try again later",
+                );
+                refuse(stream, error, &rejections, &tracker, &shared);
+            }
         }
     }
 
@@ -187,16 +213,30 @@ async fn forward_notices(mut notices: BoxStream<'static, TakeoverNotice>, shared
     }
 }
 
-async fn reject_busy(mut stream: tokio::net::TcpStream) {
+/// Tells a connection it is turned away (`error`), while at most
+/// [`MAX_CONCURRENT_REJECTIONS`] such answers are in flight; past that it
+/// is closed without a word rather than spending memory on politeness.
+fn refuse(
+    stream: tokio::net::TcpStream,
+    error: ErrorFrame,
+    rejections: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shared: &Shared,
+) {
+    let Ok(permit) = rejections.clone().try_acquire_owned() else {
+        return;
+    };
+    shared.telemetry.rejected(error.code);
+    tracker.spawn(async move {
+        reject(stream, error).await;
+        drop(permit);
+    });
+}
+
+async fn reject(mut stream: tokio::net::TcpStream, error: ErrorFrame) {
     use tokio::io::AsyncWriteExt;
     let mut buf = bytes::BytesMut::new();
-    encode_frame(
-        &Frame::Error(ErrorFrame::new(
-            ErrorCode::ServerBusy,
-            "server is at its connection limit; try again later",
-        )),
-        &mut buf,
-    );
+    encode_frame(&Frame::Error(error), &mut buf);
     let _ = tokio::time::timeout(REJECTION_TIMEOUT, async {
         stream.write_all(&buf).await?;
         stream.shutdown().await

@@ -57,7 +57,17 @@ pub fn listen(address: SocketAddr, options: ListenOptions) -> io::Result<TcpList
     socket.listen(options.backlog)
 }
 
-/// Applies `TCP_NODELAY`, keepalive probes and `TCP_USER_TIMEOUT`, to a
+/// Per-connection socket options (see [`configure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketOptions {
+    /// Bound on detecting a vanished peer.
+    pub(crate) dead_peer_timeout: Duration,
+    /// `SO_SNDBUF`, when the kernel's autotuning must not decide it.
+    pub(crate) send_buffer: Option<usize>,
+}
+
+/// Applies `TCP_NODELAY`, keepalive probes, `TCP_USER_TIMEOUT` and, when
+/// asked, a fixed send buffer, to a
 /// connection or, where accepted sockets inherit them (see
 /// [`ACCEPTED_SOCKETS_INHERIT`]), once to the listener.
 ///
@@ -67,8 +77,16 @@ pub fn listen(address: SocketAddr, options: ListenOptions) -> io::Result<TcpList
 /// probes start after a third of it; the user timeout then bounds how long
 /// unanswered probes are tolerated. Either way the server learns of a dead
 /// peer within about `dead_peer_timeout` and starts the session's TTL clock.
-pub(crate) fn configure(socket: SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
+///
+/// A fixed send buffer (burst mode) also turns off the kernel's send-buffer
+/// autotuning, which would otherwise grow a non-reading client's queue to
+/// megabytes before any write blocks and the write timeout can start.
+pub(crate) fn configure(socket: SockRef<'_>, options: SocketOptions) -> io::Result<()> {
+    let dead_peer_timeout = options.dead_peer_timeout;
     socket.set_tcp_nodelay(true)?;
+    if let Some(size) = options.send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
     let probe_every = (dead_peer_timeout / 5).max(Duration::from_secs(1));
     let keepalive = TcpKeepalive::new()
         .with_time((dead_peer_timeout / 3).max(Duration::from_secs(1)))
@@ -102,7 +120,11 @@ mod tests {
         )
         .expect("listen");
         let dead_peer_timeout = Duration::from_secs(12);
-        configure(SockRef::from(&listener), dead_peer_timeout).expect("configure");
+        let options = SocketOptions {
+            dead_peer_timeout,
+            send_buffer: Some(64 * 1024),
+        };
+        configure(SockRef::from(&listener), options).expect("configure");
         let address = listener.local_addr().expect("address");
         let (_client, accepted) =
             tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
@@ -117,6 +139,11 @@ mod tests {
         assert_eq!(
             accepted.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
             Some(dead_peer_timeout)
+        );
+        // Linux doubles what was asked, for its own bookkeeping.
+        assert_eq!(
+            accepted.send_buffer_size().expect("SO_SNDBUF"),
+            2 * 64 * 1024
         );
     }
 }

@@ -25,6 +25,7 @@ pub mod names {
     pub const CONNECTIONS: &str = "numstream_connections";
     pub const CONNECTIONS_ACCEPTED: &str = "numstream_connections_accepted_total";
     pub const CONNECTIONS_OVER_LIMIT: &str = "numstream_connections_over_limit_total";
+    pub const ADMISSION_REFUSALS: &str = "numstream_admission_refusals_total";
     pub const HANDSHAKE_FAILURES: &str = "numstream_handshake_failures_total";
     pub const REJECTIONS: &str = "numstream_rejections_total";
     pub const SESSIONS_OPEN: &str = "numstream_sessions_open";
@@ -85,7 +86,7 @@ pub(crate) enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 7] = [
+    pub(crate) const ALL: [HandshakeFailure; 7] = [
         Self::Timeout,
         Self::Closed,
         Self::IoError,
@@ -95,7 +96,11 @@ impl HandshakeFailure {
         Self::ShuttingDown,
     ];
 
-    fn as_str(self) -> &'static str {
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Timeout => "timeout",
             Self::Closed => "closed",
@@ -104,6 +109,64 @@ impl HandshakeFailure {
             Self::UnsupportedVersion => "unsupported_version",
             Self::UnexpectedFrame => "unexpected_frame",
             Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Why a connection or an OPEN was turned away at admission, before any
+/// session work (label `reason` of `numstream_admission_refusals_total`).
+/// Each is answered `server_busy` (retry) when the server can afford to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AdmissionRefusal {
+    /// `--max-connections` connections were open.
+    Connections,
+    /// The session store is full (`--max-sessions`).
+    Sessions,
+    /// The peer's address held its share of connections.
+    ConnectionsPerAddress,
+    /// The peer's address held its share of connections still in their
+    /// handshake.
+    HandshakesPerAddress,
+    /// The peer's address held its share of sessions.
+    SessionsPerAddress,
+    /// The peer's address opened sessions faster than its rate.
+    SessionRatePerAddress,
+}
+
+impl AdmissionRefusal {
+    pub(crate) const ALL: [AdmissionRefusal; 6] = [
+        Self::Connections,
+        Self::Sessions,
+        Self::ConnectionsPerAddress,
+        Self::HandshakesPerAddress,
+        Self::SessionsPerAddress,
+        Self::SessionRatePerAddress,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::Sessions => "sessions",
+            Self::ConnectionsPerAddress => "connections_per_address",
+            Self::HandshakesPerAddress => "handshakes_per_address",
+            Self::SessionsPerAddress => "sessions_per_address",
+            Self::SessionRatePerAddress => "new_session_rate_per_address",
+        }
+    }
+}
+
+impl From<crate::peers::Refusal> for AdmissionRefusal {
+    fn from(refusal: crate::peers::Refusal) -> Self {
+        use crate::peers::Refusal;
+        match refusal {
+            Refusal::Connections(_) => Self::ConnectionsPerAddress,
+            Refusal::Handshakes(_) => Self::HandshakesPerAddress,
+            Refusal::Sessions(_) => Self::SessionsPerAddress,
+            Refusal::SessionRate(_) => Self::SessionRatePerAddress,
         }
     }
 }
@@ -165,6 +228,9 @@ struct Inner {
     store_kind: &'static str,
     accepting: AtomicBool,
     attached_now: AtomicUsize,
+    /// Client connections open now and the most allowed, for `/readyz`.
+    connections_now: AtomicUsize,
+    connection_limit: AtomicUsize,
     /// The store's session count, sampled at scrape time, when the store
     /// can count its sessions (the in-memory store).
     session_gauges: Option<SessionGauges>,
@@ -173,6 +239,7 @@ struct Inner {
     connections: Gauge,
     connections_accepted: Counter,
     connections_over_limit: Counter,
+    admission_refusals: [Counter; AdmissionRefusal::ALL.len()],
     handshake_failures: [Counter; HandshakeFailure::ALL.len()],
     rejections: Vec<(ErrorCode, Counter)>,
     sessions_attached: Gauge,
@@ -239,6 +306,8 @@ impl Telemetry {
             store_kind,
             accepting: AtomicBool::new(false),
             attached_now: AtomicUsize::new(0),
+            connections_now: AtomicUsize::new(0),
+            connection_limit: AtomicUsize::new(usize::MAX),
             session_gauges: session_count.and_then(|count| {
                 Some(SessionGauges {
                     count,
@@ -270,6 +339,13 @@ impl Telemetry {
                 vec![],
                 "Connections turned away because --max-connections were open (answered server_busy when possible).",
             ),
+            admission_refusals: AdmissionRefusal::ALL.map(|reason| {
+                r.counter(
+                    names::ADMISSION_REFUSALS,
+                    vec![Label::new("reason", reason.as_str())],
+                    "Connections and OPENs turned away at admission, by the limit they hit: global (connections, sessions) or the peer address's own share.",
+                )
+            }),
             handshake_failures: HandshakeFailure::ALL.map(|reason| {
                 r.counter(
                     names::HANDSHAKE_FAILURES,
@@ -397,21 +473,38 @@ impl Telemetry {
 
     /// Counts an open connection until the guard is dropped.
     pub(crate) fn connection_open(&self) -> GaugeGuard {
-        GaugeGuard::new(self.inner.connections.clone(), None)
+        GaugeGuard::new(
+            self.inner.connections.clone(),
+            self.inner.enabled.then(|| (self.inner.clone(), Tally::Connections)),
+        )
     }
 
     /// Counts a streaming session until the guard is dropped.
     pub(crate) fn session_attached(&self) -> GaugeGuard {
         GaugeGuard::new(
             self.inner.sessions_attached.clone(),
-            self.inner.enabled.then(|| self.inner.clone()),
+            self.inner.enabled.then(|| (self.inner.clone(), Tally::Attached)),
         )
     }
 
+    /// The connection limit `/readyz` compares open connections with.
+    pub(crate) fn set_connection_limit(&self, limit: usize) {
+        self.inner.connection_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// `Some(limit)` while every connection slot is taken, so new clients
+    /// are turned away and should be sent elsewhere.
+    pub fn connections_saturated(&self) -> Option<usize> {
+        let limit = self.inner.connection_limit.load(Ordering::Relaxed);
+        (self.inner.connections_now.load(Ordering::Relaxed) >= limit).then_some(limit)
+    }
+
     pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
-        if let Some(index) = HandshakeFailure::ALL.iter().position(|r| *r == reason) {
-            self.inner.handshake_failures[index].increment(1);
-        }
+        self.inner.handshake_failures[reason.index()].increment(1);
+    }
+
+    pub(crate) fn admission_refused(&self, reason: AdmissionRefusal) {
+        self.inner.admission_refusals[reason.index()].increment(1);
     }
 
     pub(crate) fn rejected(&self, code: ErrorCode) {
@@ -536,29 +629,45 @@ impl StreamMetrics {
     }
 }
 
+/// Which of the server's own tallies a [`GaugeGuard`] also keeps (gauges
+/// cannot be read back, and scrapes and `/readyz` need these values).
+#[derive(Debug, Clone, Copy)]
+enum Tally {
+    Attached,
+    Connections,
+}
+
+impl Inner {
+    fn tally(&self, tally: Tally) -> &AtomicUsize {
+        match tally {
+            Tally::Attached => &self.attached_now,
+            Tally::Connections => &self.connections_now,
+        }
+    }
+}
+
 /// Increments a gauge now and decrements it when dropped.
 #[derive(Debug)]
 pub(crate) struct GaugeGuard {
     gauge: Gauge,
-    /// Set for the attached-sessions gauge, whose value scrapes also need.
-    attached: Option<Arc<Inner>>,
+    tally: Option<(Arc<Inner>, Tally)>,
 }
 
 impl GaugeGuard {
-    fn new(gauge: Gauge, attached: Option<Arc<Inner>>) -> Self {
+    fn new(gauge: Gauge, tally: Option<(Arc<Inner>, Tally)>) -> Self {
         gauge.increment(1.0);
-        if let Some(inner) = &attached {
-            inner.attached_now.fetch_add(1, Ordering::Relaxed);
+        if let Some((inner, which)) = &tally {
+            inner.tally(*which).fetch_add(1, Ordering::Relaxed);
         }
-        Self { gauge, attached }
+        Self { gauge, tally }
     }
 }
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
-        if let Some(inner) = &self.attached {
-            inner.attached_now.fetch_sub(1, Ordering::Relaxed);
+        if let Some((inner, which)) = &self.tally {
+            inner.tally(*which).fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

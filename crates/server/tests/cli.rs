@@ -40,6 +40,11 @@ fn help_documents_every_flag_with_defaults() {
         "--seed",
         "--max-sessions",
         "--max-connections",
+        "--per-address-connections",
+        "--per-address-handshakes",
+        "--per-address-sessions",
+        "--per-address-session-rate",
+        "--per-address-session-burst",
         "--handshake-timeout",
         "--ack-timeout",
         "--shutdown-grace",
@@ -297,6 +302,12 @@ async fn at_its_descriptor_limit_the_server_refuses_politely() {
         BIN,
         "--port",
         &port.to_string(),
+        // The global limit is under test: every client here comes from one
+        // address, which the per-address quotas would stop first.
+        "--per-address-connections",
+        "0",
+        "--per-address-handshakes",
+        "0",
     ]);
     let (_server, log) = spawn_and_wait_until_listening(command).await;
     assert!(
