@@ -89,14 +89,24 @@ impl LogDigest {
             "handshake failures",
             HandshakeFailure::ALL
                 .iter()
-                .map(|r| (r.as_str(), self.handshake_failures[r.index()].swap(0, Ordering::Relaxed)))
+                .map(|r| {
+                    (
+                        r.as_str(),
+                        self.handshake_failures[r.index()].swap(0, Ordering::Relaxed),
+                    )
+                })
                 .collect(),
         );
         section(
             "refused",
             AdmissionRefusal::ALL
                 .iter()
-                .map(|r| (r.as_str(), self.refusals[r.index()].swap(0, Ordering::Relaxed)))
+                .map(|r| {
+                    (
+                        r.as_str(),
+                        self.refusals[r.index()].swap(0, Ordering::Relaxed),
+                    )
+                })
                 .collect(),
         );
         let by_address = std::mem::take(
@@ -109,7 +119,7 @@ impl LogDigest {
             return None;
         }
         let mut heaviest: Vec<_> = by_address.into_iter().collect();
-        heaviest.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+        heaviest.sort_unstable_by_key(|&(_, count)| std::cmp::Reverse(count));
         let _ = write!(line, "; most from:");
         for (peer, count) in heaviest.into_iter().take(TOP_ADDRESSES) {
             let _ = write!(line, " {peer} ({count})");
@@ -126,7 +136,9 @@ impl LogDigest {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(digest) = digest.upgrade() else { return };
+                let Some(digest) = digest.upgrade() else {
+                    return;
+                };
                 if let Some(summary) = digest.take() {
                     info!(
                         period = %humantime::format_duration(every),
@@ -179,6 +191,9 @@ mod tests {
             MAX_TRACKED_ADDRESSES
         );
         let line = digest.take().expect("a digest");
-        assert!(line.starts_with("handshake failures: closed=4196;"), "{line}");
+        assert!(
+            line.starts_with("handshake failures: closed=4196;"),
+            "{line}"
+        );
     }
 }

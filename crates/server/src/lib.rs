@@ -54,11 +54,12 @@ pub mod telemetry;
 mod test_store;
 
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
-pub use peers::{DEFAULT_SESSION_RATE, PeerKey, PeerLimits, SessionRate};
 pub use instrumented::InstrumentedStore;
+pub use peers::{DEFAULT_SESSION_RATE, PeerKey, PeerLimits, SessionRate};
 pub use server::{MAX_CONCURRENT_REJECTIONS, ServerError, run, run_with_telemetry};
 pub use socket::{DEFAULT_LISTEN_BACKLOG, ListenOptions, listen};
 pub use status::{
-    MAX_STATUS_CONNECTIONS, READY_PING_TIMEOUT, Status, prometheus_recorder, serve_status,
+    MAX_STATUS_CONNECTIONS, READY_PING_TIMEOUT, SPARE_STATUS_CONNECTIONS,
+    STATUS_CONNECTIONS_PER_ADDRESS, Status, prometheus_recorder, serve_status,
 };
 pub use telemetry::Telemetry;

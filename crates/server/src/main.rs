@@ -13,7 +13,9 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use numstream_server::{InstrumentedStore, PeerLimits, ServerConfig, SessionRate, Status, Telemetry};
+use numstream_server::{
+    InstrumentedStore, PeerLimits, ServerConfig, SessionRate, Status, Telemetry,
+};
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
@@ -24,7 +26,8 @@ use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 /// `accept` (EMFILE) instead of refusing politely.
 const RESERVED_FDS: u64 = 64
     + numstream_server::MAX_CONCURRENT_REJECTIONS as u64
-    + numstream_server::MAX_STATUS_CONNECTIONS as u64;
+    + numstream_server::MAX_STATUS_CONNECTIONS as u64
+    + numstream_server::SPARE_STATUS_CONNECTIONS as u64;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -97,11 +100,11 @@ struct Args {
     max_sessions: u64,
 
     /// Most client connections served at once [default: the open-file limit
-    /// minus 352]
+    /// minus 384]
     ///
     /// 1 to 10000000. New connections past it get server_busy. The default keeps
     /// descriptors for the listener, the store, 256 busy rejections in
-    /// flight and 32 status connections, so the server never runs out.
+    /// flight and 64 status connections, so the server never runs out.
     ///
     /// Example: --max-connections 20000
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS_CAP))]
@@ -393,11 +396,13 @@ fn per_address_limits(args: &Args, max_connections: usize, max_sessions: usize) 
     let connections = given(args.per_address_connections, derived.connections);
     // The handshake default follows the connection quota actually in force.
     let handshake_default = match args.per_address_connections {
-        Some(_) => PeerLimits::derived(
-            connections.map_or(usize::MAX, |c| c as usize * 10),
-            max_sessions,
-        )
-        .handshakes,
+        Some(_) => {
+            PeerLimits::derived(
+                connections.map_or(usize::MAX, |c| c as usize * 10),
+                max_sessions,
+            )
+            .handshakes
+        }
         None => derived.handshakes,
     };
     PeerLimits {

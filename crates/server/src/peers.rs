@@ -199,7 +199,8 @@ impl Usage {
 
     fn refill(&mut self, now: Instant, rate: SessionRate) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * f64::from(rate.per_second)).min(f64::from(rate.burst));
+        self.tokens =
+            (self.tokens + elapsed * f64::from(rate.per_second)).min(f64::from(rate.burst));
         self.refilled = now;
     }
 
@@ -249,7 +250,9 @@ fn peer_hash(peer: &PeerKey) -> u64 {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the counts consistent before anything
     // in it could panic, so a poisoned shard still holds valid data.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Peers {
@@ -526,7 +529,10 @@ mod tests {
         let c: Ipv6Addr = "2001:db8:1:3::1".parse().expect("v6");
         assert_eq!(PeerKey::from(IpAddr::V6(a)), PeerKey::from(IpAddr::V6(b)));
         assert_ne!(PeerKey::from(IpAddr::V6(a)), PeerKey::from(IpAddr::V6(c)));
-        assert_eq!(PeerKey::from(IpAddr::V6(a)).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            PeerKey::from(IpAddr::V6(a)).to_string(),
+            "2001:db8:1:2::/64"
+        );
         let mapped: Ipv6Addr = "::ffff:192.0.2.7".parse().expect("mapped");
         assert_eq!(PeerKey::from(IpAddr::V6(mapped)), v4(7));
         assert_eq!(v4(7).to_string(), "192.0.2.7");
@@ -563,7 +569,9 @@ mod tests {
         );
         first.handshake_done();
         first.handshake_done(); // idempotent
-        let third = peers.admit_connection(v4(1)).expect("a handshake slot is free again");
+        let third = peers
+            .admit_connection(v4(1))
+            .expect("a handshake slot is free again");
         assert_eq!(peers.held_by(v4(1)), (3, 2, 0));
         assert_eq!(
             peers.admit_connection(v4(1)).map(drop),
@@ -615,7 +623,11 @@ mod tests {
         tokio::time::advance(ttl).await;
         peers.sweep();
         assert_eq!(peers.held_by(v4(1)), (0, 0, 0));
-        assert_eq!(peers.addresses(), 0, "an address that holds nothing is forgotten");
+        assert_eq!(
+            peers.addresses(),
+            0,
+            "an address that holds nothing is forgotten"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -629,7 +641,11 @@ mod tests {
         }
         let refused = peers.admit_session(v4(1)).map(drop);
         assert!(matches!(refused, Err(Refusal::SessionRate(_))));
-        drop(peers.admit_session(v4(2)).expect("another address has its own bucket"));
+        drop(
+            peers
+                .admit_session(v4(2))
+                .expect("another address has its own bucket"),
+        );
         // 10 a second: one token every 100 ms.
         tokio::time::advance(Duration::from_millis(100)).await;
         drop(peers.admit_session(v4(1)).expect("refilled"));

@@ -154,7 +154,13 @@ pub async fn run_with_telemetry(
             Err(refusal) => {
                 debug!(%peer, ?refusal, "address over its connection quota; rejecting");
                 shared.admission_refused(refusal.into(), peer_key);
-                refuse(stream, refusal.error_frame(peer_key), &rejections, &tracker, &shared);
+                refuse(
+                    stream,
+                    refusal.error_frame(peer_key),
+                    &rejections,
+                    &tracker,
+                    &shared,
+                );
                 continue;
             }
         };

@@ -6,12 +6,23 @@
 //! |---|---|
 //! | `/metrics` | 200, Prometheus text format 0.0.4 |
 //! | `/healthz` | 200 `ok` while the process runs (liveness) |
-//! | `/readyz` | 200 `ready` while the server accepts connections and the session store answers `ping` within [`READY_PING_TIMEOUT`]; otherwise 503 and the reason (starting, draining, store down) |
+//! | `/readyz` | 200 `ready` while the server accepts connections, has a free connection slot, and the session store answers `ping` within [`READY_PING_TIMEOUT`]; otherwise 503 and the reason (starting, draining, at the connection limit, store down) |
 //!
 //! It runs beside the session listener on its own address and is bounded
-//! like it: at most [`MAX_STATUS_CONNECTIONS`] at once, a header timeout
-//! and a lifetime per connection, so a slow or hostile scraper cannot pile
-//! up tasks.
+//! like it, with one more duty: an orchestrator that cannot reach
+//! `/healthz` restarts the instance (and with the in-memory store every
+//! session dies with it), so no client may starve the probes. Hence:
+//!
+//! - at most [`MAX_STATUS_CONNECTIONS`] kept-alive connections at once,
+//!   and at most [`STATUS_CONNECTIONS_PER_ADDRESS`] of them (and of the
+//!   spare ones below) from one address, so one address never holds more
+//!   than a small share;
+//! - a short header timeout, which also closes idle kept-alive
+//!   connections, and a lifetime per connection;
+//! - when the regular slots are full, up to [`SPARE_STATUS_CONNECTIONS`]
+//!   more connections are served one request each, within
+//!   [`SPARE_CONNECTION_LIFETIME`], and closed: a probe gets through even
+//!   while idle connections from many addresses hold every regular slot.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,16 +41,26 @@ use tracing::{debug, warn};
 
 use numstream_store::SessionStore;
 
+use crate::peers::{PeerKey, PeerLimits, Peers};
 use crate::telemetry::{Telemetry, buckets, names};
 
 /// How long `/readyz` waits for the store's answer.
 pub const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
-/// Status connections served at once; more are closed at once.
+/// Regular (kept-alive) status connections served at once.
 pub const MAX_STATUS_CONNECTIONS: usize = 32;
-/// Time a status client has to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Status connections one address may hold at once, regular and spare: a
+/// scraper and a prober or two need no more.
+pub const STATUS_CONNECTIONS_PER_ADDRESS: u32 = 4;
+/// Connections served one request each while the regular slots are full;
+/// past these, connections are closed at once.
+pub const SPARE_STATUS_CONNECTIONS: usize = 32;
+/// Everything a spare connection may take, request and answer included.
+const SPARE_CONNECTION_LIFETIME: Duration = Duration::from_secs(1);
+/// Time a status client has to send its request headers; also how long a
+/// kept-alive connection may sit idle between requests.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a status connection (kept alive between scrapes) may live.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often histogram samples are folded into their buckets between
 /// scrapes, so memory stays flat when nobody scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -87,7 +108,13 @@ pub struct Status {
 /// Serves the status endpoint on `listener` until the task is dropped.
 pub async fn serve_status(listener: TcpListener, status: Status) {
     let status = Arc::new(status);
-    let slots = Arc::new(Semaphore::new(MAX_STATUS_CONNECTIONS));
+    let regular = Arc::new(Semaphore::new(MAX_STATUS_CONNECTIONS));
+    let spare = Arc::new(Semaphore::new(SPARE_STATUS_CONNECTIONS));
+    let per_address = Arc::new(Peers::new(PeerLimits {
+        connections: Some(STATUS_CONNECTIONS_PER_ADDRESS),
+        ..PeerLimits::UNLIMITED
+    }));
+    per_address.spawn_sweeper();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -97,9 +124,20 @@ pub async fn serve_status(listener: TcpListener, status: Status) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "status endpoint: too many connections; closing");
+        let Ok(mut ticket) = per_address.admit_connection(PeerKey::from(peer.ip())) else {
+            debug!(%peer, "status endpoint: too many connections from this address; closing");
             continue;
+        };
+        ticket.handshake_done();
+        let (slot, keep_alive, lifetime) = match regular.clone().try_acquire_owned() {
+            Ok(slot) => (slot, true, CONNECTION_LIFETIME),
+            Err(_) => match spare.clone().try_acquire_owned() {
+                Ok(slot) => (slot, false, SPARE_CONNECTION_LIFETIME),
+                Err(_) => {
+                    debug!(%peer, "status endpoint: too many connections; closing");
+                    continue;
+                }
+            },
         };
         let status = status.clone();
         tokio::spawn(async move {
@@ -109,13 +147,14 @@ pub async fn serve_status(listener: TcpListener, status: Status) {
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(HEADER_TIMEOUT.min(lifetime))
+                .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
             // A connection past its lifetime is simply closed.
-            if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+            if let Ok(Err(error)) = tokio::time::timeout(lifetime, connection).await {
                 debug!(%peer, %error, "status connection failed");
             }
-            drop(slot);
+            drop((slot, ticket));
         });
     }
 }
@@ -156,6 +195,13 @@ impl Status {
     async fn readiness(&self) -> Result<(), String> {
         if !self.telemetry.is_accepting() {
             return Err("not accepting connections (starting or draining)".to_owned());
+        }
+        // Saturated: new clients would only be told server_busy here, so a
+        // load balancer should send them to another instance meanwhile.
+        if let Some(limit) = self.telemetry.connections_saturated() {
+            return Err(format!(
+                "at its connection limit ({limit} connections); new clients get server_busy"
+            ));
         }
         match tokio::time::timeout(READY_PING_TIMEOUT, self.store.ping()).await {
             Ok(Ok(())) => Ok(()),

@@ -475,7 +475,9 @@ impl Telemetry {
     pub(crate) fn connection_open(&self) -> GaugeGuard {
         GaugeGuard::new(
             self.inner.connections.clone(),
-            self.inner.enabled.then(|| (self.inner.clone(), Tally::Connections)),
+            self.inner
+                .enabled
+                .then(|| (self.inner.clone(), Tally::Connections)),
         )
     }
 
@@ -483,7 +485,9 @@ impl Telemetry {
     pub(crate) fn session_attached(&self) -> GaugeGuard {
         GaugeGuard::new(
             self.inner.sessions_attached.clone(),
-            self.inner.enabled.then(|| (self.inner.clone(), Tally::Attached)),
+            self.inner
+                .enabled
+                .then(|| (self.inner.clone(), Tally::Attached)),
         )
     }
 

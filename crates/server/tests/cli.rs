@@ -313,7 +313,7 @@ async fn at_its_descriptor_limit_the_server_refuses_politely() {
     assert!(
         log_lines(&log)
             .iter()
-            .any(|line| line.contains("max_connections=48")),
+            .any(|line| line.contains("max_connections=16")),
         "{:#?}",
         log_lines(&log)
     );
@@ -345,7 +345,7 @@ async fn at_its_descriptor_limit_the_server_refuses_politely() {
             Err(_) => panic!("a connection got no answer within 10 s"),
         }
     }
-    assert_eq!(welcomed, 48, "busy {busy}, closed {closed}");
+    assert_eq!(welcomed, 16, "busy {busy}, closed {closed}");
     assert!(busy > 0, "welcomed {welcomed}, closed {closed}");
     let log = log_lines(&log);
     assert!(

@@ -9,12 +9,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use numstream_protocol::{
     ClientId, ErrorCode, Frame, Open, Resume, ResumeToken, Welcome, encode_frame,
 };
+use numstream_testkit::http::get;
 use numstream_testkit::process::ServerProcess;
 use numstream_testkit::proxy::{CutProxy, CutRule};
 use numstream_testkit::redis::RedisServer;
@@ -29,62 +28,12 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> (ServerProcess, SocketAddr) {
     let mut all = vec!["--metrics-addr", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let server = ServerProcess::start_with_env(Path::new(BIN), &all, env);
-    let status = status_address(&server.log());
+    let status = server.status_address();
     (server, status)
-}
-
-/// The status endpoint's address, as the server logs it at startup.
-fn status_address(log: &str) -> SocketAddr {
-    let line = log
-        .lines()
-        .find(|line| line.contains("status endpoint listening"))
-        .unwrap_or_else(|| panic!("no status endpoint in the log:\n{log}"));
-    let start = line
-        .find("status_address")
-        .unwrap_or_else(|| panic!("no address in {line}"));
-    let address: String = line[start + "status_address".len()..]
-        .trim_start_matches(['=', '"', ':'])
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    address
-        .parse()
-        .unwrap_or_else(|error| panic!("{address:?} in {line}: {error}"))
 }
 
 fn server_address(server: &ServerProcess) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], server.port()))
-}
-
-/// One HTTP/1.1 GET; the status code and the body.
-async fn get(status: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(status).await.expect("connect to status");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .await
-            .expect("read response");
-        response
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} took over 5 s"));
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (code, body)
 }
 
 /// A parsed `/metrics` page: series (name and sorted labels) to value.

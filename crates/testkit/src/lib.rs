@@ -1,9 +1,11 @@
 //! Test tooling shared by numstream's crates: in-process servers and a raw
-//! protocol client (`server`), a TCP proxy that cuts connections on command
-//! (`proxy`), real external services started on free ports (`redis`), and
-//! real server processes to kill (`process`).
+//! protocol client, from any loopback source address (`server`), a GET for
+//! the status endpoint (`http`), a TCP proxy that cuts connections on
+//! command (`proxy`), real external services started on free ports
+//! (`redis`), and real server processes to kill (`process`).
 //! Never a dependency of production code.
 
+pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod redis;

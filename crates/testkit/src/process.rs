@@ -41,6 +41,21 @@ impl ServerProcess {
     /// # Panics
     /// If the binary cannot run or never listens.
     pub fn start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(binary, args, env, None)
+    }
+
+    /// [`start_with_env`](Self::start_with_env), with the process's
+    /// open-file limit lowered to `open_files` when given (the server sizes
+    /// its default connection limit from it).
+    ///
+    /// # Panics
+    /// If the binary cannot run or never listens.
+    pub fn start_with(
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> Self {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
@@ -50,7 +65,20 @@ impl ServerProcess {
             ));
             let log_file = std::fs::File::create(&log)
                 .unwrap_or_else(|error| panic!("cannot create {}: {error}", log.display()));
-            let child = Command::new(binary)
+            let mut command = match open_files {
+                // The shell sets the limit, then becomes the server (same
+                // pid, so signals reach it).
+                Some(limit) => {
+                    let mut shell = Command::new("sh");
+                    shell
+                        .arg("-c")
+                        .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                        .arg(binary);
+                    shell
+                }
+                None => Command::new(binary),
+            };
+            let child = command
                 .arg("--port")
                 .arg(port.to_string())
                 .args(args)
@@ -104,6 +132,30 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The status endpoint's address (`--metrics-addr`, which may ask for
+    /// port 0), as the server logs it at startup.
+    ///
+    /// # Panics
+    /// If the log names none.
+    pub fn status_address(&self) -> SocketAddr {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|line| line.contains("status endpoint listening"))
+            .unwrap_or_else(|| panic!("no status endpoint in the log:\n{log}"));
+        let start = line
+            .find("status_address")
+            .unwrap_or_else(|| panic!("no address in {line}"));
+        let address: String = line[start + "status_address".len()..]
+            .trim_start_matches(['=', '"', ':'])
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        address
+            .parse()
+            .unwrap_or_else(|error| panic!("{address:?} in {line}: {error}"))
     }
 
     /// Everything the server logged so far.

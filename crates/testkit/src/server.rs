@@ -1,14 +1,14 @@
 //! In-process servers on free ports, and a raw protocol client for tests
 //! that must send exactly the bytes they choose.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,17 @@ impl Drop for TestServer {
     }
 }
 
+/// Connects to `addr` from `source`, the port left to the kernel: bind
+/// before connect.
+pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
 /// A test config: short interval, short timeouts, reproducible seed.
 pub fn fast_config() -> ServerConfig {
     ServerConfig {
@@ -108,6 +119,20 @@ pub struct RawClient {
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect to server");
+        Self::over(stream)
+    }
+
+    /// Connects from `source` (any 127.x.y.z is a distinct peer on
+    /// loopback), so tests can play several clients' addresses at once.
+    pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> Self {
+        let stream = connect_from(source, addr)
+            .await
+            .unwrap_or_else(|error| panic!("connect to {addr} from {source}: {error}"));
+        Self::over(stream)
+    }
+
+    /// A raw client on an already connected stream.
+    pub fn over(stream: TcpStream) -> Self {
         Self {
             framed: Framed::new(stream, FrameCodec),
         }
