@@ -1,7 +1,8 @@
 //! What `numstream-server` and `numstream-client` share on the command
 //! line: `--generate` (a man page or a shell completion script, from the
-//! program's own clap definition, on stdout) and whether stderr gets
-//! colours.
+//! program's own clap definition, on stdout), whether stderr gets
+//! colours, and value parsers whose errors name the accepted range
+//! (`values`).
 //!
 //! ```no_run
 //! let command = clap::Command::new("demo").arg(clap::Arg::new("port").long("port"));
@@ -9,6 +10,8 @@
 //! // Prints and exits when --generate was given.
 //! numstream_cli_support::generate_if_asked(&matches, command);
 //! ```
+
+pub mod values;
 
 use std::io::{IsTerminal, Write};
 

@@ -13,6 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use numstream_cli_support::values::{duration_in, integer_in};
 use numstream_server::{
     InstrumentedStore, PeerLimits, ServerConfig, SessionRate, Status, Telemetry,
 };
@@ -51,7 +52,7 @@ struct Args {
     /// TCP port to listen on for clients, 1-65535 (required)
     ///
     /// Example: --port 7000
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, allow_hyphen_values = true, value_parser = integer_in(1u16, u16::MAX))]
     port: u16,
 
     /// Address to bind for clients
@@ -67,7 +68,7 @@ struct Args {
     /// 0s streams as fast as the connection drains.
     ///
     /// Example: --interval 50ms
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "1s", value_parser = duration_in(Duration::ZERO, HOUR, "0s to 1h"))]
     interval: Duration,
 
     /// How long a disconnected session waits for a resume, 100ms to 49 days
@@ -77,7 +78,7 @@ struct Args {
     /// session: a server that dies without detaching lets it lapse.
     ///
     /// Example: --session-ttl 2m
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "30s", value_parser = duration_in(MIN_TTL, MAX_TTL, "100ms to 49 days"))]
     session_ttl: Duration,
 
     /// Master seed for reproducible runs [default: none, every session is
@@ -87,7 +88,7 @@ struct Args {
     /// client id: a testing aid, not for production.
     ///
     /// Example: --seed 42
-    #[arg(long, value_name = "U64")]
+    #[arg(long, value_name = "U64", allow_hyphen_values = true, value_parser = integer_in(0, u64::MAX))]
     seed: Option<u64>,
 
     /// Most sessions held at once (attached or awaiting a resume)
@@ -96,7 +97,7 @@ struct Args {
     /// Redis it does not apply (Redis's memory is the bound).
     ///
     /// Example: --max-sessions 500000
-    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=MAX_SESSIONS_CAP))]
+    #[arg(long, value_name = "N", default_value_t = 100_000, allow_hyphen_values = true, value_parser = integer_in(1, MAX_SESSIONS_CAP))]
     max_sessions: u64,
 
     /// Most client connections served at once [default: the open-file limit
@@ -107,7 +108,7 @@ struct Args {
     /// flight and 64 status connections, so the server never runs out.
     ///
     /// Example: --max-connections 20000
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS_CAP))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = integer_in(1, MAX_CONNECTIONS_CAP))]
     max_connections: Option<u64>,
 
     /// Connections one address may hold [default: max-connections/10, >= 64]
@@ -118,7 +119,7 @@ struct Args {
     /// a proxy or load balancer connects on their behalf.
     ///
     /// Example: --per-address-connections 5000
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNECTIONS_CAP as i64))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = integer_in(0, MAX_CONNECTIONS_CAP as u32))]
     per_address_connections: Option<u32>,
 
     /// Handshakes one address may have open [default: its connections/4, >= 16]
@@ -129,7 +130,7 @@ struct Args {
     /// nothing but hold a slot for --handshake-timeout.
     ///
     /// Example: --per-address-handshakes 100
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNECTIONS_CAP as i64))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = integer_in(0, MAX_CONNECTIONS_CAP as u32))]
     per_address_handshakes: Option<u32>,
 
     /// Sessions one address may hold [default: max-sessions/10, >= 64]
@@ -140,7 +141,7 @@ struct Args {
     /// 1s). Counted by each instance for the sessions opened on it.
     ///
     /// Example: --per-address-sessions 20000
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_SESSIONS_CAP as i64))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = integer_in(0, MAX_SESSIONS_CAP as u32))]
     per_address_sessions: Option<u32>,
 
     /// New sessions (OPENs) one address may start per second
@@ -150,7 +151,7 @@ struct Args {
     /// server_busy (resumes are never rate-limited).
     ///
     /// Example: --per-address-session-rate 500
-    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.per_second, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.per_second, allow_hyphen_values = true, value_parser = integer_in(0u32, 1_000_000))]
     per_address_session_rate: u32,
 
     /// New sessions one address may start at once after a quiet spell
@@ -158,7 +159,7 @@ struct Args {
     /// 1 to 1000000.
     ///
     /// Example: --per-address-session-burst 1000
-    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.burst, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.burst, allow_hyphen_values = true, value_parser = integer_in(1u32, 1_000_000))]
     per_address_session_burst: u32,
 
     /// Time a new connection has to send its OPEN or RESUME
@@ -166,7 +167,7 @@ struct Args {
     /// At most 1h.
     ///
     /// Example: --handshake-timeout 2s
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_up_to_an_hour)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(MILLISECOND, HOUR, "1ms to 1h"))]
     handshake_timeout: Duration,
 
     /// Time the client has to acknowledge FINAL
@@ -178,7 +179,7 @@ struct Args {
     /// FINAL's trip over a slow link, hence the generous default.
     ///
     /// Example: --ack-timeout 30s
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_up_to_a_day)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "2m", value_parser = duration_in(MILLISECOND, DAY, "1ms to 24h"))]
     ack_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to drain
@@ -186,7 +187,7 @@ struct Args {
     /// 0s to 1h.
     ///
     /// Example: --shutdown-grace 10s
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_grace)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(Duration::ZERO, HOUR, "0s to 1h"))]
     shutdown_grace: Duration,
 
     /// Where sessions live: memory, or redis://[USER:PASSWORD@]HOST:PORT/DB
@@ -239,7 +240,7 @@ struct Args {
     /// it at net.core.somaxconn)
     ///
     /// Example: --listen-backlog 8192
-    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_LISTEN_BACKLOG, allow_hyphen_values = true, value_parser = integer_in(1u32, 65535))]
     listen_backlog: u32,
 
     /// Log line format on stderr: text (colours only on a terminal, and
@@ -296,59 +297,12 @@ fn parse_store(text: &str) -> Result<StoreUrl, String> {
     Ok(StoreUrl::Redis(text.to_owned()))
 }
 
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval =
-        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 1s, 50ms, 0s)"))?;
-    if interval > Duration::from_secs(3600) {
-        return Err("interval must be at most 1h".into());
-    }
-    Ok(interval)
-}
-
 fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| {
         "expected an IP address and port, e.g. 127.0.0.1:9100, [::1]:9100 or 0.0.0.0:9100 \
          (port 0 picks a free one)"
             .to_owned()
     })
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 5s, 500ms, 0s)"))
-}
-
-fn parse_positive(text: &str) -> Result<Duration, String> {
-    let duration =
-        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 5s, 500ms)"))?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
-/// A positive duration of at most `max` (named `max_text` in the error).
-fn parse_bounded(text: &str, max: Duration, max_text: &str) -> Result<Duration, String> {
-    let duration = parse_positive(text)?;
-    if duration > max {
-        return Err(format!("must be between 1ms and {max_text}"));
-    }
-    Ok(duration)
-}
-
-fn parse_up_to_an_hour(text: &str) -> Result<Duration, String> {
-    parse_bounded(text, Duration::from_secs(3600), "1h")
-}
-
-fn parse_up_to_a_day(text: &str) -> Result<Duration, String> {
-    parse_bounded(text, Duration::from_secs(24 * 3600), "24h")
-}
-
-fn parse_grace(text: &str) -> Result<Duration, String> {
-    let grace = parse_duration(text)?;
-    if grace > Duration::from_secs(3600) {
-        return Err("must be between 0s and 1h".into());
-    }
-    Ok(grace)
 }
 
 fn parse_prefix(text: &str) -> Result<String, String> {
@@ -358,22 +312,18 @@ fn parse_prefix(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = parse_positive(text)?;
-    // The protocol carries the TTL in milliseconds in a u32.
-    if ttl > Duration::from_millis(u64::from(u32::MAX)) {
-        return Err("session TTL must be at most 49 days".into());
-    }
-    if ttl < Duration::from_millis(100) {
-        return Err("session TTL must be at least 100ms".into());
-    }
-    Ok(ttl)
-}
-
 /// Upper bounds of `--max-connections` and `--max-sessions`: far beyond
 /// what one process can serve, well inside what the code can count.
 const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
 const MAX_SESSIONS_CAP: u64 = 1_000_000_000;
+
+const MILLISECOND: Duration = Duration::from_millis(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// The session TTL's bounds: long enough to reconnect at all, and what
+/// WELCOME can carry (milliseconds in a u32).
+const MIN_TTL: Duration = Duration::from_millis(100);
+const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
 
 fn default_max_connections() -> u64 {
     match rlimit::Resource::NOFILE.get() {

@@ -123,12 +123,12 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         (&["--port", "0"], "--port"),
         (
             &["--port", "7000", "--interval", "soon"],
-            "examples: 1s, 50ms, 0s",
+            "examples: 5s, 500ms, 2m",
         ),
-        (&["--port", "7000", "--interval", "2h"], "at most 1h"),
+        (&["--port", "7000", "--interval", "2h"], "from 0s to 1h"),
         (
             &["--port", "7000", "--session-ttl", "0s"],
-            "greater than zero",
+            "from 100ms to 49 days",
         ),
         (
             &["--port", "7000", "--store", "postgres://db"],
@@ -154,6 +154,156 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+/// Every flag that takes a value, values of every kind past its range,
+/// and the range its error must name.
+const OUT_OF_RANGE: &[(&str, &[&str], &str)] = &[
+    (
+        "--port",
+        &["0", "65536", "-1", "99999999999999999999", "x"],
+        "between 1 and 65535",
+    ),
+    (
+        "--interval",
+        &["2h", "-1s", "99999999999999999999999s", "5"],
+        "0s to 1h",
+    ),
+    (
+        "--session-ttl",
+        &["0s", "99ms", "50days", "99999999999999999999999s"],
+        "100ms to 49 days",
+    ),
+    (
+        "--seed",
+        &["-1", "18446744073709551616", "seed"],
+        "between 0 and 18446744073709551615",
+    ),
+    (
+        "--max-sessions",
+        &["0", "-1", "1000000001", "18446744073709551615"],
+        "between 1 and 1000000000",
+    ),
+    (
+        "--max-connections",
+        &["0", "-5", "10000001", "18446744073709551615"],
+        "between 1 and 10000000",
+    ),
+    (
+        "--per-address-connections",
+        &["-1", "10000001", "4294967296"],
+        "between 0 and 10000000",
+    ),
+    (
+        "--per-address-handshakes",
+        &["-1", "10000001", "99999999999999999999"],
+        "between 0 and 10000000",
+    ),
+    (
+        "--per-address-sessions",
+        &["-1", "1000000001", "4294967296"],
+        "between 0 and 1000000000",
+    ),
+    (
+        "--per-address-session-rate",
+        &["-1", "1000001", "4294967296"],
+        "between 0 and 1000000",
+    ),
+    (
+        "--per-address-session-burst",
+        &["0", "-1", "1000001"],
+        "between 1 and 1000000",
+    ),
+    (
+        "--handshake-timeout",
+        &["0s", "2h", "99999999999999999999999s"],
+        "1ms to 1h",
+    ),
+    (
+        "--ack-timeout",
+        &["0s", "25h", "99999999999999999999999s"],
+        "1ms to 24h",
+    ),
+    (
+        "--shutdown-grace",
+        &["2h", "-1s", "99999999999999999999999s"],
+        "0s to 1h",
+    ),
+    (
+        "--listen-backlog",
+        &["0", "65536", "-1", "99999999999999999999"],
+        "between 1 and 65535",
+    ),
+];
+
+#[test]
+fn no_flag_value_panics_and_out_of_range_values_name_the_range() {
+    for (flag, values, range) in OUT_OF_RANGE {
+        for value in *values {
+            let mut args = vec![*flag, *value];
+            if *flag != "--port" {
+                args.extend(["--port", "7000"]);
+            }
+            let output = run_to_end(&args);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+            assert!(
+                stderr.contains(range),
+                "{flag} {value} must name {range:?}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
+        }
+    }
+    // A long --redis-prefix, and strings where numbers go, for good measure.
+    let long_prefix = "p".repeat(257);
+    let output = run_to_end(&["--port", "7000", "--redis-prefix", &long_prefix]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("at most 256 bytes"));
+}
+
+/// The other side of the ranges: every limit at its largest accepted value
+/// at once starts a server that serves.
+#[tokio::test]
+async fn the_largest_accepted_values_start_a_working_server() {
+    let port = free_port();
+    let max_ttl = format!("{}ms", u32::MAX);
+    let args = [
+        "--interval",
+        "1h",
+        "--session-ttl",
+        &max_ttl,
+        "--seed",
+        "18446744073709551615",
+        "--max-sessions",
+        "1000000000",
+        "--max-connections",
+        "10000000",
+        "--per-address-connections",
+        "10000000",
+        "--per-address-handshakes",
+        "10000000",
+        "--per-address-sessions",
+        "1000000000",
+        "--per-address-session-rate",
+        "1000000",
+        "--per-address-session-burst",
+        "1000000",
+        "--handshake-timeout",
+        "1h",
+        "--ack-timeout",
+        "24h",
+        "--shutdown-grace",
+        "1h",
+        "--listen-backlog",
+        "65535",
+    ];
+    let (mut server, log) = start_and_wait_until_listening(port, &args).await;
+    // One number is due at once, whatever the interval.
+    complete_session(port, u64::MAX, 1).await;
+    server.start_kill().expect("stop the server");
+    let status = server.wait().await.expect("server exit");
+    assert_ne!(status.code(), Some(101), "panicked: {:#?}", log_lines(&log));
+    assert!(!log_lines(&log).iter().any(|line| line.contains("panicked")));
 }
 
 #[test]
