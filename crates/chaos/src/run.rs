@@ -471,8 +471,7 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
         client_id: spec.client_id,
         // Patient before the first WELCOME: an instance may be down for a
         // restart, and faults may hit the first connections.
-        open_attempts: 100,
-        open_deadline: Duration::from_secs(120),
+        open_timeout: Duration::from_secs(120),
         ..ClientConfig::default()
     };
     let started = Instant::now();

@@ -19,7 +19,12 @@ pub struct Backoff {
     /// Ceiling of the first delay. Default 100 ms, so the first retry comes
     /// within 100 ms.
     pub initial: Duration,
-    /// Cap on every delay. Default 5 s.
+    /// Cap on every delay. Default 5 s: a client waiting out a busy server
+    /// (which may refuse for a whole 30 s session TTL) then retries on
+    /// average every 2.5 s, so it takes a freed slot within seconds, and a
+    /// thousand such clients cost the server a few hundred cheap refusals
+    /// a second; a resuming client still gets about ten tries within the
+    /// default TTL. A longer cap would mostly leave freed capacity idle.
     pub max: Duration,
     /// Growth of the ceiling per attempt. Default 2. Values below 1 (or NaN)
     /// are treated as 1: a shrinking backoff is never what anyone meant.

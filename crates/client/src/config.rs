@@ -37,12 +37,16 @@ pub struct ClientConfig {
     /// would only put the client at the back of its queue again).
     pub handshake_timeout: Duration,
     /// Until the first WELCOME there is no session and no TTL to bound the
-    /// retries, so these two do: give up with `CannotConnect` after this
-    /// many failed attempts... Default 10.
-    pub open_attempts: u32,
-    /// ...or once this much time has passed since the run started, whichever
-    /// comes first. Default 30 s.
-    pub open_deadline: Duration,
+    /// retries, so this does: the client keeps trying, with [`Self::backoff`]
+    /// between attempts and however many attempts that takes, and gives up
+    /// with `CannotConnect` within this much time of the run's start. No
+    /// connect or WELCOME wait runs past it, and no attempt starts in its
+    /// last tenth or last second, whichever is shorter (it could not be
+    /// answered in time). Default 60 s: a server may legitimately refuse
+    /// new sessions (`server_busy`, `store_unavailable`) for a whole
+    /// session TTL (30 s by default) while the sessions that fill it
+    /// expire, and an honest client must outlast that with room to spare.
+    pub open_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -56,8 +60,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(3),
             local_addr: None,
             handshake_timeout: Duration::from_secs(5),
-            open_attempts: 10,
-            open_deadline: Duration::from_secs(30),
+            open_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -81,8 +84,8 @@ impl ClientConfig {
         if self.host.is_empty() {
             return Err("host must not be empty".to_owned());
         }
-        if self.open_attempts == 0 {
-            return Err("open_attempts must be at least 1".to_owned());
+        if self.open_timeout.is_zero() {
+            return Err("open_timeout must be more than zero".to_owned());
         }
         Ok(())
     }
@@ -98,6 +101,7 @@ mod tests {
         assert_eq!(config.host, "127.0.0.1");
         assert_eq!(config.connect_timeout, Duration::from_secs(3));
         assert_eq!(config.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.open_timeout, Duration::from_secs(60));
         assert_eq!(config.client_id.get_version_num(), 4);
         assert_ne!(config.client_id, ClientConfig::default().client_id);
     }
@@ -127,7 +131,7 @@ mod tests {
                 ..good.clone()
             },
             ClientConfig {
-                open_attempts: 0,
+                open_timeout: Duration::ZERO,
                 ..good.clone()
             },
         ] {

@@ -46,9 +46,19 @@ pub enum ClientError {
     #[error("protocol violation by the server: {0}")]
     ProtocolViolation(String),
 
-    /// No server ever welcomed the session: every attempt failed.
-    #[error("cannot connect: no WELCOME after {attempts} attempt(s); last error: {last_error}")]
-    CannotConnect { attempts: u32, last_error: String },
+    /// No server welcomed the session within the open timeout
+    /// ([`crate::ClientConfig::open_timeout`]): every attempt failed, and
+    /// the next one could not have started in time.
+    #[error(
+        "cannot connect: no WELCOME after {attempts} attempt(s) in {}; last error: {last_error}",
+        human(*waited)
+    )]
+    CannotConnect {
+        attempts: u32,
+        /// Time from the start of the run to giving up.
+        waited: Duration,
+        last_error: String,
+    },
 
     /// The session was open, but no reconnection succeeded within the
     /// session TTL announced by the server, so it has expired there; the
@@ -137,6 +147,7 @@ mod tests {
             (
                 ClientError::CannotConnect {
                     attempts: 1,
+                    waited: Duration::ZERO,
                     last_error: "x".into(),
                 },
                 4,
@@ -173,6 +184,15 @@ mod tests {
         assert_eq!(
             mismatch.to_string(),
             "checksum mismatch: server sent 0x000000ab, client computed 0x1a2b3c4d"
+        );
+        let cannot = ClientError::CannotConnect {
+            attempts: 31,
+            waited: Duration::from_millis(58_250),
+            last_error: "server error server_busy".into(),
+        };
+        assert_eq!(
+            cannot.to_string(),
+            "cannot connect: no WELCOME after 31 attempt(s) in 58s 250ms; last error: server error server_busy"
         );
         let shutdown = ClientError::ServerShuttingDown {
             message: "bye".into(),

@@ -162,6 +162,7 @@ mod tests {
             false,
             Some(ClientError::CannotConnect {
                 attempts: 10,
+                waited: Duration::from_secs(60),
                 last_error: "connection refused".into(),
             }),
         );

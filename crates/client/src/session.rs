@@ -40,6 +40,14 @@ const LOST_WELCOME_WAIT: Duration = Duration::from_secs(45);
 /// holding the token would make the session bounce, so this is small.
 const TAKEOVER_RESUMES: u32 = 2;
 
+/// Before the first WELCOME, no attempt starts later than this before the
+/// open deadline (or a tenth of the open allowance, if less): an attempt
+/// starting at the deadline would have no time to be answered, and its
+/// OPEN could leave an orphan session on the server. A second covers a
+/// connect and a round trip on any sane network, and a busy server refuses
+/// within milliseconds; the tenth keeps a short timeout from ending early.
+const LAST_OPEN_WINDOW: Duration = Duration::from_secs(1);
+
 /// After a handshake times out, the next one waits twice as long, up to
 /// 2^this times `handshake_timeout` (5 s, 10 s, 20 s by default). A server
 /// that accepts but welcomes late is overloaded (a reconnect storm after
@@ -155,9 +163,9 @@ impl Driver<'_> {
             let port = ports[port_index];
             let welcomes_before = self.welcomes;
             let received_before = self.receiver.received();
-            // Before the first WELCOME the run has a deadline of its own; a
-            // handshake wait must not overshoot it (the WELCOME wait grows
-            // after timeouts).
+            // Before the first WELCOME the run has a deadline of its own;
+            // neither the connect nor the handshake wait may overshoot it
+            // (the WELCOME wait grows after timeouts).
             let open_until = self
                 .terms
                 .is_none()
@@ -200,18 +208,22 @@ impl Driver<'_> {
             };
             match self.terms {
                 None => {
-                    // Waiting out our own orphan takes time, not attempts.
+                    // Only time bounds the retries before the first
+                    // WELCOME, never a number of attempts: a busy server
+                    // may refuse for a whole session TTL, and the capped
+                    // backoff already keeps a patient client cheap for it.
                     let allowance = self.open_allowance(retry.awaits_orphan);
-                    let out_of_attempts =
-                        !retry.awaits_orphan && attempt >= self.config.open_attempts;
-                    let elapsed = started.elapsed();
-                    if out_of_attempts || elapsed >= allowance {
+                    let waited = started.elapsed();
+                    let left = allowance.saturating_sub(waited);
+                    let last_window = LAST_OPEN_WINDOW.min(allowance / 10);
+                    if left <= last_window {
                         return Err(ClientError::CannotConnect {
                             attempts: attempt,
+                            waited,
                             last_error: retry.cause,
                         });
                     }
-                    delay = delay.min(allowance - elapsed);
+                    delay = delay.min(left - last_window);
                 }
                 Some(terms) => {
                     if away >= terms.ttl {
@@ -245,12 +257,12 @@ impl Driver<'_> {
     }
 
     /// How long the run may try before its first WELCOME: the open
-    /// deadline, or longer while an orphan of ours must expire first.
+    /// timeout, or longer while an orphan of ours must expire first.
     fn open_allowance(&self, awaiting_orphan: bool) -> Duration {
         if awaiting_orphan {
-            self.config.open_deadline.max(LOST_WELCOME_WAIT)
+            self.config.open_timeout.max(LOST_WELCOME_WAIT)
         } else {
-            self.config.open_deadline
+            self.config.open_timeout
         }
     }
 
@@ -325,11 +337,16 @@ impl Driver<'_> {
     }
 
     /// One connection, from TCP connect to FINAL, ERROR or loss.
-    /// `open_until`: no handshake wait goes past it.
+    /// `open_until`: no connect or handshake wait goes past it.
     async fn connection(&mut self, port: u16, open_until: Option<Instant>) -> Ending {
+        let within_open = |wait: Duration| match open_until {
+            Some(open_until) => wait.min(open_until.saturating_duration_since(Instant::now())),
+            None => wait,
+        };
         let host = self.config.host.as_str();
         let connect = connect_from(host, port, self.config.local_addr);
-        let stream = match timeout(self.config.connect_timeout, connect).await {
+        let connect_wait = within_open(self.config.connect_timeout);
+        let stream = match timeout_at(deadline_after(connect_wait), connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 return Ending::Lost(format!("cannot connect to {host}:{port}: {error}"));
@@ -337,7 +354,7 @@ impl Driver<'_> {
             Err(_) => {
                 return Ending::Lost(format!(
                     "connecting to {host}:{port} timed out after {}",
-                    human(self.config.connect_timeout)
+                    human(connect_wait)
                 ));
             }
         };
@@ -364,12 +381,7 @@ impl Driver<'_> {
             .config
             .handshake_timeout
             .saturating_mul(1 << self.slow_handshakes.min(MAX_HANDSHAKE_DOUBLINGS));
-        let handshake_wait = match open_until {
-            Some(open_until) => {
-                handshake_wait.min(open_until.saturating_duration_since(Instant::now()))
-            }
-            None => handshake_wait,
-        };
+        let handshake_wait = within_open(handshake_wait);
         let deadline = deadline_after(handshake_wait);
         match timeout_at(deadline, framed.send(hello)).await {
             Ok(Ok(())) => {}

@@ -129,3 +129,230 @@ async fn human_mode_reports_a_protocol_violation_with_exit_code_5() {
         "{stdout}"
     );
 }
+
+/// Runs the client, killing it if it is still running after `limit`: a
+/// value that should have been refused but was accepted must fail the
+/// test, not hang it.
+fn output_within(args: &[&std::ffi::OsStr], limit: std::time::Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_numstream-client"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start numstream-client");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("poll the client").is_none() {
+        if started.elapsed() > limit {
+            child.kill().expect("kill the client");
+            let out = child.wait_with_output().expect("reap the client");
+            panic!("{args:?} still running after {limit:?}: {}", stderr(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("client output")
+}
+
+#[test]
+fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
+    const U64_MAX: &str = "18446744073709551615";
+    let long_host = "a".repeat(300);
+    let ranges: [(&str, &str, Vec<&str>); 6] = [
+        (
+            "--port",
+            "port must be between 1 and 65535",
+            vec![
+                "0",
+                "65536",
+                U64_MAX,
+                "-1",
+                "",
+                " ",
+                "abc",
+                "7e3",
+                "99999999999999999999999",
+            ],
+        ),
+        (
+            "--count",
+            "count must be between 1 and 65535",
+            vec!["0", "65536", U64_MAX, "-1", "", "abc", "1.5", "-0"],
+        ),
+        (
+            "--host",
+            "host must be an IP address or a host name of 1 to 253",
+            vec![
+                "",
+                " ",
+                "a b",
+                "10.0.0.5:7000",
+                "-1",
+                &long_host,
+                "\u{7f}",
+                "ünï",
+            ],
+        ),
+        (
+            "--client-id",
+            "client id must",
+            vec![
+                "",
+                "nope",
+                "-1",
+                U64_MAX,
+                "00000000-0000-0000-0000-000000000000",
+                "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            ],
+        ),
+        (
+            "--open-timeout",
+            "open timeout must be a duration between 1s and 24h",
+            vec![
+                "0s",
+                "0",
+                "999ms",
+                "25h",
+                "-1s",
+                "1000000000000000s",
+                "18446744073709551615s",
+                "99999999999999999999999999h",
+                U64_MAX,
+                "",
+                "soon",
+            ],
+        ),
+        (
+            "--generate",
+            "[possible values: man, bash",
+            vec!["", "tcsh", "-1", U64_MAX],
+        ),
+    ];
+    // Flags that take no value: a value is refused (there is no range to
+    // name, but it must still be a usage error, not a crash).
+    let switches = [
+        ("--json=yes", "unexpected value"),
+        ("--quiet=1", "unexpected value"),
+        ("--verbose=", "unexpected value"),
+        ("--no-such-flag", "unexpected argument"),
+    ];
+
+    // A run that wrongly started must end quickly: nothing listens on
+    // this port, and the open timeout is short unless it is under test.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let limit = std::time::Duration::from_secs(30);
+    let mut cases: Vec<(Vec<String>, &str)> = Vec::new();
+    for (flag, expected, values) in &ranges {
+        for value in values {
+            let mut args = vec![(*flag).to_owned(), (*value).to_owned()];
+            if *flag != "--port" {
+                args.extend(["--port".to_owned(), port.clone()]);
+            }
+            if *flag != "--open-timeout" {
+                args.extend(["--open-timeout".to_owned(), "1s".to_owned()]);
+            }
+            cases.push((args, expected));
+        }
+    }
+    for (switch, expected) in switches {
+        let args = [switch, "--port", &port, "--open-timeout", "1s"];
+        cases.push((args.map(str::to_owned).to_vec(), expected));
+    }
+    for (args, expected) in cases {
+        let os_args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let out = output_within(&os_args, limit);
+        assert_usage_error(&out, &args, expected);
+    }
+
+    // Bytes that are not UTF-8 at all.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let garbage = std::ffi::OsStr::from_bytes(&[0xff, 0xfe]);
+        for flag in [
+            "--host",
+            "--port",
+            "--count",
+            "--client-id",
+            "--open-timeout",
+        ] {
+            let out = output_within(&[std::ffi::OsStr::new(flag), garbage], limit);
+            assert_usage_error(&out, &[flag.to_owned()], "invalid UTF-8");
+        }
+    }
+}
+
+fn assert_usage_error(out: &Output, args: &[String], expected: &str) {
+    let stderr = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}: nothing runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_busy_past_the_open_timeout_exits_4_after_logging_each_retry() {
+    let (listener, port) = listen().await;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&refused);
+    let server = tokio::spawn(async move {
+        loop {
+            let mut conn = accept(&listener).await;
+            recv(&mut conn).await;
+            let busy = numstream_protocol::ErrorFrame::new(
+                numstream_protocol::ErrorCode::ServerBusy,
+                "at the session cap",
+            );
+            // Counted before the reply, so the count is complete by the
+            // time the client has read it.
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            send(&mut conn, Frame::Error(busy)).await;
+        }
+    });
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--count",
+        "3",
+        "--open-timeout",
+        "2s",
+        "--json",
+        "--verbose",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let started = std::time::Instant::now();
+    let out = output_async(args).await;
+    let ran_for = started.elapsed();
+    server.abort();
+
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Attempts go on into the last tenth of the 2 s timeout.
+    assert!(
+        ran_for >= std::time::Duration::from_millis(1800),
+        "gave up after {ran_for:?}"
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(value["ok"], false);
+    let error = value["error"].as_str().expect("error text");
+    assert!(error.contains("server_busy"), "{error}");
+    let attempts: usize = error
+        .strip_prefix("cannot connect: no WELCOME after ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no attempt count in {error}"));
+    assert!(attempts >= 2, "a busy server is retried: {error}");
+    let refused = refused.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(refused, attempts, "every attempt met server_busy");
+    // --verbose logs every retry: one line per attempt but the last.
+    let stderr = stderr(&out);
+    let retries = stderr
+        .lines()
+        .filter(|l| l.contains("reconnecting"))
+        .count();
+    assert_eq!(retries + 1, attempts, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -652,32 +652,137 @@ async fn lost_first_welcome_waits_for_the_orphan_instead_of_failing() {
 }
 
 #[tokio::test]
-async fn never_welcomed_gives_up_after_the_attempt_bound() {
+async fn never_welcomed_gives_up_at_the_open_timeout() {
     let mut config = config(vec![closed_port().await], 5);
-    config.open_attempts = 3;
+    config.open_timeout = Duration::from_millis(300);
     let (report, events) = run_client(config).await;
     assert_eq!(report.exit_code(), 4);
-    assert!(
-        matches!(&report.error, Some(ClientError::CannotConnect { attempts: 3, last_error })
-            if last_error.contains("cannot connect")),
-        "{:?}",
-        report.error
-    );
-    assert_eq!(reconnect_events(&events).len(), 2);
+    let Some(ClientError::CannotConnect {
+        attempts,
+        last_error,
+        ..
+    }) = &report.error
+    else {
+        panic!("expected CannotConnect, got {:?}", report.error);
+    };
+    assert!(last_error.contains("cannot connect"), "{last_error}");
+    // Every attempt but the last was followed by a reconnect.
+    assert_eq!(reconnect_events(&events).len() + 1, *attempts as usize);
     assert_eq!(report.server_checksum, None);
 }
 
-#[tokio::test]
-async fn never_welcomed_gives_up_at_the_deadline() {
-    let mut config = config(vec![closed_port().await], 5);
-    config.open_attempts = u32::MAX;
-    config.open_deadline = Duration::from_millis(300);
-    let (report, _) = run_client(config).await;
-    assert_eq!(report.exit_code(), 4);
-    assert!(matches!(
-        report.error,
-        Some(ClientError::CannotConnect { .. })
-    ));
+/// A server that refuses every OPEN with `server_busy` (disposition
+/// `retry`) until `busy_for` has passed since it started, then serves the
+/// session. Returns the script's handle (yielding the number of OPENs it
+/// refused) and its port.
+async fn busy_server(busy_for: Duration, count: u16) -> (tokio::task::JoinHandle<u32>, u16) {
+    let (listener, port) = listen().await;
+    let started = tokio::time::Instant::now();
+    let server = tokio::spawn(async move {
+        let mut refused = 0;
+        loop {
+            let mut conn = accept(&listener).await;
+            let Frame::Open(open) = recv(&mut conn).await else {
+                panic!("expected OPEN: no WELCOME was ever sent");
+            };
+            assert_eq!(open.count, count);
+            if started.elapsed() < busy_for {
+                send(
+                    &mut conn,
+                    error(ErrorCode::ServerBusy, "at the session cap"),
+                )
+                .await;
+                refused += 1;
+                continue;
+            }
+            send(&mut conn, welcome(count, 0)).await;
+            finish(&mut conn, count, 0).await;
+            return refused;
+        }
+    });
+    (server, port)
+}
+
+/// Bound on a paused-time run: minutes of virtual time pass in no time.
+const VIRTUAL_PATIENCE: Duration = Duration::from_secs(600);
+
+#[tokio::test(start_paused = true)]
+async fn a_server_busy_for_longer_than_a_session_ttl_is_outlasted() {
+    // Busy for 45 s: longer than the 30 s default session TTL a session
+    // flood can keep a server full, and longer than the old bounds (10
+    // attempts, 30 s) allowed. The client runs with its default patience
+    // and backoff; paused time makes the minute instant and exact.
+    let busy_for = Duration::from_secs(45);
+    let (server, port) = busy_server(busy_for, 3).await;
+    let config = ClientConfig {
+        ports: vec![port],
+        count: 3,
+        ..ClientConfig::default()
+    };
+    let backoff_cap = config.backoff.max;
+    let started = tokio::time::Instant::now();
+    let (report, events) = run_client_within(config, VIRTUAL_PATIENCE).await;
+    let refused = join_within(server, VIRTUAL_PATIENCE).await;
+
+    assert!(report.ok, "{}", report.render_human());
+    assert_eq!(report.received, 3);
+    assert!(started.elapsed() >= busy_for, "{:?}", started.elapsed());
+    assert!(
+        refused > 10,
+        "only {refused} refusals: the test proves nothing"
+    );
+    let reconnects = reconnect_events(&events);
+    assert_eq!(reconnects.len(), refused as usize);
+    for (cause, delay) in &reconnects {
+        assert!(cause.contains("server_busy"), "{cause}");
+        assert!(*delay <= backoff_cap, "{delay:?} exceeds the cap");
+    }
+    // Full jitter: the delays at the cap are not all the same.
+    let capped: std::collections::HashSet<_> = reconnects[8..].iter().map(|(_, d)| d).collect();
+    assert!(capped.len() > 1, "{reconnects:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_busy_past_the_open_timeout_ends_the_run_with_exit_code_4() {
+    let (server, port) = busy_server(Duration::MAX, 3).await;
+    let config = ClientConfig {
+        ports: vec![port],
+        count: 3,
+        ..ClientConfig::default()
+    };
+    let open_timeout = config.open_timeout;
+    let started = tokio::time::Instant::now();
+    let (report, events) = run_client_within(config, VIRTUAL_PATIENCE).await;
+    let gave_up_after = started.elapsed();
+
+    assert_eq!(report.exit_code(), 4, "{}", report.render_human());
+    let Some(ClientError::CannotConnect {
+        attempts,
+        waited,
+        last_error,
+    }) = &report.error
+    else {
+        panic!("expected CannotConnect, got {:?}", report.error);
+    };
+    assert!(last_error.contains("server_busy"), "{last_error}");
+    assert!(*attempts > 10, "{attempts}");
+    assert_eq!(reconnect_events(&events).len() + 1, *attempts as usize);
+    // Attempts go on until the last second of the timeout (the last one
+    // needs time to be answered); the run never outlasts it.
+    assert!(*waited <= open_timeout, "{waited:?}");
+    assert!(
+        *waited >= open_timeout - Duration::from_secs(1),
+        "gave up early: {waited:?}"
+    );
+    assert_eq!(gave_up_after, *waited);
+    assert!(report.render_human().contains("no WELCOME after"));
+
+    // The script is still waiting for a next OPEN that never comes.
+    server.abort();
+    let Err(aborted) = server.await else {
+        panic!("the busy server cannot have finished");
+    };
+    assert!(aborted.is_cancelled(), "the busy server failed: {aborted}");
 }
 
 #[tokio::test]
@@ -744,7 +849,7 @@ async fn absurd_timeouts_do_not_panic() {
     let mut config = config(vec![port], 2);
     config.connect_timeout = Duration::MAX;
     config.handshake_timeout = Duration::MAX;
-    config.open_deadline = Duration::MAX;
+    config.open_timeout = Duration::MAX;
     config.backoff.max = Duration::MAX;
     let (report, _) = run_client(config).await;
     join(server).await;

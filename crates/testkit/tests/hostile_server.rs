@@ -119,8 +119,7 @@ fn config(port: u16, count: u16) -> ClientConfig {
         },
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(1),
-        open_attempts: 5,
-        open_deadline: Duration::from_secs(10),
+        open_timeout: Duration::from_secs(10),
         ..ClientConfig::default()
     }
 }

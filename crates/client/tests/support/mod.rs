@@ -147,8 +147,17 @@ pub(crate) fn config(ports: Vec<u16>, count: u16) -> ClientConfig {
 /// Runs the client to the end, failing the test if it does not finish
 /// within [`PATIENCE`].
 pub(crate) async fn run_client(config: ClientConfig) -> (Report, Vec<Event>) {
+    run_client_within(config, PATIENCE).await
+}
+
+/// [`run_client`] with another bound: paused-time tests run minutes of
+/// virtual time, and a hang still fails once the bound has passed.
+pub(crate) async fn run_client_within(
+    config: ClientConfig,
+    limit: Duration,
+) -> (Report, Vec<Event>) {
     let mut events: Vec<Event> = Vec::new();
-    let report = tokio::time::timeout(PATIENCE, numstream_client::run(config, &mut events))
+    let report = tokio::time::timeout(limit, numstream_client::run(config, &mut events))
         .await
         .expect("client hung");
     (report, events)
@@ -166,7 +175,12 @@ pub(crate) fn reconnect_events(events: &[Event]) -> Vec<(String, Duration)> {
 
 /// Waits for a spawned fake-server script and surfaces its panics.
 pub(crate) async fn join<T>(server: tokio::task::JoinHandle<T>) -> T {
-    tokio::time::timeout(PATIENCE, server)
+    join_within(server, PATIENCE).await
+}
+
+/// [`join`] with another bound (see [`run_client_within`]).
+pub(crate) async fn join_within<T>(server: tokio::task::JoinHandle<T>, limit: Duration) -> T {
+    tokio::time::timeout(limit, server)
         .await
         .expect("fake server hung")
         .expect("fake server script failed")

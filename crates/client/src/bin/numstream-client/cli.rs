@@ -1,4 +1,12 @@
 //! The command line: flags, their validation and their help text.
+//!
+//! Every value is checked here, so a bad one is a usage error (exit 2)
+//! naming what is accepted, never a panic or a failure deep in a run.
+//! Value-taking flags accept values starting with `-`, so that `--count
+//! -1` reaches the range check instead of being mistaken for a flag.
+
+use std::ops::RangeInclusive;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -16,7 +24,8 @@ Exit codes:
   1  checksum mismatch
   2  usage error
   3  session rejected or expired (any final error from the server)
-  4  cannot connect, or gave up reconnecting within the session TTL
+  4  no WELCOME within --open-timeout, or gave up reconnecting within the
+     session TTL
   5  protocol violation by the server";
 
 /// Fetch a stream of numbers from a numstream server, resuming across
@@ -34,30 +43,55 @@ pub(crate) struct Cli {
     ///
     /// Example: --port 7000 --port 7001
     #[arg(long = "port", value_name = "PORT", required = true,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = parse_port, allow_hyphen_values = true)]
     pub(crate) ports: Vec<u16>,
 
     /// Host name or IP address of the server(s)
     ///
+    /// A host name is 1 to 253 letters, digits, '-', '_' and '.'; an IPv6
+    /// address may be given with or without brackets.
+    ///
     /// Example: --host 10.0.0.5
-    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1",
+          value_parser = parse_host, allow_hyphen_values = true)]
     pub(crate) host: String,
 
     /// How many numbers to request, 1 to 65535 [default: random in
     /// 1..=65535]
     ///
     /// Example: --count 20
-    #[arg(long, value_name = "N", value_parser = parse_count)]
+    #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub(crate) count: Option<u16>,
 
     /// The client's identity, a UUID [default: a random v4 UUID]
     ///
     /// The server allows one live session per client id, so reusing an id
-    /// while its session lives is refused (session_exists).
+    /// while its session lives is refused (session_exists). The nil UUID
+    /// (all 0) and the max UUID (all f) are reserved by the protocol.
     ///
     /// Example: --client-id 5f0c5e1a-8d3c-4c2e-9b1a-2f3e4d5c6b7a
-    #[arg(long, value_name = "UUID", value_parser = parse_client_id)]
+    #[arg(long, value_name = "UUID", value_parser = parse_client_id,
+          allow_hyphen_values = true)]
     pub(crate) client_id: Option<uuid::Uuid>,
+
+    /// How long to keep trying to open the session, 1s to 24h
+    ///
+    /// Until a server welcomes the session, every refusal that says "retry"
+    /// (server_busy, store_unavailable, shutting_down while draining) and
+    /// every failed connection is retried, with jittered backoff capped at
+    /// 5 s, however many attempts that takes; the run gives up (exit 4)
+    /// within this time (no attempt starts in its last second, or last
+    /// tenth if shorter: it could not be answered in time). The default is
+    /// twice the server's default 30 s session TTL: a server at its
+    /// session cap may refuse new sessions until the sessions holding it
+    /// expire, which can take a whole TTL. Once the session is open, the
+    /// client instead gives up resuming when the TTL announced by the
+    /// server has passed since the connection dropped.
+    ///
+    /// Example: --open-timeout 5m
+    #[arg(long, value_name = "DURATION", default_value = "60s",
+          value_parser = parse_open_timeout, allow_hyphen_values = true)]
+    pub(crate) open_timeout: Duration,
 
     /// Print the report as one JSON object on stdout, and nothing else on
     /// stdout [default: aligned text]
@@ -92,19 +126,94 @@ pub(crate) struct Cli {
     pub(crate) verbose: bool,
 }
 
-fn parse_count(text: &str) -> Result<u16, String> {
-    let out_of_range = || format!("count must be between 1 and 65535 (got {text:?})");
+/// The open timeout's accepted range: under a second is less than one
+/// handshake takes on a loaded server, and past a day nobody is waiting
+/// for the answer any more.
+const OPEN_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
+/// `text` as an integer in `range`; any failure (not a number, negative,
+/// too large for any integer type) gets the same message naming the range.
+fn parse_in_range<T: TryFrom<u64>>(
+    text: &str,
+    what: &str,
+    range: RangeInclusive<u64>,
+) -> Result<T, String> {
+    let out_of_range = || {
+        format!(
+            "{what} must be between {} and {} (got {text:?})",
+            range.start(),
+            range.end()
+        )
+    };
     let value: u64 = text.trim().parse().map_err(|_| out_of_range())?;
-    match u16::try_from(value) {
-        Ok(count) if count >= numstream_protocol::MIN_COUNT => Ok(count),
-        _ => Err(out_of_range()),
+    if !range.contains(&value) {
+        return Err(out_of_range());
     }
+    T::try_from(value).map_err(|_| out_of_range())
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    parse_in_range(text, "port", 1..=u64::from(u16::MAX))
+}
+
+fn parse_count(text: &str) -> Result<u16, String> {
+    let range = numstream_protocol::MIN_COUNT.into()..=numstream_protocol::MAX_COUNT.into();
+    parse_in_range(text, "count", range)
+}
+
+/// An IP address (an IPv6 one with or without brackets) or a host name
+/// that could resolve: anything else cannot name a server, and would only
+/// fail later as a "cannot connect" retried until the open timeout.
+fn parse_host(text: &str) -> Result<String, String> {
+    let host = text.trim();
+    let unbracketed = host
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .filter(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok());
+    if let Some(v6) = unbracketed {
+        return Ok(v6.to_owned());
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_owned());
+    }
+    let name_chars = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let labels_fit = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .split('.')
+        .all(|label| (1..=63).contains(&label.len()) && !label.starts_with('-'));
+    if (1..=253).contains(&host.len()) && host.chars().all(name_chars) && labels_fit {
+        return Ok(host.to_owned());
+    }
+    Err(format!(
+        "host must be an IP address or a host name of 1 to 253 letters, digits, '-', '_' \
+         and '.' (labels of 1 to 63, not starting with '-') (got {text:?})"
+    ))
 }
 
 fn parse_client_id(text: &str) -> Result<uuid::Uuid, String> {
-    uuid::Uuid::parse_str(text.trim()).map_err(|error| {
+    let id = uuid::Uuid::parse_str(text.trim()).map_err(|error| {
         format!("client id must be a UUID such as 5f0c5e1a-8d3c-4c2e-9b1a-2f3e4d5c6b7a ({error})")
-    })
+    })?;
+    if id.is_nil() || id.is_max() {
+        return Err(format!(
+            "client id must not be the nil or max UUID (reserved by the protocol; got {text:?})"
+        ));
+    }
+    Ok(id)
+}
+
+/// Any failure (not a duration, negative, beyond what a `Duration` holds,
+/// out of [`OPEN_TIMEOUT_RANGE`]) gets the one message naming the range.
+fn parse_open_timeout(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(timeout) if OPEN_TIMEOUT_RANGE.contains(&timeout) => Ok(timeout),
+        _ => Err(format!(
+            "open timeout must be a duration between 1s and 24h, such as 90s or 5m \
+             (got {text:?})"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -131,7 +240,52 @@ mod tests {
     }
 
     #[test]
-    fn client_id_must_be_a_uuid() {
+    fn port_accepts_exactly_1_to_65535() {
+        assert_eq!(parse_port("1"), Ok(1));
+        assert_eq!(parse_port(" 65535 "), Ok(65535));
+        for bad in ["0", "65536", "-1", "18446744073709551615", "1e3", "", "x"] {
+            let error = parse_port(bad).expect_err(bad);
+            assert!(
+                error.contains("port must be between 1 and 65535"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_accepts_addresses_and_names_only() {
+        for (good, parsed) in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+            ("[::1]", "::1"),
+            ("localhost", "localhost"),
+            ("db-1.internal.example.com.", "db-1.internal.example.com."),
+            ("my_service", "my_service"),
+        ] {
+            assert_eq!(parse_host(good).as_deref(), Ok(parsed), "{good}");
+        }
+        let long_label = "a".repeat(64);
+        let long_name = ["abc"; 64].join(".");
+        for bad in [
+            "",
+            " ",
+            "a b",
+            "10.0.0.5:7000",
+            "[10.0.0.5]",
+            "host/path",
+            "-leading",
+            "a..b",
+            long_label.as_str(),
+            long_name.as_str(),
+            "\u{0}",
+        ] {
+            let error = parse_host(bad).expect_err(bad);
+            assert!(error.contains("1 to 253"), "{error}");
+        }
+    }
+
+    #[test]
+    fn client_id_must_be_a_usable_uuid() {
         let id = "5f0c5e1a-8d3c-4c2e-9b1a-2f3e4d5c6b7a";
         assert_eq!(
             parse_client_id(id).map(|u| u.to_string()),
@@ -139,6 +293,38 @@ mod tests {
         );
         let error = parse_client_id("nope").expect_err("not a uuid");
         assert!(error.contains("must be a UUID"), "{error}");
+        for reserved in [
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        ] {
+            let error = parse_client_id(reserved).expect_err(reserved);
+            assert!(error.contains("nil or max UUID"), "{error}");
+        }
+    }
+
+    #[test]
+    fn open_timeout_accepts_exactly_its_range() {
+        let (min, max) = (*OPEN_TIMEOUT_RANGE.start(), *OPEN_TIMEOUT_RANGE.end());
+        // The message and help spell the range out; they must match it.
+        assert_eq!(parse_open_timeout("1s"), Ok(min));
+        assert_eq!(parse_open_timeout("24h"), Ok(max));
+        assert_eq!(parse_open_timeout("90s"), Ok(Duration::from_secs(90)));
+        for bad in [
+            "0s",
+            "999ms",
+            "24h 1ms",
+            "1000000000000000s",
+            "99999999999999999999999999s",
+            "-5s",
+            "5",
+            "",
+            "soon",
+        ] {
+            let error = parse_open_timeout(bad).expect_err(bad);
+            assert!(error.contains("between 1s and 24h"), "{error}");
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("1s to 24h"), "{help}");
     }
 
     #[test]
@@ -149,6 +335,11 @@ mod tests {
         assert_eq!(cli.host, "127.0.0.1");
         assert_eq!(cli.count, None);
         assert_eq!(cli.client_id, None);
+        assert_eq!(
+            cli.open_timeout,
+            numstream_client::ClientConfig::default().open_timeout,
+            "the flag's default is the library's"
+        );
         assert!(!cli.json && !cli.quiet && !cli.verbose);
         assert!(
             Cli::try_parse_from(["numstream-client"]).is_err(),
@@ -165,6 +356,7 @@ mod tests {
             ("--host", "Example: --host"),
             ("--count", "Example: --count 20"),
             ("--client-id", "Example: --client-id"),
+            ("--open-timeout", "Example: --open-timeout 5m"),
             ("--json", "Example: --json"),
             ("--quiet", "Example: --quiet"),
             ("--verbose", "Example: --verbose"),
@@ -174,6 +366,7 @@ mod tests {
         }
         assert!(help.contains("[default: 127.0.0.1]"));
         assert!(help.contains("[default: random"));
+        assert!(help.contains("[default: 60s]"));
         assert!(help.contains("Exit codes:"));
     }
 }

@@ -12,7 +12,7 @@
 //! | 1 | checksum mismatch |
 //! | 2 | usage error (bad flag or value) |
 //! | 3 | session rejected or expired: any final error from the server |
-//! | 4 | cannot connect, or gave up reconnecting within the session TTL (also: the async runtime could not start) |
+//! | 4 | no WELCOME within `--open-timeout`, or gave up reconnecting within the session TTL (also: the async runtime could not start) |
 //! | 5 | protocol violation by the server |
 
 mod cli;
@@ -30,8 +30,14 @@ use crate::cli::Cli;
 use crate::progress::{LogWriter, ProgressObserver};
 
 fn main() -> ExitCode {
-    // Exits with 2 and clap's message on a usage error.
-    let matches = numstream_cli_support::with_generate(Cli::command()).get_matches();
+    // Exits with 2 and clap's message on a usage error. `--generate -1`
+    // must meet the list of accepted values, like every other flag's bad
+    // value (see cli.rs), not "unexpected argument".
+    let matches = numstream_cli_support::with_generate(Cli::command())
+        .mut_arg(numstream_cli_support::GENERATE, |arg| {
+            arg.allow_hyphen_values(true)
+        })
+        .get_matches();
     numstream_cli_support::generate_if_asked(&matches, Cli::command());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     match real_main(cli) {
@@ -52,6 +58,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         ports: cli.ports,
         count,
         client_id: cli.client_id.unwrap_or_else(uuid::Uuid::new_v4),
+        open_timeout: cli.open_timeout,
         ..ClientConfig::default()
     };
 
