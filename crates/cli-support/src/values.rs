@@ -12,54 +12,47 @@ use std::time::Duration;
 /// ```
 /// let parse = numstream_cli_support::values::integer_in(1u32, 10);
 /// assert_eq!(parse("7"), Ok(7));
-/// assert_eq!(parse("11"), Err("11 is not between 1 and 10".to_owned()));
-/// assert_eq!(
-///     parse("99999999999999999999999999999999999999999"),
-///     Err("expected a whole number between 1 and 10".to_owned())
-/// );
+/// assert_eq!(parse("11"), Err(r#"must be between 1 and 10 (got "11")"#.to_owned()));
+/// assert!(parse("99999999999999999999999999999999999999999").is_err());
 /// ```
 pub fn integer_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
 where
     T: TryFrom<i128> + Into<i128> + Copy + Display + Send + Sync,
 {
     move |text: &str| {
-        let value: i128 = text
-            .trim()
-            .parse()
-            .map_err(|_| format!("expected a whole number between {min} and {max}"))?;
+        let out_of_range = || format!("must be between {min} and {max} (got {text:?})");
+        let value: i128 = text.trim().parse().map_err(|_| out_of_range())?;
         if value < min.into() || value > max.into() {
-            return Err(format!("{value} is not between {min} and {max}"));
+            return Err(out_of_range());
         }
-        T::try_from(value).map_err(|_| format!("{value} is not between {min} and {max}"))
+        T::try_from(value).map_err(|_| out_of_range())
     }
 }
 
 /// Parses a duration with a unit (`5s`, `500ms`, `2m`) in `min..=max`;
-/// `range` is how the error names the range (e.g. "0s to 1h").
+/// `range` is how the error names the range (e.g. "1ms and 1h"). Every
+/// failure (not a duration, negative, beyond what a `Duration` holds, out
+/// of range) gets the one message.
 ///
 /// ```
 /// use std::time::Duration;
 /// let parse = numstream_cli_support::values::duration_in(
-///     Duration::from_millis(1), Duration::from_secs(3600), "1ms to 1h");
+///     Duration::from_millis(1), Duration::from_secs(3600), "1ms and 1h");
 /// assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
-/// assert!(parse("2h").unwrap_err().contains("1ms to 1h"));
-/// assert!(parse("0s").unwrap_err().contains("1ms to 1h"));
-/// assert!(parse("999999999999999999999s").unwrap_err().contains("1ms to 1h"));
-/// assert!(parse("soon").unwrap_err().contains("examples"));
+/// for bad in ["2h", "0s", "999999999999999999999s", "soon", "-1s"] {
+///     assert!(parse(bad).unwrap_err().contains("between 1ms and 1h"));
+/// }
 /// ```
 pub fn duration_in(
     min: Duration,
     max: Duration,
     range: &'static str,
 ) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
-    move |text: &str| {
-        let duration = humantime::parse_duration(text.trim()).map_err(|error| {
-            format!("{error} (a duration from {range}; examples: 5s, 500ms, 2m)")
-        })?;
-        if duration < min || duration > max {
-            return Err(format!("must be from {range}"));
-        }
-        Ok(duration)
+    move |text: &str| match humantime::parse_duration(text.trim()) {
+        Ok(duration) if (min..=max).contains(&duration) => Ok(duration),
+        _ => Err(format!(
+            "must be a duration between {range}, such as 5s, 500ms or 2m (got {text:?})"
+        )),
     }
 }
 
@@ -80,7 +73,10 @@ mod tests {
             "0x10",
         ] {
             let error = parse(text).expect_err(text);
-            assert!(error.contains("between 0 and 65535"), "{text}: {error}");
+            assert!(
+                error.contains("must be between 0 and 65535"),
+                "{text}: {error}"
+            );
         }
         assert_eq!(parse(" 42 "), Ok(42));
         let parse = integer_in(i64::MIN as i128 as i64, i64::MAX);
@@ -92,7 +88,7 @@ mod tests {
 
     #[test]
     fn durations_outside_the_range_name_it() {
-        let parse = duration_in(Duration::ZERO, Duration::from_secs(3600), "0s to 1h");
+        let parse = duration_in(Duration::ZERO, Duration::from_secs(3600), "0s and 1h");
         assert_eq!(parse("0s"), Ok(Duration::ZERO));
         assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
         for text in [
@@ -104,7 +100,7 @@ mod tests {
             "3 fortnights",
         ] {
             let error = parse(text).expect_err(text);
-            assert!(error.contains("0s to 1h"), "{text}: {error}");
+            assert!(error.contains("between 0s and 1h"), "{text}: {error}");
         }
     }
 }

@@ -68,7 +68,7 @@ struct Args {
     /// 0s streams as fast as the connection drains.
     ///
     /// Example: --interval 50ms
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "1s", value_parser = duration_in(Duration::ZERO, HOUR, "0s to 1h"))]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "1s", value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     interval: Duration,
 
     /// How long a disconnected session waits for a resume, 100ms to 49 days
@@ -78,7 +78,7 @@ struct Args {
     /// session: a server that dies without detaching lets it lapse.
     ///
     /// Example: --session-ttl 2m
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "30s", value_parser = duration_in(MIN_TTL, MAX_TTL, "100ms to 49 days"))]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "30s", value_parser = duration_in(MIN_TTL, MAX_TTL, "100ms and 49 days"))]
     session_ttl: Duration,
 
     /// Master seed for reproducible runs [default: none, every session is
@@ -167,7 +167,7 @@ struct Args {
     /// At most 1h.
     ///
     /// Example: --handshake-timeout 2s
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(MILLISECOND, HOUR, "1ms to 1h"))]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(MILLISECOND, HOUR, "1ms and 1h"))]
     handshake_timeout: Duration,
 
     /// Time the client has to acknowledge FINAL
@@ -179,7 +179,7 @@ struct Args {
     /// FINAL's trip over a slow link, hence the generous default.
     ///
     /// Example: --ack-timeout 30s
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "2m", value_parser = duration_in(MILLISECOND, DAY, "1ms to 24h"))]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "2m", value_parser = duration_in(MILLISECOND, DAY, "1ms and 24h"))]
     ack_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to drain
@@ -187,7 +187,7 @@ struct Args {
     /// 0s to 1h.
     ///
     /// Example: --shutdown-grace 10s
-    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(Duration::ZERO, HOUR, "0s to 1h"))]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     shutdown_grace: Duration,
 
     /// Where sessions live: memory, or redis://[USER:PASSWORD@]HOST:PORT/DB

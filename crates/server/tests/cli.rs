@@ -123,12 +123,12 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         (&["--port", "0"], "--port"),
         (
             &["--port", "7000", "--interval", "soon"],
-            "examples: 5s, 500ms, 2m",
+            "such as 5s, 500ms or 2m",
         ),
-        (&["--port", "7000", "--interval", "2h"], "from 0s to 1h"),
+        (&["--port", "7000", "--interval", "2h"], "between 0s and 1h"),
         (
             &["--port", "7000", "--session-ttl", "0s"],
-            "from 100ms to 49 days",
+            "between 100ms and 49 days",
         ),
         (
             &["--port", "7000", "--store", "postgres://db"],
@@ -167,12 +167,12 @@ const OUT_OF_RANGE: &[(&str, &[&str], &str)] = &[
     (
         "--interval",
         &["2h", "-1s", "99999999999999999999999s", "5"],
-        "0s to 1h",
+        "between 0s and 1h",
     ),
     (
         "--session-ttl",
         &["0s", "99ms", "50days", "99999999999999999999999s"],
-        "100ms to 49 days",
+        "between 100ms and 49 days",
     ),
     (
         "--seed",
@@ -217,17 +217,17 @@ const OUT_OF_RANGE: &[(&str, &[&str], &str)] = &[
     (
         "--handshake-timeout",
         &["0s", "2h", "99999999999999999999999s"],
-        "1ms to 1h",
+        "between 1ms and 1h",
     ),
     (
         "--ack-timeout",
         &["0s", "25h", "99999999999999999999999s"],
-        "1ms to 24h",
+        "between 1ms and 24h",
     ),
     (
         "--shutdown-grace",
         &["2h", "-1s", "99999999999999999999999s"],
-        "0s to 1h",
+        "between 0s and 1h",
     ),
     (
         "--listen-backlog",

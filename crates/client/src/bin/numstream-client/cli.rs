@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use clap::Parser;
+use numstream_cli_support::values::{duration_in, integer_in};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -132,34 +133,12 @@ pub(crate) struct Cli {
 const OPEN_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
 
-/// `text` as an integer in `range`; any failure (not a number, negative,
-/// too large for any integer type) gets the same message naming the range.
-fn parse_in_range<T: TryFrom<u64>>(
-    text: &str,
-    what: &str,
-    range: RangeInclusive<u64>,
-) -> Result<T, String> {
-    let out_of_range = || {
-        format!(
-            "{what} must be between {} and {} (got {text:?})",
-            range.start(),
-            range.end()
-        )
-    };
-    let value: u64 = text.trim().parse().map_err(|_| out_of_range())?;
-    if !range.contains(&value) {
-        return Err(out_of_range());
-    }
-    T::try_from(value).map_err(|_| out_of_range())
-}
-
 fn parse_port(text: &str) -> Result<u16, String> {
-    parse_in_range(text, "port", 1..=u64::from(u16::MAX))
+    integer_in(1, u16::MAX)(text)
 }
 
 fn parse_count(text: &str) -> Result<u16, String> {
-    let range = numstream_protocol::MIN_COUNT.into()..=numstream_protocol::MAX_COUNT.into();
-    parse_in_range(text, "count", range)
+    integer_in(numstream_protocol::MIN_COUNT, numstream_protocol::MAX_COUNT)(text)
 }
 
 /// An IP address (an IPv6 one with or without brackets) or a host name
@@ -204,16 +183,12 @@ fn parse_client_id(text: &str) -> Result<uuid::Uuid, String> {
     Ok(id)
 }
 
-/// Any failure (not a duration, negative, beyond what a `Duration` holds,
-/// out of [`OPEN_TIMEOUT_RANGE`]) gets the one message naming the range.
 fn parse_open_timeout(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text.trim()) {
-        Ok(timeout) if OPEN_TIMEOUT_RANGE.contains(&timeout) => Ok(timeout),
-        _ => Err(format!(
-            "open timeout must be a duration between 1s and 24h, such as 90s or 5m \
-             (got {text:?})"
-        )),
-    }
+    duration_in(
+        *OPEN_TIMEOUT_RANGE.start(),
+        *OPEN_TIMEOUT_RANGE.end(),
+        "1s and 24h",
+    )(text)
 }
 
 #[cfg(test)]
@@ -232,10 +207,7 @@ mod tests {
         assert_eq!(parse_count("65535"), Ok(65535));
         for bad in ["0", "65536", "70000", "-1", "abc", "", "1.5"] {
             let error = parse_count(bad).expect_err(bad);
-            assert!(
-                error.contains("count must be between 1 and 65535"),
-                "{error}"
-            );
+            assert!(error.contains("must be between 1 and 65535"), "{error}");
         }
     }
 
@@ -245,10 +217,7 @@ mod tests {
         assert_eq!(parse_port(" 65535 "), Ok(65535));
         for bad in ["0", "65536", "-1", "18446744073709551615", "1e3", "", "x"] {
             let error = parse_port(bad).expect_err(bad);
-            assert!(
-                error.contains("port must be between 1 and 65535"),
-                "{error}"
-            );
+            assert!(error.contains("must be between 1 and 65535"), "{error}");
         }
     }
 
