@@ -49,9 +49,12 @@ pub(crate) struct Shared {
     pub(crate) peers: Arc<Peers>,
     /// Tallies of failed handshakes and refusals, logged periodically.
     pub(crate) digest: Arc<LogDigest>,
-    /// Options each connection must set on its socket; `None` when accepted
-    /// sockets inherit them from the listener, where they were set once.
-    pub(crate) socket_options: Option<crate::socket::SocketOptions>,
+    /// Options every connection's socket needs.
+    pub(crate) socket_options: crate::socket::SocketOptions,
+    /// Whether accepted sockets inherit them from the listener, where they
+    /// were set once (then only connections the kernel had queued before
+    /// that need them set).
+    pub(crate) socket_options_inherited: bool,
 }
 
 /// Numbers encoded per write in burst mode (interval 0): large enough to
@@ -164,8 +167,11 @@ pub(crate) fn serve(
         admission,
     };
     async move {
-        // Unless it came from a listener that already set them up.
-        if let Some(options) = connection.shared.socket_options {
+        let options = connection.shared.socket_options;
+        let socket = socket2::SockRef::from(connection.writer.half.as_ref());
+        let inherited = connection.shared.socket_options_inherited
+            && crate::socket::has_inherited(socket, options);
+        if !inherited {
             let socket = socket2::SockRef::from(connection.writer.half.as_ref());
             if let Err(error) = crate::socket::configure(socket, options) {
                 debug!(%peer, %error, "could not set socket options");
@@ -1003,7 +1009,11 @@ mod tests {
             registry: Registry::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
             telemetry: Telemetry::disabled(),
-            socket_options: None,
+            socket_options: crate::socket::SocketOptions {
+                dead_peer_timeout: Duration::from_secs(10),
+                send_buffer: None,
+            },
+            socket_options_inherited: false,
             peers: Arc::new(Peers::new(crate::peers::PeerLimits::UNLIMITED)),
             digest: Arc::new(LogDigest::new()),
         });

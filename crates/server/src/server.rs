@@ -102,7 +102,8 @@ pub async fn run_with_telemetry(
     digest.spawn_reporter(config.log_digest_every);
     telemetry.set_connection_limit(config.max_connections);
     let shared = Arc::new(Shared {
-        socket_options: (!inherited).then_some(socket_options),
+        socket_options,
+        socket_options_inherited: inherited,
         config,
         store,
         registry: Registry::new(shutdown.clone()),

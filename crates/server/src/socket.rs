@@ -98,6 +98,22 @@ pub(crate) fn configure(socket: SockRef<'_>, options: SocketOptions) -> io::Resu
     Ok(())
 }
 
+/// Whether an accepted socket carries `options` already, copied from its
+/// listener: one `getsockopt` instead of the six calls that set them.
+/// Connections the kernel completed before the listener was configured
+/// (a caller's listener, connected to at once) were copied without them.
+pub(crate) fn has_inherited(socket: SockRef<'_>, options: SocketOptions) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    {
+        socket.tcp_user_timeout().ok().flatten() == Some(options.dead_peer_timeout)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
+    {
+        let _ = (socket, options);
+        false
+    }
+}
+
 /// Whether a socket accepted by a listener starts with the listener's
 /// `TCP_NODELAY`, keepalive and `TCP_USER_TIMEOUT` settings. Linux copies
 /// them (the accepted socket is cloned from the listening one), which
@@ -128,8 +144,8 @@ mod tests {
         let address = listener.local_addr().expect("address");
         let (_client, accepted) =
             tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
-        let (accepted, _) = accepted.expect("accept");
-        let accepted = SockRef::from(&accepted);
+        let (accepted_stream, _) = accepted.expect("accept");
+        let accepted = SockRef::from(&accepted_stream);
         assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
         assert!(accepted.keepalive().expect("SO_KEEPALIVE"));
         assert_eq!(
@@ -140,10 +156,34 @@ mod tests {
             accepted.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
             Some(dead_peer_timeout)
         );
+        assert!(has_inherited(SockRef::from(&accepted_stream), options));
         // Linux doubles what was asked, for its own bookkeeping.
         assert_eq!(
             accepted.send_buffer_size().expect("SO_SNDBUF"),
             2 * 64 * 1024
         );
+    }
+
+    /// A connection the kernel completed before the listener was configured
+    /// carries the old options, and the server must notice.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn connections_queued_before_configuring_did_not_inherit() {
+        let listener = listen(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ListenOptions::default(),
+        )
+        .expect("listen");
+        let address = listener.local_addr().expect("address");
+        let _early = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let options = SocketOptions {
+            dead_peer_timeout: Duration::from_secs(12),
+            send_buffer: None,
+        };
+        configure(SockRef::from(&listener), options).expect("configure");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(!has_inherited(SockRef::from(&accepted), options));
     }
 }

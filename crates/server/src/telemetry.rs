@@ -794,6 +794,17 @@ mod tests {
         assert_eq!(departures.map.len(), 1);
     }
 
+    /// Counters are indexed by `index()`: it must be the position in `ALL`.
+    #[test]
+    fn label_indices_follow_the_all_arrays() {
+        for (position, reason) in HandshakeFailure::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), position, "{}", reason.as_str());
+        }
+        for (position, reason) in AdmissionRefusal::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), position, "{}", reason.as_str());
+        }
+    }
+
     #[test]
     fn disabled_telemetry_keeps_no_state() {
         let telemetry = Telemetry::disabled();
