@@ -122,6 +122,14 @@ async fn assert_client_run_completes(source: IpAddr, server: SocketAddr) {
     assert_eq!(report.exit_code(), 0, "{}", report.render_human());
 }
 
+/// Whether the server still holds an attacker's silent connection: reading
+/// would block (nothing sent, nothing closed), where a closed one reads 0
+/// bytes or an error.
+fn still_held(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// What an attacking task saw of the server.
 #[derive(Debug, Default)]
 struct Seen {
@@ -325,11 +333,7 @@ async fn a_handshake_slowloris_leaves_other_addresses_served() {
             }
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                silent.retain(|stream| {
-                    let mut probe = [0u8; 1];
-                    // Closed (read 0 or an error): gone; WouldBlock: held.
-                    matches!(stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                });
+                silent.retain(still_held);
                 while silent.len() < 1000 {
                     match connect_from(ATTACKER, addr).await {
                         Ok(stream) => silent.push(stream),
@@ -359,10 +363,7 @@ async fn idle_status_connections_from_one_address_do_not_starve_probes() {
         tokio::spawn(async move {
             let mut held = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                held.retain(|stream: &TcpStream| {
-                    let mut probe = [0u8; 1];
-                    matches!(stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                });
+                held.retain(still_held);
                 while held.len() < 200 {
                     match connect_from(ATTACKER, status).await {
                         Ok(stream) => held.push(stream),
