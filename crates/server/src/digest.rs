@@ -131,8 +131,10 @@ impl LogDigest {
     /// the last `Arc` is dropped.
     pub(crate) fn spawn_reporter(self: &Arc<Self>, every: Duration) {
         let digest: Weak<Self> = Arc::downgrade(self);
+        // The first period starts now, not whenever the task first runs.
+        let first = tokio::time::Instant::now() + every;
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut ticks = tokio::time::interval_at(first, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
@@ -177,6 +179,67 @@ mod tests {
              new_session_rate_per_address=3; most from: 198.51.100.1 (8) 198.51.100.2 (1)"
         );
         assert_eq!(digest.take(), None, "taken means reset");
+    }
+
+    /// Collects what a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let text = String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned();
+            text.lines().map(str::to_owned).collect()
+        }
+    }
+
+    async fn let_tasks_run() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reporter_logs_once_a_period_and_not_when_quiet() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let digest = Arc::new(LogDigest::new());
+        let every = Duration::from_secs(60);
+        digest.spawn_reporter(every);
+        for _ in 0..3 {
+            digest.handshake_failed(HandshakeFailure::Malformed, peer(7));
+        }
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let_tasks_run().await;
+        assert!(captured.lines().is_empty(), "{:?}", captured.lines());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let_tasks_run().await;
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(" INFO "), "{}", lines[0]);
+        assert!(
+            lines[0].contains("handshake failures: malformed=3; most from: 198.51.100.7 (3)"),
+            "{}",
+            lines[0]
+        );
+        // A quiet period says nothing.
+        tokio::time::advance(every).await;
+        let_tasks_run().await;
+        assert_eq!(captured.lines().len(), 1);
     }
 
     #[test]
