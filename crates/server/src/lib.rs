@@ -43,6 +43,7 @@ mod connection;
 mod digest;
 mod instrumented;
 mod lease;
+mod overload;
 mod peers;
 mod registry;
 mod renewals;

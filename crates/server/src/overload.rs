@@ -1,0 +1,287 @@
+//! Admission control before overload turns into failure: the server
+//! watches how late its own runtime runs tasks (scheduling lag) and how
+//! long the session store takes to answer, and while either is past its
+//! threshold it turns new sessions away (`server_busy`, retry) early and
+//! cheaply, before they cost a store write, so that the sessions it has
+//! already admitted, and their resumes, keep what capacity there is.
+//!
+//! A server short of CPU that keeps admitting does not slow down evenly:
+//! every admitted stream makes every other one later, store replies are
+//! read after their timeouts, streams are shed, and each shed stream comes
+//! back as a resume that costs more work still. Refusing new work while
+//! the signs are there keeps the load at what the machine can carry.
+//!
+//! Both signals are smoothed (an exponentially weighted moving average of
+//! samples every [`PROBE_EVERY`]), and the state has hysteresis: it turns
+//! on when a signal passes its threshold and off only once both are below
+//! half of theirs, so admission does not flap with every sample.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How often the scheduling-lag probe runs.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
+/// Weight of a new sample in the moving averages: about the last ten
+/// samples (a second of probes) count.
+const SMOOTHING: f64 = 0.2;
+
+/// When to refuse new sessions; `None` turns a signal off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverloadLimits {
+    /// Smoothed lateness of the runtime's timers past which new sessions
+    /// are refused.
+    pub scheduling_lag: Option<Duration>,
+    /// Smoothed store round trip past which new sessions are refused.
+    pub store_latency: Option<Duration>,
+}
+
+impl Default for OverloadLimits {
+    /// 500 ms of either: far above a healthy server (microseconds of lag,
+    /// a millisecond to Redis), well below where streams start to fail
+    /// (lateness in seconds, store operations at their 2 s timeout).
+    fn default() -> Self {
+        Self {
+            scheduling_lag: Some(Duration::from_millis(500)),
+            store_latency: Some(Duration::from_millis(500)),
+        }
+    }
+}
+
+impl OverloadLimits {
+    pub const OFF: OverloadLimits = OverloadLimits {
+        scheduling_lag: None,
+        store_latency: None,
+    };
+}
+
+/// Why the server refuses new sessions right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overloaded {
+    pub scheduling_lag: Duration,
+    pub store_latency: Duration,
+}
+
+impl std::fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "overloaded (scheduling lag {} ms, store latency {} ms)",
+            self.scheduling_lag.as_millis(),
+            self.store_latency.as_millis()
+        )
+    }
+}
+
+/// The two signals and the admission state, shared by the probe, the
+/// store wrapper that times operations, the connections and `/readyz`.
+#[derive(Debug)]
+pub struct Overload {
+    limits: OverloadLimits,
+    /// Smoothed values, in nanoseconds (atomics of f64 bits would do, but
+    /// whole nanoseconds are plenty).
+    lag_ns: AtomicU64,
+    store_ns: AtomicU64,
+    overloaded: AtomicBool,
+}
+
+fn to_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn smooth(average: &AtomicU64, sample: Duration) {
+    let sample = to_ns(sample) as f64;
+    // Lost updates between racing writers only drop a sample.
+    let old = average.load(Ordering::Relaxed) as f64;
+    let new = old + SMOOTHING * (sample - old);
+    average.store(new as u64, Ordering::Relaxed);
+}
+
+impl Overload {
+    pub fn new(limits: OverloadLimits) -> Self {
+        Self {
+            limits,
+            lag_ns: AtomicU64::new(0),
+            store_ns: AtomicU64::new(0),
+            overloaded: AtomicBool::new(false),
+        }
+    }
+
+    pub fn limits(&self) -> OverloadLimits {
+        self.limits
+    }
+
+    pub fn scheduling_lag(&self) -> Duration {
+        Duration::from_nanos(self.lag_ns.load(Ordering::Relaxed))
+    }
+
+    pub fn store_latency(&self) -> Duration {
+        Duration::from_nanos(self.store_ns.load(Ordering::Relaxed))
+    }
+
+    /// One lateness sample of the runtime.
+    pub(crate) fn record_lag(&self, lag: Duration) {
+        smooth(&self.lag_ns, lag);
+        self.update();
+    }
+
+    /// One store round trip, as the store saw it (not as a starved caller
+    /// did: see `isolated`).
+    pub fn record_store_latency(&self, took: Duration) {
+        smooth(&self.store_ns, took);
+        self.update();
+    }
+
+    fn update(&self) {
+        let lag = self.scheduling_lag();
+        let store = self.store_latency();
+        let over = |value: Duration, limit: Option<Duration>, scale: u32| {
+            limit.is_some_and(|limit| value > limit / scale)
+        };
+        let was = self.overloaded.load(Ordering::Relaxed);
+        let now = if was {
+            // Stay on until both are below half their thresholds.
+            over(lag, self.limits.scheduling_lag, 2) || over(store, self.limits.store_latency, 2)
+        } else {
+            over(lag, self.limits.scheduling_lag, 1) || over(store, self.limits.store_latency, 1)
+        };
+        if now != was {
+            self.overloaded.store(now, Ordering::Relaxed);
+            if now {
+                tracing::warn!(
+                    scheduling_lag_ms = lag.as_millis() as u64,
+                    store_latency_ms = store.as_millis() as u64,
+                    "overloaded: refusing new sessions until it passes (resumes are still served)"
+                );
+            } else {
+                tracing::info!(
+                    scheduling_lag_ms = lag.as_millis() as u64,
+                    store_latency_ms = store.as_millis() as u64,
+                    "no longer overloaded: admitting new sessions again"
+                );
+            }
+        }
+    }
+
+    /// `Some` while new sessions are refused.
+    pub fn overloaded(&self) -> Option<Overloaded> {
+        self.overloaded
+            .load(Ordering::Relaxed)
+            .then(|| Overloaded {
+                scheduling_lag: self.scheduling_lag(),
+                store_latency: self.store_latency(),
+            })
+    }
+
+    /// Measures the runtime's scheduling lag every [`PROBE_EVERY`] until the
+    /// last `Arc` is dropped: how much later than asked a timer's task got
+    /// to run, which is how late every other task runs too. Only spawned
+    /// when the lag signal is on.
+    pub(crate) fn spawn_lag_probe(self: &Arc<Self>) {
+        if self.limits.scheduling_lag.is_none() {
+            return;
+        }
+        let overload: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let asked = Instant::now() + PROBE_EVERY;
+                tokio::time::sleep_until(asked).await;
+                let lag = Instant::now().saturating_duration_since(asked);
+                let Some(overload) = overload.upgrade() else { return };
+                overload.record_lag(lag);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn turns_on_past_a_threshold_and_off_below_half_of_it() {
+        let overload = Overload::new(OverloadLimits {
+            scheduling_lag: Some(ms(500)),
+            store_latency: Some(ms(500)),
+        });
+        for _ in 0..50 {
+            overload.record_lag(ms(10));
+        }
+        assert_eq!(overload.overloaded(), None);
+        for _ in 0..50 {
+            overload.record_lag(ms(800));
+        }
+        let why = overload.overloaded().expect("overloaded");
+        assert!(why.scheduling_lag > ms(500), "{why}");
+        // Between half and the threshold: still on (hysteresis).
+        for _ in 0..50 {
+            overload.record_lag(ms(400));
+        }
+        assert!(overload.overloaded().is_some());
+        for _ in 0..50 {
+            overload.record_lag(ms(100));
+        }
+        assert_eq!(overload.overloaded(), None);
+        // The store signal alone does it too.
+        for _ in 0..50 {
+            overload.record_store_latency(ms(900));
+        }
+        assert!(overload.overloaded().is_some());
+    }
+
+    #[test]
+    fn one_late_sample_is_not_overload() {
+        let overload = Overload::new(OverloadLimits::default());
+        overload.record_lag(ms(2_000));
+        assert_eq!(overload.overloaded(), None, "lag {:?}", overload.scheduling_lag());
+    }
+
+    #[test]
+    fn off_never_refuses() {
+        let overload = Overload::new(OverloadLimits::OFF);
+        for _ in 0..50 {
+            overload.record_lag(ms(10_000));
+            overload.record_store_latency(ms(10_000));
+        }
+        assert_eq!(overload.overloaded(), None);
+    }
+
+    /// A runtime whose only thread is kept busy runs timers late: the
+    /// probe sees it and the server turns new sessions away.
+    #[test]
+    fn a_starved_runtime_is_detected() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let overload = Arc::new(Overload::new(OverloadLimits {
+                scheduling_lag: Some(ms(100)),
+                store_latency: None,
+            }));
+            overload.spawn_lag_probe();
+            // Hog the thread: each turn blocks it for 300 ms before yielding.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while overload.overloaded().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a runtime blocked 300 ms at a time was never seen overloaded (lag {:?})",
+                    overload.scheduling_lag()
+                );
+                std::thread::sleep(ms(300));
+                tokio::task::yield_now().await;
+            }
+            // Let it breathe: the lag falls and admission resumes.
+            while overload.overloaded().is_some() {
+                assert!(std::time::Instant::now() < deadline, "never recovered");
+                tokio::time::sleep(ms(50)).await;
+            }
+        });
+    }
+}
