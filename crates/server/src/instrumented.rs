@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use numstream_protocol::{ClientId, ResumeToken};
 use numstream_store::{
-    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+    Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
 use crate::telemetry::{StoreOp, Telemetry};
@@ -131,6 +131,11 @@ impl SessionStore for InstrumentedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed(StoreOp::Ping, self.inner.ping()).await
+    }
+
+    /// Not timed: a scrape or probe reads it, no session waits for it.
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        self.inner.occupancy().await
     }
 
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {

@@ -385,6 +385,35 @@ async fn an_orphaned_session_disappears_about_one_ttl_after_its_owner_is_killed(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_bounds_the_deployment_across_instances() {
+    let redis = RedisServer::start();
+    let mut args = process_args(&redis, "1s", "30s");
+    args.extend(["--max-sessions", "3"].map(str::to_owned));
+    let servers = start_processes(2, &args);
+    let [a, b] = [&servers[0], &servers[1]].map(|s| SocketAddr::from(([127, 0, 0, 1], s.port())));
+    // Held open: each connection keeps its session attached.
+    let mut held = Vec::new();
+    for addr in [a, a, b] {
+        held.push(open(addr, ClientId::new_v4(), 100).await);
+    }
+    for addr in [a, b] {
+        let mut client = RawClient::connect(addr).await;
+        client
+            .send(Frame::Open(Open {
+                client_id: ClientId::new_v4(),
+                count: 5,
+            }))
+            .await;
+        let message = client.expect_error(ErrorCode::ServerBusy).await;
+        assert!(message.contains("full (3 sessions)"), "{message}");
+    }
+    assert!(
+        !servers[0].log().contains("does not apply"),
+        "--max-sessions applies to Redis now"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_started_while_redis_is_down_serves_once_redis_is_up() {
     let mut redis = RedisServer::start();
     redis.stop();
