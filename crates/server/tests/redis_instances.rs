@@ -200,8 +200,9 @@ async fn open(addr: SocketAddr, client_id: ClientId, count: u16) -> (RawClient, 
     }
 }
 
-/// An OPEN on `addr` must get the retryable `store_unavailable`.
-async fn open_refused_as_store_unavailable(addr: SocketAddr) {
+/// A connection to `addr` that has sent an OPEN of a few numbers for a
+/// fresh client id.
+async fn send_open(addr: SocketAddr) -> RawClient {
     let mut client = RawClient::connect(addr).await;
     client
         .send(Frame::Open(Open {
@@ -209,6 +210,12 @@ async fn open_refused_as_store_unavailable(addr: SocketAddr) {
             count: 5,
         }))
         .await;
+    client
+}
+
+/// An OPEN on `addr` must get the retryable `store_unavailable`.
+async fn open_refused_as_store_unavailable(addr: SocketAddr) {
+    let mut client = send_open(addr).await;
     match client.frame().await {
         Frame::Error(error) => {
             assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
@@ -397,14 +404,10 @@ async fn max_sessions_bounds_the_deployment_across_instances() {
         held.push(open(addr, ClientId::new_v4(), 100).await);
     }
     for addr in [a, b] {
-        let mut client = RawClient::connect(addr).await;
-        client
-            .send(Frame::Open(Open {
-                client_id: ClientId::new_v4(),
-                count: 5,
-            }))
+        let message = send_open(addr)
+            .await
+            .expect_error(ErrorCode::ServerBusy)
             .await;
-        let message = client.expect_error(ErrorCode::ServerBusy).await;
         assert!(message.contains("full (3 sessions)"), "{message}");
     }
     assert!(

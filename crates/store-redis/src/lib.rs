@@ -313,6 +313,20 @@ impl RedisStore {
         Reply::decode(value)
     }
 
+    /// [`eval`](Self::eval) for a script that moves the session's deadline
+    /// or count, so its index entry too, with its refusals as errors.
+    async fn eval_indexed(
+        &self,
+        script: &Script,
+        client_id: ClientId,
+        args: &[Vec<u8>],
+        replay: Replay,
+    ) -> Result<Reply, StoreError> {
+        self.eval(script, client_id, Keys::SessionAndIndex, args, replay)
+            .await?
+            .expect_ok()
+    }
+
     /// Runs `attempt` on the shared connection, once more if `replay`
     /// allows, all within the operation timeout.
     async fn bounded<F, Fut>(&self, replay: Replay, attempt: F) -> Result<Value, StoreError>
@@ -406,15 +420,13 @@ impl SessionStore for RedisStore {
             member(session.client_id),
             decimal(self.config.max_sessions),
         ];
-        self.eval(
+        self.eval_indexed(
             &self.scripts.create,
             session.client_id,
-            Keys::SessionAndIndex,
             &args,
             Replay::IfUnsent,
         )
-        .await?
-        .expect_ok()?;
+        .await?;
         Ok(Attachment {
             client_id: session.client_id,
             seed: session.seed,
@@ -438,15 +450,8 @@ impl SessionStore for RedisStore {
             member(client_id),
         ];
         let mut reply = self
-            .eval(
-                &self.scripts.attach,
-                client_id,
-                Keys::SessionAndIndex,
-                &args,
-                Replay::IfUnsent,
-            )
-            .await?
-            .expect_ok()?;
+            .eval_indexed(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
+            .await?;
         let seed = reply.bytes("seed")?;
         let seed =
             SessionSeed(seed.try_into().map_err(|seed: Vec<u8>| {
@@ -479,15 +484,8 @@ impl SessionStore for RedisStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let args = [decimal(generation), expiry_ms(lease), member(client_id)];
-        self.eval(
-            &self.scripts.renew,
-            client_id,
-            Keys::SessionAndIndex,
-            &args,
-            Replay::Idempotent,
-        )
-        .await?
-        .expect_ok()?;
+        self.eval_indexed(&self.scripts.renew, client_id, &args, Replay::Idempotent)
+            .await?;
         Ok(())
     }
 
@@ -542,29 +540,15 @@ impl SessionStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let args = [decimal(generation), expiry_ms(ttl), member(client_id)];
-        self.eval(
-            &self.scripts.detach,
-            client_id,
-            Keys::SessionAndIndex,
-            &args,
-            Replay::IfUnsent,
-        )
-        .await?
-        .expect_ok()?;
+        self.eval_indexed(&self.scripts.detach, client_id, &args, Replay::IfUnsent)
+            .await?;
         Ok(())
     }
 
     async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
         let args = [decimal(generation), member(client_id)];
-        self.eval(
-            &self.scripts.complete,
-            client_id,
-            Keys::SessionAndIndex,
-            &args,
-            Replay::IfUnsent,
-        )
-        .await?
-        .expect_ok()?;
+        self.eval_indexed(&self.scripts.complete, client_id, &args, Replay::IfUnsent)
+            .await?;
         Ok(())
     }
 

@@ -127,6 +127,16 @@ async fn session_keys(connection: &mut MultiplexedConnection, prefix: &str) -> u
     }
 }
 
+/// Runs one raw command that answers OK or a count, as a test tampering
+/// with a record does.
+async fn tamper(connection: &mut MultiplexedConnection, command: &str, args: &[&str]) {
+    let _: redis::Value = redis::cmd(command)
+        .arg(args)
+        .query_async(connection)
+        .await
+        .unwrap_or_else(|error| panic!("{command}: {error}"));
+}
+
 async fn occupancy(store: &RedisStore) -> Occupancy {
     store
         .occupancy()
@@ -287,18 +297,9 @@ async fn records_from_before_the_checksum_and_the_index_still_resume_and_count()
     store.create(session, LONG).await.expect("create");
     // Make the record look like one an older version wrote: no checksum
     // field, no index entry.
-    let _: () = redis::cmd("HDEL")
-        .arg(store.session_key(id))
-        .arg("checksum")
-        .query_async(&mut redis)
-        .await
-        .expect("HDEL");
-    let _: () = redis::cmd("ZREM")
-        .arg(store.index_key())
-        .arg(id.to_string())
-        .query_async(&mut redis)
-        .await
-        .expect("ZREM");
+    let key = store.session_key(id);
+    tamper(&mut redis, "HDEL", &[&key, "checksum"]).await;
+    tamper(&mut redis, "ZREM", &[store.index_key(), &id.to_string()]).await;
     assert_eq!(occupancy(&store).await.sessions, 0);
 
     let attachment = store
@@ -317,25 +318,13 @@ async fn records_from_before_the_checksum_and_the_index_still_resume_and_count()
     );
 
     // The stored field, when there, is what a resume returns.
-    let _: () = redis::cmd("HSET")
-        .arg(store.session_key(id))
-        .arg("checksum")
-        .arg("12345")
-        .query_async(&mut redis)
-        .await
-        .expect("HSET");
+    tamper(&mut redis, "HSET", &[&key, "checksum", "12345"]).await;
     let attachment = store
         .attach(id, &session.token, LONG)
         .await
         .expect("attach");
     assert_eq!(attachment.checksum, 12_345);
-    let _: () = redis::cmd("HSET")
-        .arg(store.session_key(id))
-        .arg("checksum")
-        .arg("not a number")
-        .query_async(&mut redis)
-        .await
-        .expect("HSET");
+    tamper(&mut redis, "HSET", &[&key, "checksum", "not a number"]).await;
     assert!(matches!(
         store.attach(id, &session.token, LONG).await,
         Err(StoreError::Corrupt(_))
