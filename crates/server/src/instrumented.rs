@@ -142,3 +142,25 @@ impl SessionStore for InstrumentedStore {
         self.inner.takeover_notices()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use numstream_store::InMemoryStore;
+    use numstream_store::conformance::{LONG, random_session};
+
+    #[tokio::test]
+    async fn occupancy_is_forwarded_to_the_wrapped_store() {
+        let recorder = crate::prometheus_recorder();
+        let telemetry = Telemetry::new(&recorder, "memory", None);
+        let store = InstrumentedStore::wrap(Arc::new(InMemoryStore::new(5)), &telemetry);
+        store.create(random_session(), LONG).await.expect("create");
+        assert_eq!(
+            store.occupancy().await,
+            Ok(Some(Occupancy {
+                sessions: 1,
+                max: 5
+            }))
+        );
+    }
+}
