@@ -26,7 +26,7 @@ use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec};
 use numstream_protocol::prng::NumberGenerator;
 use numstream_protocol::{
     Disposition, ErrorCode, ErrorFrame, Frame, MAX_COUNT, MAX_SERVER_SILENCE, MIN_COUNT, Open,
-    Resume, ResumeToken, SequenceChecksum, SessionSeed, Welcome, encode_frame,
+    Resume, ResumeToken, SessionSeed, Welcome, encode_frame,
 };
 use numstream_store::{Attachment, NewSession, SessionStore, StoreError};
 
@@ -448,12 +448,8 @@ impl Connection {
             Some(master) => SessionSeed::derive(master, open.client_id),
             None => SessionSeed(random_seed),
         };
-        let session = NewSession {
-            client_id: open.client_id,
-            seed,
-            count: open.count,
-            token: ResumeToken(token),
-        };
+        // Computes the whole-sequence checksum now, once: FINAL carries it.
+        let session = NewSession::new(open.client_id, seed, open.count, ResumeToken(token));
         let created = self.shared.store.create(session, config.lease()).await;
         match created {
             Ok(attachment) => {
@@ -589,8 +585,9 @@ impl Connection {
             let index = index as u16;
             let value = numbers.next_number();
             if u32::from(index) + 1 == count {
-                let checksum =
-                    SequenceChecksum::of_session(&session.seed, session.count).checksum();
+                // Kept with the session since OPEN: FINAL costs the same
+                // at any index, whatever the count.
+                let checksum = session.checksum;
                 self.writer.push(&Frame::Final {
                     index,
                     value,

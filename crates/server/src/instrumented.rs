@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use numstream_protocol::{ClientId, ResumeToken};
 use numstream_store::{
-    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+    Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
 use crate::telemetry::{StoreOp, Telemetry};
@@ -133,7 +133,34 @@ impl SessionStore for InstrumentedStore {
         self.timed(StoreOp::Ping, self.inner.ping()).await
     }
 
+    /// Not timed: a scrape or probe reads it, no session waits for it.
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        self.inner.occupancy().await
+    }
+
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         self.inner.takeover_notices()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use numstream_store::InMemoryStore;
+    use numstream_store::conformance::{LONG, random_session};
+
+    #[tokio::test]
+    async fn occupancy_is_forwarded_to_the_wrapped_store() {
+        let recorder = crate::prometheus_recorder();
+        let telemetry = Telemetry::new(&recorder, "memory", None);
+        let store = InstrumentedStore::wrap(Arc::new(InMemoryStore::new(5)), &telemetry);
+        store.create(random_session(), LONG).await.expect("create");
+        assert_eq!(
+            store.occupancy().await,
+            Ok(Some(Occupancy {
+                sessions: 1,
+                max: 5
+            }))
+        );
     }
 }

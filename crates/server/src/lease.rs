@@ -196,12 +196,12 @@ mod tests {
             session_ttl: Duration::from_secs(3),
             ..ServerConfig::default()
         };
-        let session = NewSession {
-            client_id: ClientId::from_bytes([4; 16]),
-            seed: SessionSeed([1; 32]),
-            count: 10,
-            token: ResumeToken([2; 16]),
-        };
+        let session = NewSession::new(
+            ClientId::from_bytes([4; 16]),
+            SessionSeed([1; 32]),
+            10,
+            ResumeToken([2; 16]),
+        );
         let attachment = store.create(session, config.lease()).await.expect("create");
         (store, attachment, config)
     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -93,8 +92,9 @@ struct Args {
 
     /// Most sessions held at once (attached or awaiting a resume)
     ///
-    /// 1 to 1000000000. New sessions past it get server_busy. In-memory store only: with
-    /// Redis it does not apply (Redis's memory is the bound).
+    /// 1 to 1000000000. New sessions past it get server_busy. With Redis it
+    /// bounds the whole deployment (every instance sharing the
+    /// --redis-prefix), not each instance: give them all the same value.
     ///
     /// Example: --max-sessions 500000
     #[arg(long, value_name = "N", default_value_t = 100_000, allow_hyphen_values = true, value_parser = integer_in(1, MAX_SESSIONS_CAP))]
@@ -204,7 +204,8 @@ struct Args {
 
     /// Prefix of every Redis key and of the takeover channel
     ///
-    /// At most 256 bytes. Lets several deployments share one Redis (with --store redis://...).
+    /// At most 256 bytes. Lets several deployments share one Redis (with
+    /// --store redis://...), each bounded by its own --max-sessions.
     ///
     /// Example: --redis-prefix staging:numstream:
     #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]
@@ -371,7 +372,6 @@ async fn main() -> anyhow::Result<()> {
     let matches = numstream_cli_support::with_generate(Args::command()).get_matches();
     numstream_cli_support::generate_if_asked(&matches, Args::command());
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
-    let max_sessions_given = matches.value_source("max_sessions") == Some(ValueSource::CommandLine);
     init_logging(args.log_format);
 
     let max_sessions = usize::try_from(args.max_sessions).unwrap_or(usize::MAX);
@@ -431,12 +431,7 @@ async fn main() -> anyhow::Result<()> {
             );
             memory
         }
-        (StoreUrl::Redis(url), _) => {
-            if max_sessions_given {
-                tracing::warn!("--max-sessions does not apply to a Redis store; ignoring it");
-            }
-            redis_store(url, &args.redis_prefix).await?
-        }
+        (StoreUrl::Redis(url), _) => redis_store(url, &args.redis_prefix, max_sessions).await?,
         (StoreUrl::Memory, None) => unreachable!("the in-memory store was created above"),
     };
     let store = InstrumentedStore::wrap(store, &telemetry);
@@ -487,8 +482,7 @@ async fn main() -> anyhow::Result<()> {
         store = store.kind(),
         interval = %humantime::format_duration(config.interval),
         session_ttl = %humantime::format_duration(config.session_ttl),
-        // Only the in-memory store is bounded by --max-sessions.
-        max_sessions = matches!(args.store, StoreUrl::Memory).then_some(max_sessions),
+        max_sessions,
         max_connections,
         per_address = %describe(per_address),
         reuse_port = args.reuse_port,
@@ -537,9 +531,14 @@ fn init_logging(format: LogFormat) {
 /// A Redis store that connects on first use: a server started while Redis
 /// is down serves `store_unavailable` (retryable) until Redis answers, then
 /// recovers by itself, as it does after any later outage.
-async fn redis_store(url: &str, prefix: &str) -> anyhow::Result<Arc<dyn SessionStore>> {
+async fn redis_store(
+    url: &str,
+    prefix: &str,
+    max_sessions: usize,
+) -> anyhow::Result<Arc<dyn SessionStore>> {
     let config = RedisStoreConfig {
         prefix: prefix.to_owned(),
+        max_sessions,
         ..RedisStoreConfig::default()
     };
     let redis = RedisStore::connect_lazy(url, config).context("invalid --store URL")?;

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use numstream_protocol::{ClientId, ResumeToken};
 use numstream_store::{
-    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+    Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
 /// Most renewals in one store call: bounds one script's run time in Redis
@@ -158,6 +158,10 @@ impl SessionStore for BatchedRenewals {
         self.inner.ping().await
     }
 
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        self.inner.occupancy().await
+    }
+
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         self.inner.takeover_notices()
     }
@@ -215,5 +219,13 @@ mod tests {
     #[tokio::test]
     async fn batched_store_passes_the_store_conformance_suite() {
         conformance::run_all(&*BatchedRenewals::wrap(Arc::new(InMemoryStore::new(1_000)))).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batched_store_reports_the_bound_of_the_store_it_wraps() {
+        let memory = Arc::new(InMemoryStore::new(3));
+        let sweeper = memory.spawn_sweeper(conformance::SHORT / 4, |_| {});
+        conformance::run_bound_checks(&*BatchedRenewals::wrap(memory), 3).await;
+        sweeper.abort();
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use numstream_protocol::{ClientId, ResumeToken};
 use numstream_store::{
-    Attachment, InMemoryStore, NewSession, SessionInfo, SessionStore, StoreError,
+    Attachment, InMemoryStore, NewSession, Occupancy, SessionInfo, SessionStore, StoreError,
 };
 
 #[derive(Debug)]
@@ -89,5 +89,8 @@ impl SessionStore for TestStore {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        self.inner.occupancy().await
     }
 }

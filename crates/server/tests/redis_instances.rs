@@ -200,8 +200,9 @@ async fn open(addr: SocketAddr, client_id: ClientId, count: u16) -> (RawClient, 
     }
 }
 
-/// An OPEN on `addr` must get the retryable `store_unavailable`.
-async fn open_refused_as_store_unavailable(addr: SocketAddr) {
+/// A connection to `addr` that has sent an OPEN of a few numbers for a
+/// fresh client id.
+async fn send_open(addr: SocketAddr) -> RawClient {
     let mut client = RawClient::connect(addr).await;
     client
         .send(Frame::Open(Open {
@@ -209,6 +210,12 @@ async fn open_refused_as_store_unavailable(addr: SocketAddr) {
             count: 5,
         }))
         .await;
+    client
+}
+
+/// An OPEN on `addr` must get the retryable `store_unavailable`.
+async fn open_refused_as_store_unavailable(addr: SocketAddr) {
+    let mut client = send_open(addr).await;
     match client.frame().await {
         Frame::Error(error) => {
             assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
@@ -381,6 +388,31 @@ async fn an_orphaned_session_disappears_about_one_ttl_after_its_owner_is_killed(
     assert!(
         gone_after >= ttl / 3,
         "expired after {gone_after:?}: the lease was shorter than promised"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_bounds_the_deployment_across_instances() {
+    let redis = RedisServer::start();
+    let mut args = process_args(&redis, "1s", "30s");
+    args.extend(["--max-sessions", "3"].map(str::to_owned));
+    let servers = start_processes(2, &args);
+    let [a, b] = [&servers[0], &servers[1]].map(|s| SocketAddr::from(([127, 0, 0, 1], s.port())));
+    // Held open: each connection keeps its session attached.
+    let mut held = Vec::new();
+    for addr in [a, a, b] {
+        held.push(open(addr, ClientId::new_v4(), 100).await);
+    }
+    for addr in [a, b] {
+        let message = send_open(addr)
+            .await
+            .expect_error(ErrorCode::ServerBusy)
+            .await;
+        assert!(message.contains("full (3 sessions)"), "{message}");
+    }
+    assert!(
+        !servers[0].log().contains("does not apply"),
+        "--max-sessions applies to Redis now"
     );
 }
 

@@ -11,6 +11,17 @@
 //! an expired session on its own, so it cannot tell "expired" from "never
 //! existed": `attach` answers `NotFound` for both.
 //!
+//! ## The bound
+//!
+//! The same scripts keep an index of the deployment's sessions,
+//! `{prefix}sessions`, scored by each key's expiry on Redis's clock, so
+//! `create` refuses with `Full` once [`RedisStoreConfig::max_sessions`]
+//! live sessions exist under the prefix, however many servers share it,
+//! and a session that Redis expires stops counting at its expiry instant.
+//! On one Redis the count is exact: a create never overshoots the bound.
+//! Every store of one deployment should be given the same bound; each
+//! create is checked against its own caller's.
+//!
 //! The resume token never reaches Redis: only its SHA-256 is stored and
 //! compared, so a Redis dump, replica, `MONITOR` or `SLOWLOG` cannot be
 //! used to resume someone else's session.
@@ -65,9 +76,9 @@ use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError, Script, Val
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
+use numstream_protocol::{ClientId, ResumeToken, SequenceChecksum, SessionSeed};
 use numstream_store::{
-    Attachment, NewSession, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+    Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
 use reply::{Reply, corrupt};
@@ -76,6 +87,10 @@ use scripts::Scripts;
 /// Key prefix used by [`RedisStore::connect`] callers that have no reason to
 /// pick another (several deployments sharing one Redis would).
 pub const DEFAULT_PREFIX: &str = "numstream:";
+
+/// Sessions one deployment may hold unless configured otherwise: the
+/// server's `--max-sessions` default.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 /// Longest expiry sent to Redis. PEXPIRE rejects deadlines that overflow its
 /// millisecond clock; a century is far beyond any sensible lease or TTL.
@@ -97,6 +112,9 @@ pub struct RedisStoreConfig {
     /// Limit on a whole store operation, retries and reconnection included:
     /// the longest a caller waits to learn that Redis is unavailable.
     pub operation_timeout: Duration,
+    /// Most live sessions under `prefix`, counted across every server
+    /// sharing it; creates past it fail with `StoreError::Full`.
+    pub max_sessions: usize,
 }
 
 impl Default for RedisStoreConfig {
@@ -110,6 +128,7 @@ impl Default for RedisStoreConfig {
             response_timeout: Duration::from_secs(1),
             reconnect_retries: 2,
             operation_timeout: Duration::from_secs(2),
+            max_sessions: DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -125,6 +144,8 @@ pub struct RedisStore {
     connection: Arc<OnceCell<ConnectionManager>>,
     scripts: Arc<Scripts>,
     prefix: Arc<str>,
+    /// `{prefix}sessions`, the index of live sessions the bound counts.
+    index_key: Arc<str>,
     /// `{prefix}takeovers`, where the attach script announces generations.
     takeover_channel: Arc<str>,
     config: Arc<RedisStoreConfig>,
@@ -137,8 +158,18 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("operation_timeout", &self.config.operation_timeout)
+            .field("max_sessions", &self.config.max_sessions)
             .finish_non_exhaustive()
     }
+}
+
+/// The keys a per-session script is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    /// Reads the session only.
+    Session,
+    /// Moves the session's deadline or count, so also its index entry.
+    SessionAndIndex,
 }
 
 /// When a failed command may be sent again.
@@ -219,6 +250,7 @@ impl RedisStore {
             connection: Arc::new(OnceCell::new()),
             scripts: Arc::new(Scripts::new()),
             prefix: config.prefix.as_str().into(),
+            index_key: format!("{}sessions", config.prefix).into(),
             takeover_channel: format!("{}takeovers", config.prefix).into(),
             config: Arc::new(config),
         })
@@ -243,22 +275,35 @@ impl RedisStore {
         &self.prefix
     }
 
+    /// The sorted set indexing the deployment's sessions for its bound:
+    /// `{prefix}sessions`, client ids scored by their key's expiry (Unix
+    /// milliseconds on Redis's clock).
+    pub fn index_key(&self) -> &str {
+        &self.index_key
+    }
+
     /// The pub/sub channel carrying takeover notices: `{prefix}takeovers`.
     pub fn takeover_channel(&self) -> &str {
         &self.takeover_channel
     }
 
+    /// Runs a per-session script on `client_id`'s key and, unless
+    /// `Keys::Session`, the index.
     async fn eval(
         &self,
         script: &Script,
         client_id: ClientId,
+        keys: Keys,
         args: &[Vec<u8>],
         replay: Replay,
     ) -> Result<Reply, StoreError> {
-        let key = self.session_key(client_id);
+        let session_key = self.session_key(client_id);
         let value = self
             .bounded(replay, |mut connection| {
-                let mut invocation = script.key(&key);
+                let mut invocation = script.key(&session_key);
+                if keys == Keys::SessionAndIndex {
+                    invocation.key(&*self.index_key);
+                }
                 for arg in args {
                     invocation.arg(arg.as_slice());
                 }
@@ -266,6 +311,20 @@ impl RedisStore {
             })
             .await?;
         Reply::decode(value)
+    }
+
+    /// [`eval`](Self::eval) for a script that moves the session's deadline
+    /// or count, so its index entry too, with its refusals as errors.
+    async fn eval_indexed(
+        &self,
+        script: &Script,
+        client_id: ClientId,
+        args: &[Vec<u8>],
+        replay: Replay,
+    ) -> Result<Reply, StoreError> {
+        self.eval(script, client_id, Keys::SessionAndIndex, args, replay)
+            .await?
+            .expect_ok()
     }
 
     /// Runs `attempt` on the shared connection, once more if `replay`
@@ -318,6 +377,11 @@ fn decimal(number: impl fmt::Display) -> Vec<u8> {
     number.to_string().into_bytes()
 }
 
+/// The client id as the index stores it.
+fn member(client_id: ClientId) -> Vec<u8> {
+    client_id.to_string().into_bytes()
+}
+
 fn unavailable(error: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
@@ -351,21 +415,24 @@ impl SessionStore for RedisStore {
             session.seed.0.to_vec(),
             decimal(session.count),
             token_digest(&session.token),
+            decimal(session.checksum),
             expiry_ms(lease),
+            member(session.client_id),
+            decimal(self.config.max_sessions),
         ];
-        self.eval(
+        self.eval_indexed(
             &self.scripts.create,
             session.client_id,
             &args,
             Replay::IfUnsent,
         )
-        .await?
-        .expect_ok()?;
+        .await?;
         Ok(Attachment {
             client_id: session.client_id,
             seed: session.seed,
             count: session.count,
             token: session.token,
+            checksum: session.checksum,
             generation: 1,
         })
     }
@@ -380,23 +447,33 @@ impl SessionStore for RedisStore {
             token_digest(token),
             expiry_ms(lease),
             self.takeover_channel.as_bytes().to_vec(),
-            client_id.to_string().into_bytes(),
+            member(client_id),
         ];
         let mut reply = self
-            .eval(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
-            .await?
-            .expect_ok()?;
+            .eval_indexed(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
+            .await?;
         let seed = reply.bytes("seed")?;
-        let seed: [u8; 32] = seed
-            .try_into()
-            .map_err(|seed: Vec<u8>| corrupt(format!("seed is {} bytes, not 32", seed.len())))?;
+        let seed =
+            SessionSeed(seed.try_into().map_err(|seed: Vec<u8>| {
+                corrupt(format!("seed is {} bytes, not 32", seed.len()))
+            })?);
+        let count = reply.number("count")?;
+        let generation = reply.number("generation")?;
+        // A session created by a version that did not store the checksum
+        // may still be resumed after an upgrade: compute it once here, as
+        // that version did at every FINAL.
+        let checksum = match reply.optional_number("checksum")? {
+            Some(checksum) => checksum,
+            None => SequenceChecksum::of_session(&seed, count).checksum(),
+        };
         Ok(Attachment {
             client_id,
-            seed: SessionSeed(seed),
-            count: reply.number("count")?,
+            seed,
+            count,
             // The stored digest matched this token's, so it is the token.
             token: *token,
-            generation: reply.number("generation")?,
+            checksum,
+            generation,
         })
     }
 
@@ -406,10 +483,9 @@ impl SessionStore for RedisStore {
         generation: u64,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let args = [decimal(generation), expiry_ms(lease)];
-        self.eval(&self.scripts.renew, client_id, &args, Replay::Idempotent)
-            .await?
-            .expect_ok()?;
+        let args = [decimal(generation), expiry_ms(lease), member(client_id)];
+        self.eval_indexed(&self.scripts.renew, client_id, &args, Replay::Idempotent)
+            .await?;
         Ok(())
     }
 
@@ -425,14 +501,16 @@ impl SessionStore for RedisStore {
             .iter()
             .map(|&(client_id, _)| self.session_key(client_id))
             .collect();
-        let mut args: Vec<Vec<u8>> = renewals
-            .iter()
-            .map(|&(_, generation)| decimal(generation))
-            .collect();
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 2 * renewals.len());
         args.push(expiry_ms(lease));
+        for &(client_id, generation) in renewals {
+            args.push(decimal(generation));
+            args.push(member(client_id));
+        }
         let replies = self
             .bounded(Replay::Idempotent, |mut connection| {
                 let mut invocation = self.scripts.renew_many.prepare_invoke();
+                invocation.key(&*self.index_key);
                 for key in &keys {
                     invocation.key(key);
                 }
@@ -461,24 +539,28 @@ impl SessionStore for RedisStore {
         generation: u64,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let args = [decimal(generation), expiry_ms(ttl)];
-        self.eval(&self.scripts.detach, client_id, &args, Replay::IfUnsent)
-            .await?
-            .expect_ok()?;
+        let args = [decimal(generation), expiry_ms(ttl), member(client_id)];
+        self.eval_indexed(&self.scripts.detach, client_id, &args, Replay::IfUnsent)
+            .await?;
         Ok(())
     }
 
     async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
-        let args = [decimal(generation)];
-        self.eval(&self.scripts.complete, client_id, &args, Replay::IfUnsent)
-            .await?
-            .expect_ok()?;
+        let args = [decimal(generation), member(client_id)];
+        self.eval_indexed(&self.scripts.complete, client_id, &args, Replay::IfUnsent)
+            .await?;
         Ok(())
     }
 
     async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError> {
         let reply = self
-            .eval(&self.scripts.lookup, client_id, &[], Replay::Idempotent)
+            .eval(
+                &self.scripts.lookup,
+                client_id,
+                Keys::Session,
+                &[],
+                Replay::Idempotent,
+            )
             .await?;
         let mut reply = match reply.expect_ok() {
             Ok(reply) => reply,
@@ -521,6 +603,24 @@ impl SessionStore for RedisStore {
                 "redis answered PING with something other than PONG: {other:?}"
             ))),
         }
+    }
+
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        let live = self
+            .bounded(Replay::Idempotent, |mut connection| {
+                let invocation = self.scripts.occupancy.key(&*self.index_key);
+                async move { invocation.invoke_async::<Value>(&mut connection).await }
+            })
+            .await?;
+        let sessions = match live {
+            Value::Int(live) => usize::try_from(live)
+                .map_err(|_| corrupt(format!("the index counted {live} live sessions")))?,
+            _ => return Err(corrupt("the index count is not an integer")),
+        };
+        Ok(Some(Occupancy {
+            sessions,
+            max: self.config.max_sessions,
+        }))
     }
 
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {

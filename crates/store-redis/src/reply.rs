@@ -14,6 +14,7 @@ use numstream_store::StoreError;
 pub(crate) enum Status {
     Ok,
     Exists,
+    Full,
     NotFound,
     BadToken,
     Superseded,
@@ -43,6 +44,7 @@ impl Reply {
         let status = match bytes(word, "status")?.as_slice() {
             b"ok" => Status::Ok,
             b"exists" => Status::Exists,
+            b"full" => Status::Full,
             b"not_found" => Status::NotFound,
             b"bad_token" => Status::BadToken,
             b"superseded" => Status::Superseded,
@@ -69,6 +71,9 @@ impl Reply {
             Status::Ok => Ok(self),
             Status::NotFound => Err(StoreError::NotFound),
             Status::Exists => Err(StoreError::AlreadyExists),
+            Status::Full => Err(StoreError::Full {
+                max: self.number("bound")?,
+            }),
             Status::BadToken => Err(StoreError::BadToken),
             Status::Superseded => Err(StoreError::Superseded {
                 current: self.number("current generation")?,
@@ -117,6 +122,23 @@ impl Reply {
             }
         }
     }
+
+    /// [`number`](Self::number), or `None` for the empty string a script
+    /// sends for a field the record does not have.
+    pub(crate) fn optional_number<T>(&mut self, what: &str) -> Result<Option<T>, StoreError>
+    where
+        T: FromStr + TryFrom<i64>,
+    {
+        let absent = matches!(
+            self.values.front(),
+            Some(Value::BulkString(text)) if text.is_empty()
+        );
+        if absent {
+            self.next(what)?;
+            return Ok(None);
+        }
+        self.number(what).map(Some)
+    }
 }
 
 fn bytes(value: Value, what: &str) -> Result<Vec<u8>, StoreError> {
@@ -161,6 +183,31 @@ mod tests {
             reply.expect_ok().err(),
             Some(StoreError::Superseded { current: 7 })
         );
+    }
+
+    #[test]
+    fn full_carries_the_bound() {
+        let reply = Reply::decode(array(vec![text("full"), text("1000")])).expect("decode");
+        assert_eq!(
+            reply.expect_ok().err(),
+            Some(StoreError::Full { max: 1000 })
+        );
+    }
+
+    #[test]
+    fn an_empty_optional_number_is_absent_not_zero() {
+        let mut reply =
+            Reply::decode(array(vec![text("ok"), text(""), text("7"), text("x")])).expect("ok");
+        assert_eq!(reply.optional_number::<u32>("absent"), Ok(None));
+        assert_eq!(reply.optional_number::<u32>("present"), Ok(Some(7)));
+        assert!(matches!(
+            reply.optional_number::<u32>("garbage"),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            reply.optional_number::<u32>("missing"),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

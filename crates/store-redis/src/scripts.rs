@@ -1,23 +1,33 @@
 //! The Lua scripts that make each session operation one atomic step on
 //! Redis, and the key layout they work on.
 //!
-//! Every script touches exactly one key, the session's hash, passed as
-//! `KEYS[1]` so that Redis Cluster routes it (the client id is the key's hash
-//! tag). A script answers with an array whose first element is a status word
-//! (`ok`, `exists`, `not_found`, `bad_token`, `superseded`, `corrupt`)
-//! followed by that status's values; `reply.rs` turns it into Rust types.
-//! Scripts return only strings and integers: Lua booleans would reach a RESP3
-//! client as booleans and a RESP2 one as nil, and nil also cuts a Lua array
-//! short.
+//! A script touches the session's hash (the client id is its hash tag) and
+//! the deployment's session index, both passed in `KEYS` as Redis requires.
+//! A script answers with an array whose first element is a status word
+//! (`ok`, `exists`, `full`, `not_found`, `bad_token`, `superseded`,
+//! `corrupt`) followed by that status's values; `reply.rs` turns it into
+//! Rust types. Scripts return only strings and integers: Lua booleans would
+//! reach a RESP3 client as booleans and a RESP2 one as nil, and nil also
+//! cuts a Lua array short.
 //!
 //! Hash fields: `seed` (32 raw bytes), `count` (decimal), `token_sha256`
-//! (32 raw bytes), `generation` (decimal, from 1), `attached` (`1`/`0`). The
-//! key's own expiry is the session's deadline: the lease while attached, the
+//! (32 raw bytes), `checksum` (decimal CRC-32C of the whole sequence),
+//! `generation` (decimal, from 1), `attached` (`1`/`0`). The key's own
+//! expiry is the session's deadline: the lease while attached, the
 //! disconnection TTL once detached, so Redis forgets expired sessions by
 //! itself and no sweeper is needed.
 //!
-//! Besides the session keys there is one pub/sub channel,
-//! `{prefix}takeovers`, on which `ATTACH` announces every new generation.
+//! The index, `{prefix}sessions`, is a sorted set of client ids, each
+//! scored with its session key's expiry (milliseconds on Redis's clock,
+//! from `TIME`): every script that sets an expiry sets the same instant as
+//! the score (`PEXPIREAT`, then `ZADD`), and `COMPLETE` removes the entry
+//! with the key. Redis keeps a key while now <= its expiry, so the entries
+//! scored at or after now are exactly the live sessions, whether or not
+//! Redis has deleted the expired keys yet: `CREATE` drops the older entries
+//! and refuses past the deployment's bound, and `OCCUPANCY` counts.
+//!
+//! Besides these keys there is one pub/sub channel, `{prefix}takeovers`,
+//! on which `ATTACH` announces every new generation.
 
 use redis::Script;
 
@@ -41,24 +51,66 @@ end
     };
 }
 
-/// KEYS[1] session; ARGV seed, count, token digest, lease ms.
+/// Redis's clock and the one way a script sets a session's deadline: the
+/// key's expiry and its index score are the same instant, so the index
+/// counts a session exactly as long as Redis keeps it.
+///
+/// `TIME` rather than the servers' clocks: Redis expires keys by its own
+/// clock, and every instance reads the same one. (Since Redis 5, scripts
+/// replicate their effects, so the non-deterministic `TIME` may precede
+/// writes; `PEXPIREAT` carries the absolute deadline to replicas.)
+macro_rules! deadline_prelude {
+    () => {
+        r#"
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local function ms_text(ms)
+  return string.format('%.0f', ms)
+end
+local function set_deadline(index, key, member, now, duration_ms)
+  local deadline = ms_text(now + tonumber(duration_ms))
+  redis.call('PEXPIREAT', key, deadline)
+  redis.call('ZADD', index, deadline, member)
+end
+"#
+    };
+}
+
+/// KEYS[1] session, KEYS[2] index; ARGV seed, count, token digest,
+/// checksum, lease ms, client id, the bound. Replies `ok`, `exists` or
+/// `full, <bound>`.
 ///
 /// An expired session's key is already gone, so "exists" means "alive".
-const CREATE: &str = r#"
+/// Index entries scored before now belong to sessions Redis no longer
+/// keeps; dropping them here, in the only script that adds sessions, keeps
+/// the index no larger than the bound plus what expired since the last
+/// create.
+const CREATE: &str = concat!(
+    deadline_prelude!(),
+    r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'exists'}
 end
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ms_text(now))
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
+  return {'full', ARGV[7]}
+end
 redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'count', ARGV[2], 'token_sha256', ARGV[3],
-  'generation', '1', 'attached', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  'checksum', ARGV[4], 'generation', '1', 'attached', '1')
+set_deadline(KEYS[2], KEYS[1], ARGV[6], now, ARGV[5])
 return {'ok'}
-"#;
+"#
+);
 
-/// KEYS[1] session; ARGV token digest, lease ms, takeover channel, client
-/// id. Replies `ok, seed, count, generation`, and publishes
-/// `"<client id> <generation>"` on the takeover channel in the same atomic
-/// step, so every server learns of the new owner within the pub/sub
-/// latency (see `notices`). A channel is not a key: Redis Cluster
+/// KEYS[1] session, KEYS[2] index; ARGV token digest, lease ms, takeover
+/// channel, client id. Replies `ok, seed, count, generation, checksum`
+/// (`checksum` empty for a record written before the field existed), and
+/// publishes `"<client id> <generation>"` on the takeover channel in the
+/// same atomic step, so every server learns of the new owner within the
+/// pub/sub latency (see `notices`). A channel is not a key: Redis Cluster
 /// broadcasts a PUBLISH to every node, whichever slot the script ran in.
 ///
 /// The token check happens here rather than in Rust so that check and
@@ -68,15 +120,21 @@ return {'ok'}
 /// What is compared is SHA-256 of the token, never the token (see
 /// `token_digest`), and the loop visits every byte whatever the first
 /// difference, so its timing says nothing useful.
+///
+/// Like every script that moves a deadline, it `ZADD`s rather than updates
+/// only an existing index entry: a live session missing from the index (a
+/// record from before the index existed) is counted again from its next
+/// attach, renewal or detach.
 const ATTACH: &str = concat!(
     generation_prelude!(),
+    deadline_prelude!(),
     r#"
 local generation, early = current_generation(KEYS[1])
 if not generation then
   return early
 end
-local record = redis.call('HMGET', KEYS[1], 'token_sha256', 'seed', 'count')
-local stored, seed, count = record[1], record[2], record[3]
+local record = redis.call('HMGET', KEYS[1], 'token_sha256', 'seed', 'count', 'checksum')
+local stored, seed, count, checksum = record[1], record[2], record[3], record[4]
 if not stored or not seed or not count then
   return {'corrupt', 'token_sha256, seed or count is missing'}
 end
@@ -93,9 +151,9 @@ if difference ~= 0 then
 end
 local next_generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HSET', KEYS[1], 'attached', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+set_deadline(KEYS[2], KEYS[1], ARGV[4], now_ms(), ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. next_generation)
-return {'ok', seed, count, next_generation}
+return {'ok', seed, count, next_generation, checksum or ''}
 "#
 );
 
@@ -123,62 +181,69 @@ end
     };
 }
 
-/// KEYS[1] session; ARGV generation, lease ms.
+/// KEYS[1] session, KEYS[2] index; ARGV generation, lease ms, client id.
 ///
 /// Leaves `attached` alone, like the in-memory store: a renewal only moves
 /// the deadline of whatever the caller's generation owns.
 const RENEW: &str = concat!(
     fenced_prelude!(),
+    deadline_prelude!(),
     r#"
 local refusal = refused(KEYS[1], ARGV[1])
 if refusal then
   return refusal
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+set_deadline(KEYS[2], KEYS[1], ARGV[3], now_ms(), ARGV[2])
 return {'ok'}
 "#
 );
 
-/// KEYS sessions; ARGV[i] the generation claimed for KEYS[i], then the
-/// lease ms. Replies one RENEW reply per key, in order: a server renews all
-/// its leases due at once in one round trip.
+/// KEYS[1] index, then the sessions; ARGV[1] lease ms, then for the
+/// session in KEYS[i + 1] the generation claimed for it (ARGV[2i]) and its
+/// client id (ARGV[2i + 1]). Replies one RENEW reply per session, in
+/// order: a server renews all its leases due at once in one round trip.
 ///
 /// The keys may lie in different hash slots, so this runs on one Redis,
 /// not a Cluster (as does the rest of the store today).
 const RENEW_MANY: &str = concat!(
     fenced_prelude!(),
+    deadline_prelude!(),
     r#"
-local lease = ARGV[#KEYS + 1]
+local lease = ARGV[1]
+local now = now_ms()
 local replies = {}
-for i, key in ipairs(KEYS) do
-  local refusal = refused(key, ARGV[i])
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local refusal = refused(key, ARGV[2 * i - 2])
   if refusal then
-    replies[i] = refusal
+    replies[i - 1] = refusal
   else
-    redis.call('PEXPIRE', key, lease)
-    replies[i] = {'ok'}
+    set_deadline(KEYS[1], key, ARGV[2 * i - 1], now, lease)
+    replies[i - 1] = {'ok'}
   end
 end
 return replies
 "#
 );
 
-/// KEYS[1] session; ARGV generation, ttl ms. The TTL replaces the lease as
-/// the key's expiry in the same step that marks the session detached.
+/// KEYS[1] session, KEYS[2] index; ARGV generation, ttl ms, client id.
+/// The TTL replaces the lease as the key's expiry in the same step that
+/// marks the session detached.
 const DETACH: &str = concat!(
     fenced_prelude!(),
+    deadline_prelude!(),
     r#"
 local refusal = refused(KEYS[1], ARGV[1])
 if refusal then
   return refusal
 end
 redis.call('HSET', KEYS[1], 'attached', '0')
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+set_deadline(KEYS[2], KEYS[1], ARGV[3], now_ms(), ARGV[2])
 return {'ok'}
 "#
 );
 
-/// KEYS[1] session; ARGV generation.
+/// KEYS[1] session, KEYS[2] index; ARGV generation, client id.
 const COMPLETE: &str = concat!(
     fenced_prelude!(),
     r#"
@@ -187,6 +252,7 @@ if refusal then
   return refusal
 end
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
 return {'ok'}
 "#
 );
@@ -208,6 +274,16 @@ end
 return {'ok', record[1], record[2], record[3], redis.call('PTTL', KEYS[1])}
 "#;
 
+/// KEYS[1] index. Replies the number of live sessions: the entries scored
+/// at or after now (see the module docs). Reads only, so a readiness probe
+/// or scrape never changes the index.
+const OCCUPANCY: &str = concat!(
+    deadline_prelude!(),
+    r#"
+return redis.call('ZCOUNT', KEYS[1], ms_text(now_ms()), '+inf')
+"#
+);
+
 /// The scripts, each hashed once; `Script::invoke_async` sends EVALSHA and
 /// falls back to loading the script when Redis answers NOSCRIPT (after a
 /// restart or SCRIPT FLUSH).
@@ -220,6 +296,7 @@ pub(crate) struct Scripts {
     pub(crate) detach: Script,
     pub(crate) complete: Script,
     pub(crate) lookup: Script,
+    pub(crate) occupancy: Script,
 }
 
 impl Scripts {
@@ -232,6 +309,7 @@ impl Scripts {
             detach: Script::new(DETACH),
             complete: Script::new(COMPLETE),
             lookup: Script::new(LOOKUP),
+            occupancy: Script::new(OCCUPANCY),
         }
     }
 }

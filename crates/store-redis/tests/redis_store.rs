@@ -1,14 +1,15 @@
 //! `RedisStore` against real `redis-server` processes started by the
 //! testkit: the shared conformance suite, the key layout other tools rely
-//! on, outages, and two store instances sharing one Redis as two servers do.
+//! on, the per-deployment bound, outages, and two store instances sharing
+//! one Redis as two servers do.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use numstream_protocol::ClientId;
+use numstream_protocol::{ClientId, SequenceChecksum};
 use numstream_store::conformance::{self, LONG, random_session};
-use numstream_store::{SessionStore, StoreError, TakeoverNotice};
+use numstream_store::{Occupancy, SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 use numstream_testkit::redis::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -59,6 +60,277 @@ async fn redis_store_passes_the_conformance_suite() {
     eprintln!("conformance suite took {:?}", started.elapsed());
 }
 
+/// A store of its own deployment (`prefix`) bounded to `max_sessions`.
+async fn bounded_store(server: &RedisServer, prefix: &str, max_sessions: usize) -> RedisStore {
+    let config = RedisStoreConfig {
+        prefix: prefix.to_owned(),
+        max_sessions,
+        ..RedisStoreConfig::default()
+    };
+    RedisStore::connect_with(&server.url(), config)
+        .await
+        .expect("connect to the test redis-server")
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_bound_checks() {
+    let server = RedisServer::start();
+    let store = bounded_store(&server, "bound-checks:", 4).await;
+    assert_eq!(store.index_key(), "bound-checks:sessions");
+    // Expired sessions free their slots by Redis's own expiry: nothing in
+    // the store sweeps.
+    conformance::run_bound_checks(&store, 4).await;
+}
+
+/// The absolute expiry of `key` (Unix ms), as Redis will apply it.
+async fn pexpiretime(connection: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .expect("PEXPIRETIME")
+}
+
+async fn index_score(
+    connection: &mut MultiplexedConnection,
+    store: &RedisStore,
+    client_id: ClientId,
+) -> Option<i64> {
+    redis::cmd("ZSCORE")
+        .arg(store.index_key())
+        .arg(client_id.to_string())
+        .query_async(connection)
+        .await
+        .expect("ZSCORE")
+}
+
+/// How many session keys Redis holds under `prefix`, counted with SCAN.
+async fn session_keys(connection: &mut MultiplexedConnection, prefix: &str) -> usize {
+    let pattern = format!("{prefix}session:*");
+    let mut cursor = 0u64;
+    let mut keys = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(connection)
+            .await
+            .expect("SCAN");
+        keys += batch.len();
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// Runs one raw command that answers OK or a count, as a test tampering
+/// with a record does.
+async fn tamper(connection: &mut MultiplexedConnection, command: &str, args: &[&str]) {
+    let _: redis::Value = redis::cmd(command)
+        .arg(args)
+        .query_async(connection)
+        .await
+        .unwrap_or_else(|error| panic!("{command}: {error}"));
+}
+
+async fn occupancy(store: &RedisStore) -> Occupancy {
+    store
+        .occupancy()
+        .await
+        .expect("occupancy")
+        .expect("a Redis store is bounded")
+}
+
+#[tokio::test]
+async fn two_instances_with_one_prefix_share_the_bound() {
+    let server = RedisServer::start();
+    let a = bounded_store(&server, "shared:", 3).await;
+    let b = bounded_store(&server, "shared:", 3).await;
+    let first = random_session();
+    a.create(first, LONG).await.expect("create via A");
+    a.create(random_session(), LONG)
+        .await
+        .expect("create via A");
+    b.create(random_session(), LONG)
+        .await
+        .expect("create via B");
+    for (name, store) in [("A", &a), ("B", &b)] {
+        assert_eq!(
+            store.create(random_session(), LONG).await,
+            Err(StoreError::Full { max: 3 }),
+            "{name} must count the sessions created through the other instance"
+        );
+        assert_eq!(
+            occupancy(store).await,
+            Occupancy {
+                sessions: 3,
+                max: 3
+            }
+        );
+    }
+    // A slot freed through one instance is free for the other.
+    a.complete(first.client_id, 1)
+        .await
+        .expect("complete via A");
+    b.create(random_session(), LONG)
+        .await
+        .expect("B takes the slot A freed");
+}
+
+#[tokio::test]
+async fn a_full_deployment_leaves_another_prefix_unaffected() {
+    let server = RedisServer::start();
+    let flooded = bounded_store(&server, "flooded:", 5).await;
+    let neighbour = bounded_store(&server, "neighbour:", 5).await;
+    for _ in 0..5 {
+        flooded
+            .create(random_session(), LONG)
+            .await
+            .expect("fill the flooded deployment");
+    }
+    assert_eq!(
+        flooded.create(random_session(), LONG).await,
+        Err(StoreError::Full { max: 5 })
+    );
+    for _ in 0..5 {
+        neighbour
+            .create(random_session(), LONG)
+            .await
+            .expect("the other deployment has its own bound");
+    }
+    assert_eq!(occupancy(&neighbour).await.sessions, 5);
+    assert_eq!(occupancy(&flooded).await.sessions, 5);
+    let mut redis = raw(&server).await;
+    assert_eq!(session_keys(&mut redis, "flooded:").await, 5);
+    assert_eq!(session_keys(&mut redis, "neighbour:").await, 5);
+}
+
+#[tokio::test]
+async fn open_and_drop_past_the_bound_leaves_at_most_the_bound_in_redis() {
+    const MAX: usize = 1_000;
+    const ATTEMPTS: usize = 1_500;
+    let server = RedisServer::start();
+    let store = bounded_store(&server, "flood:", MAX).await;
+    let (mut created, mut refused) = (0, 0);
+    // What a flood of open-and-drop does to the store: create, then the
+    // connection ends and the session waits for a resume that never comes.
+    for _ in 0..ATTEMPTS {
+        let session = random_session();
+        match store.create(session, LONG).await {
+            Ok(_) => {
+                created += 1;
+                store
+                    .detach(session.client_id, 1, LONG)
+                    .await
+                    .expect("detach");
+            }
+            Err(StoreError::Full { max }) => {
+                assert_eq!(max, MAX);
+                refused += 1;
+            }
+            Err(other) => panic!("create failed with {other:?}"),
+        }
+    }
+    assert_eq!((created, refused), (MAX, ATTEMPTS - MAX));
+    let mut redis = raw(&server).await;
+    let keys = session_keys(&mut redis, "flood:").await;
+    assert!(keys <= MAX, "{keys} session keys in Redis, bound {MAX}");
+    assert_eq!(
+        keys, MAX,
+        "every created session is still awaiting a resume"
+    );
+    let indexed: usize = redis::cmd("ZCARD")
+        .arg(store.index_key())
+        .query_async(&mut redis)
+        .await
+        .expect("ZCARD");
+    assert_eq!(indexed, MAX, "the index holds one entry per session key");
+}
+
+#[tokio::test]
+async fn the_index_score_is_the_key_expiry_and_complete_removes_it() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let mut redis = raw(&server).await;
+    let session = random_session();
+    let id = session.client_id;
+    let key = store.session_key(id);
+    assert_eq!(store.index_key(), "numstream:sessions");
+
+    store.create(session, LONG).await.expect("create");
+    assert_eq!(
+        index_score(&mut redis, &store, id).await,
+        Some(pexpiretime(&mut redis, &key).await)
+    );
+    store.detach(id, 1, LONG / 2).await.expect("detach");
+    assert_eq!(
+        index_score(&mut redis, &store, id).await,
+        Some(pexpiretime(&mut redis, &key).await)
+    );
+    store
+        .attach(id, &session.token, LONG)
+        .await
+        .expect("attach");
+    assert_eq!(
+        index_score(&mut redis, &store, id).await,
+        Some(pexpiretime(&mut redis, &key).await)
+    );
+    let renewed = store.renew_many(&[(id, 2)], LONG * 2).await;
+    assert_eq!(renewed, vec![Ok(())]);
+    let expiry = pexpiretime(&mut redis, &key).await;
+    assert_eq!(index_score(&mut redis, &store, id).await, Some(expiry));
+    store.complete(id, 2).await.expect("complete");
+    assert_eq!(index_score(&mut redis, &store, id).await, None);
+}
+
+#[tokio::test]
+async fn records_from_before_the_checksum_and_the_index_still_resume_and_count() {
+    let server = RedisServer::start();
+    let store = bounded_store(&server, "upgraded:", 10).await;
+    let mut redis = raw(&server).await;
+    let session = random_session();
+    let id = session.client_id;
+    store.create(session, LONG).await.expect("create");
+    // Make the record look like one an older version wrote: no checksum
+    // field, no index entry.
+    let key = store.session_key(id);
+    tamper(&mut redis, "HDEL", &[&key, "checksum"]).await;
+    tamper(&mut redis, "ZREM", &[store.index_key(), &id.to_string()]).await;
+    assert_eq!(occupancy(&store).await.sessions, 0);
+
+    let attachment = store
+        .attach(id, &session.token, LONG)
+        .await
+        .expect("an old record resumes");
+    assert_eq!(
+        attachment.checksum,
+        SequenceChecksum::of_session(&session.seed, session.count).checksum(),
+        "a missing checksum is computed from the seed and count"
+    );
+    assert_eq!(
+        occupancy(&store).await.sessions,
+        1,
+        "a resumed old session is counted again"
+    );
+
+    // The stored field, when there, is what a resume returns.
+    tamper(&mut redis, "HSET", &[&key, "checksum", "12345"]).await;
+    let attachment = store
+        .attach(id, &session.token, LONG)
+        .await
+        .expect("attach");
+    assert_eq!(attachment.checksum, 12_345);
+    tamper(&mut redis, "HSET", &[&key, "checksum", "not a number"]).await;
+    assert!(matches!(
+        store.attach(id, &session.token, LONG).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
 #[tokio::test]
 async fn one_hash_per_session_whose_expiry_is_the_lease_then_the_ttl() {
     let server = RedisServer::start();
@@ -88,7 +360,23 @@ async fn one_hash_per_session_whose_expiry_is_the_lease_then_the_ttl() {
     names.sort_unstable();
     assert_eq!(
         names,
-        ["attached", "count", "generation", "seed", "token_sha256"]
+        [
+            "attached",
+            "checksum",
+            "count",
+            "generation",
+            "seed",
+            "token_sha256"
+        ]
+    );
+    let checksum = fields
+        .iter()
+        .find(|(name, _)| name == "checksum")
+        .map(|(_, value)| value.clone());
+    assert_eq!(
+        checksum,
+        Some(session.checksum.to_string().into_bytes()),
+        "the checksum is kept as decimal"
     );
     for (name, value) in &fields {
         assert!(

@@ -10,35 +10,42 @@ use std::time::Duration;
 
 use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
 
-use crate::{NewSession, SessionStore, StoreError};
+use crate::{NewSession, Occupancy, SessionStore, StoreError};
 
 /// Disconnection TTL and lease used by timing checks: short enough for real
 /// time, long enough that a networked store's round trips fit well inside.
 pub const SHORT: Duration = Duration::from_millis(400);
 /// A lease long enough never to lapse during a check.
 pub const LONG: Duration = Duration::from_secs(60);
+/// How long the bound checks wait for an expired session to free its slot:
+/// a store may notice expiry late (the in-memory store at its next sweep),
+/// and a loaded machine may be slow, so this is generous; the checks poll
+/// and move on as soon as the slot is free.
+pub const SLOT_FREED_WITHIN: Duration = Duration::from_secs(30);
 
 /// A deterministic session for tests, distinguished by `byte`.
 pub fn session(byte: u8) -> NewSession {
-    NewSession {
-        client_id: ClientId::from_bytes([byte; 16]),
-        seed: SessionSeed([byte; 32]),
-        count: 100 + u16::from(byte),
-        token: ResumeToken([byte; 16]),
-    }
+    NewSession::new(
+        ClientId::from_bytes([byte; 16]),
+        SessionSeed([byte; 32]),
+        100 + u16::from(byte),
+        ResumeToken([byte; 16]),
+    )
 }
 
-/// A session with a random client id and token.
+/// A session with a random client id, seed and token (so its checksum is
+/// its own too: a store that mixed records up would be caught).
 pub fn random_session() -> NewSession {
-    let client_id = ClientId::new_v4();
-    let mut token = [0u8; 16];
-    token.copy_from_slice(ClientId::new_v4().as_bytes());
-    NewSession {
-        client_id,
-        seed: SessionSeed([7; 32]),
-        count: 500,
-        token: ResumeToken(token),
-    }
+    let random = || *ClientId::new_v4().as_bytes();
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(&random());
+    seed[16..].copy_from_slice(&random());
+    NewSession::new(
+        ClientId::new_v4(),
+        SessionSeed(seed),
+        500,
+        ResumeToken(random()),
+    )
 }
 
 async fn wait_past(duration: Duration) {
@@ -109,6 +116,7 @@ pub async fn create_attaches_with_generation_one(store: &dyn SessionStore) {
     assert_eq!(attachment.seed, new.seed, "create must keep the seed");
     assert_eq!(attachment.count, new.count);
     assert_eq!(attachment.token, new.token);
+    assert_eq!(attachment.checksum, new.checksum);
     let info = store
         .lookup(new.client_id)
         .await
@@ -181,6 +189,14 @@ pub async fn attach_bumps_generation_and_fences_the_old_one(store: &dyn SessionS
         .expect("takeover attach");
     assert_eq!(newer.generation, 2);
     assert_eq!(newer.seed, new.seed, "attach must return the stored seed");
+    assert_eq!(
+        newer.count, new.count,
+        "attach must return the stored count"
+    );
+    assert_eq!(
+        newer.checksum, new.checksum,
+        "attach must return the checksum stored at create"
+    );
     assert_eq!(
         store.renew(new.client_id, 1, LONG).await,
         Err(StoreError::Superseded { current: 2 }),
@@ -298,11 +314,20 @@ pub async fn expired_id_can_open_a_new_session(store: &dyn SessionStore) {
     store.create(new, LONG).await.expect("create");
     store.detach(new.client_id, 1, SHORT).await.expect("detach");
     wait_past(SHORT).await;
-    let mut again = new;
-    again.seed = SessionSeed([9; 32]);
+    let again = NewSession::new(new.client_id, SessionSeed([9; 32]), new.count, new.token);
     let attachment = store.create(again, LONG).await.expect("reopen");
     assert_eq!(attachment.generation, 1);
     assert_eq!(attachment.seed, again.seed);
+    let resumed = store
+        .attach(again.client_id, &again.token, LONG)
+        .await
+        .expect("resume the reopened session");
+    assert_eq!(
+        (resumed.seed, resumed.checksum),
+        (again.seed, again.checksum),
+        "the new session replaces the expired one's seed and checksum"
+    );
+    assert_ne!(again.checksum, new.checksum);
 }
 
 pub async fn concurrent_attaches_get_distinct_generations(store: &dyn SessionStore) {
@@ -324,4 +349,125 @@ pub async fn concurrent_attaches_get_distinct_generations(store: &dyn SessionSto
 
 pub async fn ping_answers(store: &dyn SessionStore) {
     store.ping().await.expect("ping");
+}
+
+/// Runs the checks of the session bound against `store`, which must hold
+/// no other session and refuse new ones past `max` (small, since the
+/// checks fill it; at least 2). Expired sessions must stop counting within
+/// [`SLOT_FREED_WITHIN`] (the in-memory store needs its sweeper running).
+pub async fn run_bound_checks(store: &dyn SessionStore, max: usize) {
+    assert!(max >= 2, "the bound checks need a bound of at least 2");
+    concurrent_creates_never_overshoot_the_bound(store, max).await;
+    bound_counts_every_live_session_and_frees_slots(store, max).await;
+}
+
+async fn assert_occupancy(store: &dyn SessionStore, sessions: usize, max: usize, when: &str) {
+    assert_eq!(
+        store.occupancy().await,
+        Ok(Some(Occupancy { sessions, max })),
+        "occupancy {when}"
+    );
+}
+
+pub async fn concurrent_creates_never_overshoot_the_bound(store: &dyn SessionStore, max: usize) {
+    assert_occupancy(store, 0, max, "of an empty store").await;
+    let candidates: Vec<NewSession> = (0..2 * max).map(|_| random_session()).collect();
+    let outcomes = futures::future::join_all(
+        candidates
+            .iter()
+            .map(|session| store.create(*session, LONG)),
+    )
+    .await;
+    let mut created = Vec::new();
+    for (session, outcome) in candidates.iter().zip(outcomes) {
+        match outcome {
+            Ok(_) => created.push(session.client_id),
+            Err(StoreError::Full { max: reported }) => assert_eq!(reported, max),
+            Err(other) => panic!("a create racing for the last slots failed with {other:?}"),
+        }
+    }
+    assert_eq!(
+        created.len(),
+        max,
+        "creates racing for the bound must fill it exactly"
+    );
+    assert_occupancy(store, max, max, "when full").await;
+    for client_id in created {
+        store.complete(client_id, 1).await.expect("complete");
+    }
+    assert_occupancy(store, 0, max, "after completing every session").await;
+}
+
+/// Polls until the store counts fewer than `max` sessions.
+async fn wait_for_a_free_slot(store: &dyn SessionStore, max: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + SLOT_FREED_WITHIN;
+    loop {
+        let occupancy = store.occupancy().await.expect("occupancy");
+        let occupancy = occupancy.expect("a bounded store reports its occupancy");
+        if occupancy.sessions < max {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not free its slot within {SLOT_FREED_WITHIN:?}"
+        );
+        tokio::time::sleep(SHORT / 4).await;
+    }
+}
+
+pub async fn bound_counts_every_live_session_and_frees_slots(store: &dyn SessionStore, max: usize) {
+    let held: Vec<NewSession> = (0..max).map(|_| random_session()).collect();
+    for session in &held {
+        store.create(*session, LONG).await.expect("fill the store");
+    }
+    assert_occupancy(store, max, max, "when full").await;
+    assert_eq!(
+        store.create(random_session(), LONG).await,
+        Err(StoreError::Full { max }),
+        "a create past the bound must be refused"
+    );
+    assert_eq!(
+        store.create(held[0], LONG).await,
+        Err(StoreError::AlreadyExists),
+        "a live duplicate is a duplicate even when the store is full"
+    );
+
+    store
+        .complete(held[0].client_id, 1)
+        .await
+        .expect("complete");
+    assert_occupancy(store, max - 1, max, "after a complete").await;
+    let replacement = random_session();
+    store
+        .create(replacement, LONG)
+        .await
+        .expect("a completed session frees its slot at once");
+
+    store
+        .detach(held[1].client_id, 1, LONG)
+        .await
+        .expect("detach");
+    assert_eq!(
+        store.create(random_session(), LONG).await,
+        Err(StoreError::Full { max }),
+        "a session awaiting its resume keeps its slot"
+    );
+
+    store
+        .detach(replacement.client_id, 1, SHORT)
+        .await
+        .expect("detach");
+    wait_for_a_free_slot(store, max, "a detached session past its ttl").await;
+    let unrenewed = random_session();
+    store
+        .create(unrenewed, SHORT)
+        .await
+        .expect("an expired session's slot is free once the store no longer counts it");
+
+    wait_for_a_free_slot(store, max, "an attached session whose lease lapsed").await;
+    store
+        .create(random_session(), LONG)
+        .await
+        .expect("a lapsed lease's slot is free once the store no longer counts it");
+    assert_occupancy(store, max, max, "at the end").await;
 }

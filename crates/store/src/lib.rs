@@ -42,7 +42,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
+use numstream_protocol::{ClientId, ResumeToken, SequenceChecksum, SessionSeed};
 
 pub mod memory;
 
@@ -58,6 +58,24 @@ pub struct NewSession {
     pub seed: SessionSeed,
     pub count: u16,
     pub token: ResumeToken,
+    /// The CRC-32C of the whole sequence, which FINAL carries. Computed
+    /// once when the session is made ([`NewSession::new`]) and kept with
+    /// it, so that sending FINAL costs the same at any index instead of a
+    /// pass over up to 65,535 numbers per resume.
+    pub checksum: u32,
+}
+
+impl NewSession {
+    /// A session whose checksum is computed here from `seed` and `count`.
+    pub fn new(client_id: ClientId, seed: SessionSeed, count: u16, token: ResumeToken) -> Self {
+        Self {
+            client_id,
+            seed,
+            count,
+            token,
+            checksum: SequenceChecksum::of_session(&seed, count).checksum(),
+        }
+    }
 }
 
 /// A session attached to the caller's connection: what the server needs to
@@ -68,8 +86,20 @@ pub struct Attachment {
     pub seed: SessionSeed,
     pub count: u16,
     pub token: ResumeToken,
+    /// The session's whole-sequence checksum, as given at create.
+    pub checksum: u32,
     /// Incremented by every create/attach; 1 for a fresh session.
     pub generation: u64,
+}
+
+/// How full a bounded store is, for readiness and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Sessions counted against the bound: a create is refused with
+    /// [`StoreError::Full`] while `sessions >= max`.
+    pub sessions: usize,
+    /// The bound.
+    pub max: usize,
 }
 
 /// What [`SessionStore::lookup`] reports about a session.
@@ -131,7 +161,10 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
 
     /// Creates a session, attached to the caller with generation 1 and a
     /// lease of `lease`. Fails with `AlreadyExists` while another session
-    /// for the client id is alive (an expired one is replaced).
+    /// for the client id is alive (an expired one is replaced), and with
+    /// `Full` while the store holds as many sessions as its bound allows
+    /// (attached or awaiting a resume; an expired session stops counting
+    /// once the store notices, see [`occupancy`](Self::occupancy)).
     async fn create(&self, session: NewSession, lease: Duration) -> Result<Attachment, StoreError>;
 
     /// Attaches an existing session to the caller: checks expiry, then the
@@ -187,6 +220,13 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// How many sessions count against the store's bound, and the bound;
+    /// `None` for a store without one. One query, cheap enough for every
+    /// readiness probe and metrics scrape, never per session.
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        Ok(None)
+    }
 
     /// A stream of takeover notices from every process sharing the store,
     /// this one included, or `None` when every takeover is local (the

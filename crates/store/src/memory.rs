@@ -4,7 +4,9 @@
 //! `Mutex` held only for the few instructions of one operation (never across
 //! an `.await`), so concurrent sessions rarely contend. Expiry is decided on
 //! every access from the session's deadline; the periodic sweep only frees
-//! memory. Time is `tokio::time::Instant`, so tests can pause and advance it.
+//! memory, and with it the expired sessions' slots under `max_sessions`
+//! (so an expired session holds its slot until the next sweep). Time is
+//! `tokio::time::Instant`, so tests can pause and advance it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +17,7 @@ use tokio::time::Instant;
 
 use numstream_protocol::{ClientId, ResumeToken};
 
-use crate::{Attachment, NewSession, SessionInfo, SessionStore, StoreError};
+use crate::{Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError};
 
 const SHARDS: usize = 64;
 
@@ -39,6 +41,7 @@ impl Entry {
             seed: self.session.seed,
             count: self.session.count,
             token: self.session.token,
+            checksum: self.session.checksum,
             generation: self.generation,
         }
     }
@@ -274,6 +277,15 @@ impl SessionStore for InMemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Counts what the bound counts: entries held, so an expired session
+    /// frees its slot when the sweeper forgets it (or its id is reopened).
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        Ok(Some(Occupancy {
+            sessions: self.len(),
+            max: self.max_sessions,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -329,6 +341,48 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn memory_store_passes_the_conformance_suite() {
         crate::conformance::run_all(&InMemoryStore::new(10_000)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_store_passes_the_bound_checks_with_its_sweeper() {
+        let store = Arc::new(InMemoryStore::new(4));
+        // As the server runs it: expired sessions free their slots when
+        // the sweeper forgets them.
+        let sweeper = store.spawn_sweeper(crate::conformance::SHORT / 4, |_| {});
+        crate::conformance::run_bound_checks(store.as_ref(), 4).await;
+        sweeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_sweep_an_expired_session_keeps_its_slot() {
+        let store = InMemoryStore::new(1);
+        let lease = Duration::from_secs(5);
+        store
+            .create(crate::conformance::session(1), lease)
+            .await
+            .expect("create");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let full = Some(Occupancy {
+            sessions: 1,
+            max: 1,
+        });
+        assert_eq!(store.occupancy().await, Ok(full));
+        assert_eq!(
+            store.create(crate::conformance::session(2), lease).await,
+            Err(StoreError::Full { max: 1 })
+        );
+        store.sweep_expired();
+        assert_eq!(
+            store.occupancy().await,
+            Ok(Some(Occupancy {
+                sessions: 0,
+                max: 1
+            }))
+        );
+        store
+            .create(crate::conformance::session(2), lease)
+            .await
+            .expect("the sweep freed the slot");
     }
 
     #[tokio::test(start_paused = true)]
