@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::overload::OverloadLimits;
 use crate::peers::PeerLimits;
 
 /// Send buffer asked for in burst mode (the kernel doubles it for its own
@@ -52,6 +53,9 @@ pub struct ServerConfig {
     /// handshakes, refusals) are logged, one info line for all of them,
     /// instead of a line each.
     pub log_digest_every: Duration,
+    /// Scheduling lag and store latency past which new sessions are
+    /// refused (see `overload`).
+    pub overload: OverloadLimits,
 }
 
 impl ServerConfig {
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             per_address: PeerLimits::derived(10_000, 100_000),
             burst_send_buffer: Some(DEFAULT_BURST_SEND_BUFFER),
             log_digest_every: Duration::from_secs(60),
+            overload: OverloadLimits::default(),
         }
     }
 }

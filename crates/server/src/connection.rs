@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) peers: Arc<Peers>,
     /// Tallies of failed handshakes and refusals, logged periodically.
     pub(crate) digest: Arc<LogDigest>,
+    /// Whether new sessions are refused for lack of capacity.
+    pub(crate) overload: Arc<crate::overload::Overload>,
     /// Options every connection's socket needs.
     pub(crate) socket_options: crate::socket::SocketOptions,
     /// Whether accepted sockets inherit them from the listener, where they
@@ -431,8 +433,19 @@ impl Connection {
         }
         check_client_id(open.client_id)?;
         // After the cheap checks, before anything costs the store a write:
-        // the address's session quota and its rate of new sessions.
+        // whether the server has room at all, then the address's session
+        // quota and its rate of new sessions. Resumes skip all of these:
+        // sessions already admitted keep priority.
         let peer = self.admission.ticket.peer();
+        if let Some(overloaded) = self.shared.overload.overloaded() {
+            debug!(%peer, %overloaded, "OPEN refused: overloaded");
+            self.shared
+                .admission_refused(AdmissionRefusal::Overload, peer);
+            return Err(ErrorFrame::new(
+                ErrorCode::ServerBusy,
+                format!("server is {overloaded}; try again shortly or on another instance"),
+            ));
+        }
         let reservation = self.shared.peers.admit_session(peer).map_err(|refusal| {
             debug!(%peer, ?refusal, "OPEN refused: the address is over its quota");
             self.shared.admission_refused(refusal.into(), peer);
@@ -1012,6 +1025,9 @@ mod tests {
             },
             socket_options_inherited: false,
             peers: Arc::new(Peers::new(crate::peers::PeerLimits::UNLIMITED)),
+            overload: Arc::new(crate::overload::Overload::new(
+                crate::overload::OverloadLimits::OFF,
+            )),
             digest: Arc::new(LogDigest::new()),
         });
         let admission = Admission::new(

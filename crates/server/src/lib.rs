@@ -42,6 +42,7 @@ mod config;
 mod connection;
 mod digest;
 mod instrumented;
+mod isolated;
 mod lease;
 mod overload;
 mod peers;
@@ -56,6 +57,8 @@ mod test_store;
 
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
 pub use instrumented::InstrumentedStore;
+pub use isolated::{IsolatedStore, IsolationError};
+pub use overload::{Overload, OverloadLimits, Overloaded};
 pub use peers::{DEFAULT_SESSION_RATE, PeerKey, PeerLimits, SessionRate};
 pub use server::{MAX_CONCURRENT_REJECTIONS, ServerError, run, run_with_telemetry};
 pub use socket::{DEFAULT_LISTEN_BACKLOG, ListenOptions, listen};

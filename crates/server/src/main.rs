@@ -14,7 +14,8 @@ use tracing_subscriber::EnvFilter;
 
 use numstream_cli_support::values::{duration_in, integer_in};
 use numstream_server::{
-    InstrumentedStore, PeerLimits, ServerConfig, SessionRate, Status, Telemetry,
+    InstrumentedStore, IsolatedStore, OverloadLimits, PeerLimits, ServerConfig, SessionRate,
+    Status, Telemetry,
 };
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
@@ -161,6 +162,30 @@ struct Args {
     /// Example: --per-address-session-burst 1000
     #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.burst, allow_hyphen_values = true, value_parser = integer_in(1u32, 1_000_000))]
     per_address_session_burst: u32,
+
+    /// Refuse new sessions while the runtime runs this late [0s: never]
+    ///
+    /// 0s to 1h. The server's scheduling lag (how much later than asked a
+    /// timer's task runs, smoothed over about a second) past which new
+    /// sessions (OPEN) get server_busy, until it falls below half of it:
+    /// a server short of CPU keeps serving the sessions it has, and their
+    /// resumes, instead of failing all of them. Reported in /metrics and
+    /// /readyz.
+    ///
+    /// Example: --overload-lag 1s
+    #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
+    overload_lag: Duration,
+
+    /// Refuse new sessions while the store answers this slowly [0s: never]
+    ///
+    /// 0s to 1h. The shared store's round trip (smoothed over about ten
+    /// operations, measured on the store's own thread, so a busy server
+    /// does not inflate it) past which new sessions get server_busy, until
+    /// it falls below half of it. Redis store only.
+    ///
+    /// Example: --overload-store 250ms
+    #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
+    overload_store: Duration,
 
     /// Time a new connection has to send its OPEN or RESUME
     ///
@@ -383,6 +408,10 @@ async fn main() -> anyhow::Result<()> {
         session_ttl: args.session_ttl,
         seed: args.seed,
         per_address,
+        overload: OverloadLimits {
+            scheduling_lag: (!args.overload_lag.is_zero()).then_some(args.overload_lag),
+            store_latency: (!args.overload_store.is_zero()).then_some(args.overload_store),
+        },
         max_connections,
         handshake_timeout: args.handshake_timeout,
         ack_timeout: args.ack_timeout,
@@ -542,6 +571,9 @@ async fn redis_store(
         ..RedisStoreConfig::default()
     };
     let redis = RedisStore::connect_lazy(url, config).context("invalid --store URL")?;
+    // All Redis I/O on a thread of its own, made before the first
+    // operation so that the connection is made there (see IsolatedStore).
+    let redis = IsolatedStore::wrap(Arc::new(redis)).context("cannot start the store's thread")?;
     match redis.ping().await {
         Ok(()) => tracing::info!(prefix, "connected to Redis"),
         Err(error) => tracing::warn!(
@@ -549,7 +581,7 @@ async fn redis_store(
             "Redis is not answering; starting anyway and answering store_unavailable until it does"
         ),
     }
-    Ok(Arc::new(redis))
+    Ok(redis)
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use numstream_store::SessionStore;
 use tokio::time::Instant;
 
 /// How often the scheduling-lag probe runs.
@@ -127,10 +128,10 @@ impl Overload {
         self.update();
     }
 
-    /// One store round trip, as the store saw it (not as a starved caller
-    /// did: see `isolated`).
-    pub fn record_store_latency(&self, took: Duration) {
-        smooth(&self.store_ns, took);
+    /// The store's smoothed round trip, as the store saw it (not as a
+    /// starved caller did: see `isolated`).
+    pub(crate) fn set_store_latency(&self, latency: Duration) {
+        self.store_ns.store(to_ns(latency), Ordering::Relaxed);
         self.update();
     }
 
@@ -167,20 +168,18 @@ impl Overload {
 
     /// `Some` while new sessions are refused.
     pub fn overloaded(&self) -> Option<Overloaded> {
-        self.overloaded
-            .load(Ordering::Relaxed)
-            .then(|| Overloaded {
-                scheduling_lag: self.scheduling_lag(),
-                store_latency: self.store_latency(),
-            })
+        self.overloaded.load(Ordering::Relaxed).then(|| Overloaded {
+            scheduling_lag: self.scheduling_lag(),
+            store_latency: self.store_latency(),
+        })
     }
 
-    /// Measures the runtime's scheduling lag every [`PROBE_EVERY`] until the
-    /// last `Arc` is dropped: how much later than asked a timer's task got
-    /// to run, which is how late every other task runs too. Only spawned
-    /// when the lag signal is on.
-    pub(crate) fn spawn_lag_probe(self: &Arc<Self>) {
-        if self.limits.scheduling_lag.is_none() {
+    /// Every [`PROBE_EVERY`] until the last `Arc` is dropped: measures the
+    /// runtime's scheduling lag (how much later than asked a timer's task
+    /// got to run, which is how late every other task runs too) and reads
+    /// the store's latency, if the store measures it.
+    pub(crate) fn spawn_probe(self: &Arc<Self>, store: Arc<dyn SessionStore>) {
+        if self.limits == OverloadLimits::OFF {
             return;
         }
         let overload: Weak<Self> = Arc::downgrade(self);
@@ -189,7 +188,12 @@ impl Overload {
                 let asked = Instant::now() + PROBE_EVERY;
                 tokio::time::sleep_until(asked).await;
                 let lag = Instant::now().saturating_duration_since(asked);
-                let Some(overload) = overload.upgrade() else { return };
+                let Some(overload) = overload.upgrade() else {
+                    return;
+                };
+                if let Some(latency) = store.latency() {
+                    overload.set_store_latency(latency);
+                }
                 overload.record_lag(lag);
             }
         });
@@ -229,17 +233,22 @@ mod tests {
         }
         assert_eq!(overload.overloaded(), None);
         // The store signal alone does it too.
-        for _ in 0..50 {
-            overload.record_store_latency(ms(900));
-        }
+        overload.set_store_latency(ms(900));
         assert!(overload.overloaded().is_some());
+        overload.set_store_latency(ms(100));
+        assert_eq!(overload.overloaded(), None);
     }
 
     #[test]
     fn one_late_sample_is_not_overload() {
         let overload = Overload::new(OverloadLimits::default());
         overload.record_lag(ms(2_000));
-        assert_eq!(overload.overloaded(), None, "lag {:?}", overload.scheduling_lag());
+        assert_eq!(
+            overload.overloaded(),
+            None,
+            "lag {:?}",
+            overload.scheduling_lag()
+        );
     }
 
     #[test]
@@ -247,7 +256,7 @@ mod tests {
         let overload = Overload::new(OverloadLimits::OFF);
         for _ in 0..50 {
             overload.record_lag(ms(10_000));
-            overload.record_store_latency(ms(10_000));
+            overload.set_store_latency(ms(10_000));
         }
         assert_eq!(overload.overloaded(), None);
     }
@@ -265,7 +274,7 @@ mod tests {
                 scheduling_lag: Some(ms(100)),
                 store_latency: None,
             }));
-            overload.spawn_lag_probe();
+            overload.spawn_probe(Arc::new(numstream_store::InMemoryStore::new(1)));
             // Hog the thread: each turn blocks it for 300 ms before yielding.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while overload.overloaded().is_none() {

@@ -162,6 +162,10 @@ impl SessionStore for BatchedRenewals {
         self.inner.occupancy().await
     }
 
+    fn latency(&self) -> Option<Duration> {
+        self.inner.latency()
+    }
+
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         self.inner.takeover_notices()
     }

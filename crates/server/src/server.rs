@@ -23,6 +23,7 @@ use numstream_store::{SessionStore, TakeoverNotice};
 use crate::config::ServerConfig;
 use crate::connection::{self, Shared};
 use crate::digest::LogDigest;
+use crate::overload::Overload;
 use crate::peers::{PeerKey, Peers};
 use crate::registry::Registry;
 use crate::telemetry::{AdmissionRefusal, Telemetry};
@@ -96,6 +97,9 @@ pub async fn run_with_telemetry(
     } else {
         store
     };
+    let overload = Arc::new(Overload::new(config.overload));
+    overload.spawn_probe(store.clone());
+    telemetry.set_overload(overload.clone());
     let peers = Arc::new(Peers::new(config.per_address));
     peers.spawn_sweeper();
     let digest = Arc::new(LogDigest::new());
@@ -111,6 +115,7 @@ pub async fn run_with_telemetry(
         telemetry,
         peers,
         digest,
+        overload,
     });
     let tracker = TaskTracker::new();
     // Takeovers by other instances sharing the store stop our streamers

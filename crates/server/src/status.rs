@@ -203,14 +203,32 @@ impl Status {
                 "at its connection limit ({limit} connections); new clients get server_busy"
             ));
         }
+        if let Some(overloaded) = self.telemetry.overloaded() {
+            return Err(format!("{overloaded}; new sessions get server_busy"));
+        }
         match tokio::time::timeout(READY_PING_TIMEOUT, self.store.ping()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => self.session_room().await,
             Ok(Err(error)) => Err(format!("{} store: {error}", self.store.kind())),
             Err(_) => Err(format!(
                 "{} store did not answer within {}",
                 self.store.kind(),
                 humantime::format_duration(READY_PING_TIMEOUT)
             )),
+        }
+    }
+}
+
+impl Status {
+    /// Whether the store has room for a new session (a full store answers
+    /// every OPEN server_busy). A store that cannot say is taken to have
+    /// room: the ping already answered for its health.
+    async fn session_room(&self) -> Result<(), String> {
+        match tokio::time::timeout(READY_PING_TIMEOUT, self.store.occupancy()).await {
+            Ok(Ok(Some(occupancy))) if occupancy.sessions >= occupancy.max => Err(format!(
+                "at its session limit ({} of {} sessions); new sessions get server_busy",
+                occupancy.sessions, occupancy.max
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -26,6 +26,9 @@ pub mod names {
     pub const CONNECTIONS_ACCEPTED: &str = "numstream_connections_accepted_total";
     pub const CONNECTIONS_OVER_LIMIT: &str = "numstream_connections_over_limit_total";
     pub const ADMISSION_REFUSALS: &str = "numstream_admission_refusals_total";
+    pub const SCHEDULING_LAG: &str = "numstream_scheduling_lag_seconds";
+    pub const STORE_LATENCY: &str = "numstream_store_latency_seconds";
+    pub const OVERLOADED: &str = "numstream_overloaded";
     pub const HANDSHAKE_FAILURES: &str = "numstream_handshake_failures_total";
     pub const REJECTIONS: &str = "numstream_rejections_total";
     pub const SESSIONS_OPEN: &str = "numstream_sessions_open";
@@ -131,16 +134,19 @@ pub(crate) enum AdmissionRefusal {
     SessionsPerAddress,
     /// The peer's address opened sessions faster than its rate.
     SessionRatePerAddress,
+    /// The server is overloaded (scheduling lag or store latency).
+    Overload,
 }
 
 impl AdmissionRefusal {
-    pub(crate) const ALL: [AdmissionRefusal; 6] = [
+    pub(crate) const ALL: [AdmissionRefusal; 7] = [
         Self::Connections,
         Self::Sessions,
         Self::ConnectionsPerAddress,
         Self::HandshakesPerAddress,
         Self::SessionsPerAddress,
         Self::SessionRatePerAddress,
+        Self::Overload,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -155,6 +161,7 @@ impl AdmissionRefusal {
             Self::HandshakesPerAddress => "handshakes_per_address",
             Self::SessionsPerAddress => "sessions_per_address",
             Self::SessionRatePerAddress => "new_session_rate_per_address",
+            Self::Overload => "overload",
         }
     }
 }
@@ -231,6 +238,9 @@ struct Inner {
     /// Client connections open now and the most allowed, for `/readyz`.
     connections_now: AtomicUsize,
     connection_limit: AtomicUsize,
+    /// The server's overload state, once `run` has made it.
+    overload: std::sync::OnceLock<Arc<crate::overload::Overload>>,
+    overload_gauges: Option<OverloadGauges>,
     /// The store's session count, sampled at scrape time, when the store
     /// can count its sessions (the in-memory store).
     session_gauges: Option<SessionGauges>,
@@ -259,6 +269,13 @@ struct Inner {
 
 /// Counts the sessions a store holds, cheaply (called at every scrape).
 pub type SessionCounter = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// The overload signals, sampled at scrape time.
+struct OverloadGauges {
+    scheduling_lag: Gauge,
+    store_latency: Gauge,
+    overloaded: Gauge,
+}
 
 /// `numstream_sessions_open` and `_detached`, sampled from a counter.
 struct SessionGauges {
@@ -308,6 +325,24 @@ impl Telemetry {
             attached_now: AtomicUsize::new(0),
             connections_now: AtomicUsize::new(0),
             connection_limit: AtomicUsize::new(usize::MAX),
+            overload: std::sync::OnceLock::new(),
+            overload_gauges: recorder.is_some().then(|| OverloadGauges {
+                scheduling_lag: r.gauge_or_noop(
+                    names::SCHEDULING_LAG,
+                    vec![],
+                    "How late the server's runtime runs a timer's task, smoothed over about a second: how late every task runs.",
+                ),
+                store_latency: r.gauge_or_noop(
+                    names::STORE_LATENCY,
+                    vec![store()],
+                    "Session store round trip, smoothed over about ten operations.",
+                ),
+                overloaded: r.gauge_or_noop(
+                    names::OVERLOADED,
+                    vec![],
+                    "1 while new sessions are refused because the server is overloaded, else 0.",
+                ),
+            }),
             session_gauges: session_count.and_then(|count| {
                 Some(SessionGauges {
                     count,
@@ -455,6 +490,21 @@ impl Telemetry {
     /// Brings the gauges that are sampled rather than tracked up to date;
     /// call before rendering a scrape.
     pub fn refresh(&self) {
+        if let (Some(gauges), Some(overload)) =
+            (&self.inner.overload_gauges, self.inner.overload.get())
+        {
+            gauges
+                .scheduling_lag
+                .set(overload.scheduling_lag().as_secs_f64());
+            gauges
+                .store_latency
+                .set(overload.store_latency().as_secs_f64());
+            gauges.overloaded.set(if overload.overloaded().is_some() {
+                1.0
+            } else {
+                0.0
+            });
+        }
         if let Some(gauges) = &self.inner.session_gauges {
             let open = (gauges.count)();
             let attached = self.inner.attached_now.load(Ordering::Relaxed);
@@ -489,6 +539,17 @@ impl Telemetry {
                 .enabled
                 .then(|| (self.inner.clone(), Tally::Attached)),
         )
+    }
+
+    /// The overload state `/readyz` and the scrapes report.
+    pub(crate) fn set_overload(&self, overload: Arc<crate::overload::Overload>) {
+        let _ = self.inner.overload.set(overload);
+    }
+
+    /// `Some` while the server refuses new sessions because it is
+    /// overloaded.
+    pub fn overloaded(&self) -> Option<crate::overload::Overloaded> {
+        self.inner.overload.get()?.overloaded()
     }
 
     /// The connection limit `/readyz` compares open connections with.

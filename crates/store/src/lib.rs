@@ -228,6 +228,15 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
         Ok(None)
     }
 
+    /// The store's own round trip, smoothed over its last operations and
+    /// measured where its I/O runs (so not inflated by a busy caller), if
+    /// something measures it; the server refuses new sessions while it is
+    /// high. `None` by default: an in-process store answers in
+    /// microseconds.
+    fn latency(&self) -> Option<Duration> {
+        None
+    }
+
     /// A stream of takeover notices from every process sharing the store,
     /// this one included, or `None` when every takeover is local (the
     /// in-memory store) and the server's own registry already fences it.

@@ -1,0 +1,288 @@
+//! A shared store's I/O on a thread and runtime of its own, so that the
+//! server's own load cannot starve it.
+//!
+//! On the server's runtime, the Redis connection's driver task (which
+//! reads Redis's replies off the socket) and every operation's timeout are
+//! tasks among tens of thousands of streaming connections. When the CPU
+//! runs short, that runtime polls each task later and later: a reply that
+//! Redis sent in a millisecond is read seconds later, the 2 s operation
+//! timeout fires first, a lease renewal counts as failed, the stream is
+//! shed, and its resume times out the same way. The store was never slow;
+//! we were slow to read it (issue 15's collapse).
+//!
+//! Here the inner store runs on a single-threaded runtime on its own OS
+//! thread: the kernel schedules that thread beside the server's worker
+//! threads, so the store gets its fair share of the CPU however many tasks
+//! the server runs, and its timeouts measure Redis, not our run queue.
+//! Each operation is spawned onto that runtime and its result awaited from
+//! the caller's: a cross-thread wake-up per operation, a handful of
+//! operations per session. An operation whose caller gives up still runs
+//! to its end there, which is what a store operation already promises
+//! (each is one atomic step whose outcome the caller may not learn).
+//!
+//! The round trip of every operation, as this runtime saw it, feeds a
+//! smoothed store latency ([`SessionStore::latency`]) for admission control.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use numstream_protocol::{ClientId, ResumeToken};
+use numstream_store::{
+    Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
+};
+
+/// Weight of one operation in the smoothed latency: about the last ten.
+const SMOOTHING: f64 = 0.1;
+
+/// Why the store's runtime could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    #[error("cannot start the session store's thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot build the session store's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// `inner`, run on a runtime of its own. See the module docs.
+pub struct IsolatedStore {
+    inner: Arc<dyn SessionStore>,
+    runtime: Handle,
+    latency_ns: Arc<AtomicU64>,
+    /// Dropping it stops the store's runtime, once the last clone of this
+    /// store is gone.
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for IsolatedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolatedStore")
+            .field("inner", &self.inner)
+            .field("latency", &self.latency())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IsolatedStore {
+    /// Starts the store's thread (`numstream-store`) and runtime, and wraps
+    /// `inner` so that all its I/O happens there. Build `inner` without
+    /// doing I/O (e.g. `RedisStore::connect_lazy`), so that its connection
+    /// and the tasks driving it are made on the store's runtime too.
+    pub fn wrap(inner: Arc<dyn SessionStore>) -> Result<Arc<dyn SessionStore>, IsolationError> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("numstream-store".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                        // Runs the store's tasks until the store is dropped.
+                        runtime.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(error) => {
+                        let _ = handle_tx.send(Err(error));
+                    }
+                }
+            })
+            .map_err(IsolationError::Thread)?;
+        let runtime = handle_rx
+            .recv()
+            .map_err(|_| {
+                IsolationError::Runtime(std::io::Error::other("the store thread ended at once"))
+            })?
+            .map_err(IsolationError::Runtime)?;
+        Ok(Arc::new(Self {
+            inner,
+            runtime,
+            latency_ns: Arc::new(AtomicU64::new(0)),
+            _stop: stop,
+        }))
+    }
+
+    /// Runs `operation` on the store's runtime, timing it there.
+    async fn there<T: Send + 'static>(
+        &self,
+        operation: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let latency = self.latency_ns.clone();
+        let task = self.runtime.spawn(async move {
+            let started = Instant::now();
+            let result = operation.await;
+            smooth(&latency, started.elapsed());
+            result
+        });
+        task.await.map_err(|error| {
+            StoreError::Unavailable(format!("the session store's task failed: {error}"))
+        })
+    }
+}
+
+fn smooth(average: &AtomicU64, sample: Duration) {
+    let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX) as f64;
+    let old = average.load(Ordering::Relaxed) as f64;
+    average.store((old + SMOOTHING * (sample - old)) as u64, Ordering::Relaxed);
+}
+
+#[async_trait::async_trait]
+impl SessionStore for IsolatedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn create(&self, session: NewSession, lease: Duration) -> Result<Attachment, StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.create(session, lease).await })
+            .await?
+    }
+
+    async fn attach(
+        &self,
+        client_id: ClientId,
+        token: &ResumeToken,
+        lease: Duration,
+    ) -> Result<Attachment, StoreError> {
+        let (inner, token) = (self.inner.clone(), *token);
+        self.there(async move { inner.attach(client_id, &token, lease).await })
+            .await?
+    }
+
+    async fn renew(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.renew(client_id, generation, lease).await })
+            .await?
+    }
+
+    async fn renew_many(
+        &self,
+        renewals: &[(ClientId, u64)],
+        lease: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let (inner, batch) = (self.inner.clone(), renewals.to_vec());
+        match self
+            .there(async move { inner.renew_many(&batch, lease).await })
+            .await
+        {
+            Ok(results) => results,
+            Err(error) => vec![Err(error); renewals.len()],
+        }
+    }
+
+    async fn detach(
+        &self,
+        client_id: ClientId,
+        generation: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.detach(client_id, generation, ttl).await })
+            .await?
+    }
+
+    async fn complete(&self, client_id: ClientId, generation: u64) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.complete(client_id, generation).await })
+            .await?
+    }
+
+    async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.lookup(client_id).await })
+            .await?
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.ping().await }).await?
+    }
+
+    async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
+        let inner = self.inner.clone();
+        self.there(async move { inner.occupancy().await }).await?
+    }
+
+    fn latency(&self) -> Option<Duration> {
+        Some(Duration::from_nanos(
+            self.latency_ns.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// The subscription's tasks are spawned on the store's runtime too.
+    fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
+        let _on_store_runtime = self.runtime.enter();
+        self.inner.takeover_notices()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use numstream_store::InMemoryStore;
+
+    /// The server's runtime is blocked (a busy loop that never yields),
+    /// yet an operation the store finished in time is not held up by it:
+    /// it ran on the store's own thread. Without isolation it could not
+    /// even start until the blocking ended.
+    #[test]
+    fn operations_run_while_the_callers_runtime_is_blocked() {
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        caller.block_on(async {
+            let store = IsolatedStore::wrap(Arc::new(InMemoryStore::new(10))).expect("isolate");
+            let session = numstream_store::conformance::session(1);
+            // Spawned on the caller's runtime: it sends the operation to the
+            // store's thread, then this thread blocks.
+            let create = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store
+                        .create(session, Duration::from_secs(30))
+                        .await
+                        .expect("create")
+                }
+            });
+            tokio::task::yield_now().await;
+            let before = std::time::Instant::now();
+            std::thread::sleep(Duration::from_millis(300));
+            // The store did its work meanwhile: the record is there, and
+            // its round trip was measured where it ran, not 300 ms.
+            let attachment = create.await.expect("task");
+            assert_eq!(attachment.generation, 1);
+            let latency = store.latency().expect("measured");
+            assert!(
+                latency < Duration::from_millis(100),
+                "latency {latency:?} after blocking the caller {:?}",
+                before.elapsed()
+            );
+            let info = store.lookup(session.client_id).await.expect("lookup");
+            assert!(info.is_some_and(|info| info.attached));
+        });
+    }
+
+    #[tokio::test]
+    async fn the_isolated_store_passes_the_conformance_suite() {
+        let store = IsolatedStore::wrap(Arc::new(InMemoryStore::new(10_000))).expect("isolate");
+        numstream_store::conformance::run_all(&*store).await;
+    }
+}
