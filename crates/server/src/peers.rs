@@ -120,22 +120,32 @@ impl PeerLimits {
 
     /// The defaults for a server with these global caps: each address may
     /// take a tenth of the connections and of the sessions (at least 64 of
-    /// each, never more than the cap), a quarter of its connections may be
-    /// in their handshake at once (at least 16), and it may open
-    /// [`DEFAULT_SESSION_RATE`] sessions a second.
+    /// each), a quarter of its connections may be in their handshake at
+    /// once (at least 16), and it may open [`DEFAULT_SESSION_RATE`]
+    /// sessions a second. A share that would reach its cap is no limit at
+    /// all (`None`): on a server that small the cap itself is what an
+    /// address runs into, and its refusal should say so.
     pub fn derived(max_connections: usize, max_sessions: usize) -> Self {
-        let share = |cap: usize, floor: u32| {
-            let tenth = u32::try_from(cap / DEFAULT_SHARE_DIVISOR).unwrap_or(u32::MAX);
-            let cap = u32::try_from(cap).unwrap_or(u32::MAX);
-            tenth.max(floor).min(cap).max(1)
+        let share = |cap: usize, part: usize, floor: u32| {
+            let share = u32::try_from(cap / part).unwrap_or(u32::MAX).max(floor);
+            (usize::try_from(share).unwrap_or(usize::MAX) < cap).then_some(share)
         };
-        let connections = share(max_connections, MIN_CONNECTIONS);
+        let connections = share(max_connections, DEFAULT_SHARE_DIVISOR, MIN_CONNECTIONS);
         Self {
-            connections: Some(connections),
-            handshakes: Some((connections / 4).max(MIN_HANDSHAKES).min(connections)),
-            sessions: Some(share(max_sessions, MIN_SESSIONS)),
+            connections,
+            handshakes: Self::handshakes_for(connections.map_or(max_connections, |c| c as usize)),
+            sessions: share(max_sessions, DEFAULT_SHARE_DIVISOR, MIN_SESSIONS),
             new_sessions: Some(DEFAULT_SESSION_RATE),
         }
+    }
+
+    /// The default handshake share of an address that may hold
+    /// `connections`: a quarter, at least 16, `None` where that is all.
+    pub fn handshakes_for(connections: usize) -> Option<u32> {
+        let share = u32::try_from(connections / 4)
+            .unwrap_or(u32::MAX)
+            .max(MIN_HANDSHAKES);
+        (usize::try_from(share).unwrap_or(usize::MAX) < connections).then_some(share)
     }
 }
 
@@ -549,10 +559,16 @@ mod tests {
         assert_eq!(small.connections, Some(67));
         assert_eq!(small.handshakes, Some(16));
         assert_eq!(small.sessions, Some(300));
-        let tiny = PeerLimits::derived(10, 20);
-        assert_eq!(tiny.connections, Some(10));
-        assert_eq!(tiny.handshakes, Some(10));
-        assert_eq!(tiny.sessions, Some(20));
+        // Where a share would reach the cap, the cap alone applies.
+        let tiny = PeerLimits::derived(10, 64);
+        assert_eq!(tiny.connections, None);
+        assert_eq!(tiny.handshakes, None);
+        assert_eq!(tiny.sessions, None);
+        assert_eq!(tiny.new_sessions, Some(DEFAULT_SESSION_RATE));
+        let edge = PeerLimits::derived(65, 65);
+        assert_eq!(edge.connections, Some(64));
+        assert_eq!(edge.handshakes, Some(16));
+        assert_eq!(edge.sessions, Some(64));
         let huge = PeerLimits::derived(usize::MAX, usize::MAX);
         assert!(huge.connections.is_some() && huge.sessions.is_some());
     }

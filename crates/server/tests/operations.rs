@@ -91,6 +91,16 @@ impl Scrape {
     fn has(&self, name: &str) -> bool {
         self.0.keys().any(|(series, _)| series == name)
     }
+
+    /// Whether a series of `name` with all of `labels` exists at all.
+    fn has_series(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.0.keys().any(|(series, have)| {
+            series == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        })
+    }
 }
 
 async fn scrape(status: SocketAddr) -> Scrape {
@@ -400,6 +410,84 @@ async fn readyz_fails_while_the_redis_store_is_down_and_recovers() {
 
     redis.restart();
     readyz_until(status, 200).await;
+}
+
+/// `/readyz` tells a load balancer to send new clients elsewhere while they
+/// would only be told `server_busy`: every connection slot taken, or the
+/// session store full; and takes it back once there is room again. The
+/// refusals are counted by reason.
+#[tokio::test]
+async fn readyz_fails_while_the_server_is_saturated() {
+    let (server, status) = start(
+        &[
+            "--max-connections",
+            "2",
+            "--max-sessions",
+            "3",
+            "--interval",
+            "1s",
+        ],
+        &[],
+    );
+    let address = server_address(&server);
+    readyz_until(status, 200).await;
+
+    // Two streaming connections hold both connection slots.
+    let mut streaming = Vec::new();
+    for _ in 0..2 {
+        let mut client = RawClient::connect(address).await;
+        client
+            .send(Frame::Open(Open {
+                client_id: ClientId::new_v4(),
+                count: 1000,
+            }))
+            .await;
+        assert!(matches!(client.frame().await, Frame::Welcome(_)));
+        streaming.push(client);
+    }
+    let why = readyz_until(status, 503).await;
+    assert!(
+        why.contains("at its connection limit (2 connections)"),
+        "{why}"
+    );
+    let mut refused = RawClient::connect(address).await;
+    refused.expect_error(ErrorCode::ServerBusy).await;
+
+    // Dropped, their sessions wait for a resume: 2 of 3 held, room again.
+    drop(streaming);
+    readyz_until(status, 200).await;
+    // A third session fills the store.
+    let mut third = RawClient::connect(address).await;
+    third
+        .send(Frame::Open(Open {
+            client_id: ClientId::new_v4(),
+            count: 1000,
+        }))
+        .await;
+    assert!(matches!(third.frame().await, Frame::Welcome(_)));
+    let why = readyz_until(status, 503).await;
+    assert!(
+        why.contains("at its session limit (3 of 3 sessions)"),
+        "{why}"
+    );
+
+    let counts = scrape(status).await;
+    assert_eq!(
+        counts.value(
+            "numstream_admission_refusals_total",
+            &[("reason", "connections")]
+        ),
+        1.0,
+        "{counts:#?}"
+    );
+    for reason in ["sessions", "overload", "sessions_per_address"] {
+        assert!(
+            counts.has_series("numstream_admission_refusals_total", &[("reason", reason)]),
+            "every reason is exported from the start: {reason}"
+        );
+    }
+    assert_eq!(counts.value("numstream_overloaded", &[]), 0.0);
+    assert!(counts.has("numstream_scheduling_lag_seconds"));
 }
 
 /// Runs a session with a drop and a resume (and a forged resume) against a
