@@ -372,13 +372,7 @@ fn per_address_limits(args: &Args, max_connections: usize, max_sessions: usize) 
     let connections = given(args.per_address_connections, derived.connections);
     // The handshake default follows the connection quota actually in force.
     let handshake_default = match args.per_address_connections {
-        Some(_) => {
-            PeerLimits::derived(
-                connections.map_or(usize::MAX, |c| c as usize * 10),
-                max_sessions,
-            )
-            .handshakes
-        }
+        Some(_) => PeerLimits::handshakes_for(connections.map_or(max_connections, |c| c as usize)),
         None => derived.handshakes,
     };
     PeerLimits {
