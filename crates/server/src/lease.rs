@@ -87,7 +87,10 @@ impl Lease {
             generation: session.generation,
             length,
             period,
-            next_renewal: granted + period,
+            // Sessions opened in the same second would otherwise renew in
+            // the same second for their whole lives: spread each one's
+            // renewals over the last tenth of the period.
+            next_renewal: granted + period - spread(period / 10, session.client_id),
             stop_at: stop_at(granted, length),
             in_flight: None,
             last_error: None,
@@ -158,7 +161,11 @@ impl Lease {
                         "lease renewal failed; retrying"
                     );
                     self.last_error = Some(error);
-                    self.next_renewal = Instant::now() + RETRY_AFTER.min(self.period);
+                    // Jittered, so that the sessions one store outage failed
+                    // together do not retry together.
+                    let retry_after = RETRY_AFTER.min(self.period);
+                    self.next_renewal =
+                        Instant::now() + retry_after - spread(retry_after / 2, self.client_id);
                 }
             }
         }
@@ -174,6 +181,14 @@ impl Lease {
 }
 
 /// Stop a third of the lease before it lapses in the store.
+/// A fraction of `range` that is the same for every call about one session
+/// and spread evenly across sessions (client ids are random).
+fn spread(range: Duration, client_id: ClientId) -> Duration {
+    let (high, low) = client_id.as_u64_pair();
+    let fraction = ((high ^ low) % 1024) as u32;
+    range * fraction / 1024
+}
+
 fn stop_at(sent: Instant, length: Duration) -> Instant {
     sent + length - length / 3
 }
@@ -281,6 +296,31 @@ mod tests {
         assert!(
             matches!(loss, LeaseLoss::Gone(StoreError::NotFound)),
             "{loss:?}"
+        );
+    }
+
+    #[test]
+    fn renewals_of_sessions_opened_together_are_spread_out() {
+        let range = Duration::from_secs(1);
+        let offsets: std::collections::BTreeSet<Duration> = (1..=200u128)
+            .map(|n| {
+                spread(
+                    range,
+                    ClientId::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C)),
+                )
+            })
+            .collect();
+        assert!(offsets.iter().all(|offset| *offset < range));
+        assert!(
+            offsets.len() > 150,
+            "only {} distinct offsets",
+            offsets.len()
+        );
+        let id = ClientId::from_u128(42);
+        assert_eq!(
+            spread(range, id),
+            spread(range, id),
+            "the same for one session"
         );
     }
 }
