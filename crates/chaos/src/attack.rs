@@ -43,7 +43,7 @@ use numstream_protocol::{
 };
 
 use crate::plan::OPEN_LEN;
-use crate::proxy::socket_from;
+use crate::proxy::connect_from;
 
 /// First three octets of the attacker's source addresses.
 pub const ATTACKER_NETWORK: [u8; 3] = [127, 66, 0];
@@ -54,12 +54,13 @@ const CONNECT_RETRY: Duration = Duration::from_millis(250);
 /// How long churn waits for its WELCOME (or refusal).
 const CHURN_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a hog checks, without reading, whether the server closed one
-/// of its connections.
+/// of its connections. It can tell only once the server's FIN got through:
+/// the kernel's receive buffer (left at its default, which grows to hold a
+/// whole session on loopback) takes every number the server sends, so the
+/// FIN is never stuck behind undelivered data; a server that stops on a
+/// full send queue would close with data unsent, and the hog would keep
+/// counting that connection as held.
 const HOG_CHECK_EVERY: Duration = Duration::from_millis(500);
-/// The hog's receive buffer: small, so that a thousand connections that
-/// never read pin little memory here (the server's send queue and write
-/// timeout are what the attack is about).
-const HOG_RECEIVE_BUFFER: u32 = 8 * 1024;
 
 /// The `k`-th source address of the attacker: 127.66.0.1, 127.66.0.2, ...
 pub fn attacker_source(k: usize) -> Ipv4Addr {
@@ -576,7 +577,7 @@ impl Task {
     /// its WELCOME; opens another when the server closes or refuses it.
     async fn hog(&self, counters: &KindCounters) {
         for attempt in 0.. {
-            let Some(mut stream) = self.connect(counters, Some(HOG_RECEIVE_BUFFER)).await else {
+            let Some(mut stream) = self.connect(counters).await else {
                 return;
             };
             let reply = tokio::select! {
@@ -608,7 +609,7 @@ impl Task {
                 _ = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let Some(mut stream) = self.connect(counters, None).await else {
+            let Some(mut stream) = self.connect(counters).await else {
                 return;
             };
             let reply = tokio::select! {
@@ -628,7 +629,7 @@ impl Task {
     /// refusal, pauses first.
     async fn slowloris(&self, counters: &KindCounters) {
         for attempt in 0.. {
-            let Some(mut stream) = self.connect(counters, None).await else {
+            let Some(mut stream) = self.connect(counters).await else {
                 return;
             };
             counters.hold();
@@ -650,18 +651,11 @@ impl Task {
 
     /// Connects from the unit's address; after a failure (the server may be
     /// down for a restart), pauses and tries again. `None`: stopped.
-    async fn connect(
-        &self,
-        counters: &KindCounters,
-        receive_buffer: Option<u32>,
-    ) -> Option<TcpStream> {
+    async fn connect(&self, counters: &KindCounters) -> Option<TcpStream> {
         loop {
+            let source = Some(IpAddr::V4(self.unit.source));
             let attempt = async {
-                let socket = socket_from(self.addr, IpAddr::V4(self.unit.source))?;
-                if let Some(size) = receive_buffer {
-                    socket.set_recv_buffer_size(size)?;
-                }
-                let stream = socket.connect(self.addr).await?;
+                let stream = connect_from(self.addr, source).await?;
                 stream.set_nodelay(true)?;
                 Ok::<_, std::io::Error>(stream)
             };

@@ -731,7 +731,7 @@ fn attack_summary(
     if config.attack.kinds.is_empty() {
         return None;
     }
-    let cut = plan.max_connections() < config.attack.max_connections;
+    let cut = plan.config().max_connections < config.attack.max_connections;
     let limit = open_file_limit.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
     Some(if plan.is_empty() {
         format!(
@@ -740,8 +740,9 @@ fn attack_summary(
         )
     } else if cut {
         format!(
-            "attacker: {plan} (cut from {} by the open-file limit {limit})",
-            config.attack.max_connections
+            "attacker: {plan} (budget cut from {} to {} connections by the open-file limit {limit})",
+            config.attack.max_connections,
+            plan.config().max_connections
         )
     } else {
         format!("attacker: {plan}")
