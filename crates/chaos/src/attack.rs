@@ -43,7 +43,7 @@ use numstream_protocol::{
 };
 
 use crate::plan::OPEN_LEN;
-use crate::proxy::connect_from;
+use crate::proxy::socket_from;
 
 /// First three octets of the attacker's source addresses.
 pub const ATTACKER_NETWORK: [u8; 3] = [127, 66, 0];
@@ -54,13 +54,23 @@ const CONNECT_RETRY: Duration = Duration::from_millis(250);
 /// How long churn waits for its WELCOME (or refusal).
 const CHURN_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a hog checks, without reading, whether the server closed one
-/// of its connections. It can tell only once the server's FIN got through:
-/// the kernel's receive buffer (left at its default, which grows to hold a
-/// whole session on loopback) takes every number the server sends, so the
-/// FIN is never stuck behind undelivered data; a server that stops on a
-/// full send queue would close with data unsent, and the hog would keep
-/// counting that connection as held.
+/// of its connections.
 const HOG_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// The hog's receive buffer. Small, so that the server's writes to a hog
+/// connection block after a few hundred numbers, like those to any client
+/// that stops reading. With the kernel's default (which grows to hold a
+/// whole session on loopback) every hog session would stream at full speed
+/// for minutes, and a thousand of them take more CPU than a 2-core machine
+/// running debug builds has: the honest clients would then suffer from the
+/// load, which is not what a per-address limit is about.
+const HOG_RECEIVE_BUFFER: u32 = 4 * 1024;
+/// Keepalive on hog connections. A server that gives up on a blocked
+/// connection (write timeout, `TCP_USER_TIMEOUT`) closes it with numbers
+/// unsent: its FIN, if any, is stuck behind them, and the hog would count
+/// the connection as held forever. A keepalive probe to a connection the
+/// server's kernel no longer has is answered with a reset, which the hog
+/// sees without reading.
+const HOG_KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The `k`-th source address of the attacker: 127.66.0.1, 127.66.0.2, ...
 pub fn attacker_source(k: usize) -> Ipv4Addr {
@@ -577,7 +587,7 @@ impl Task {
     /// its WELCOME; opens another when the server closes or refuses it.
     async fn hog(&self, counters: &KindCounters) {
         for attempt in 0.. {
-            let Some(mut stream) = self.connect(counters).await else {
+            let Some(mut stream) = self.connect(counters, Some(HOG_RECEIVE_BUFFER)).await else {
                 return;
             };
             let reply = tokio::select! {
@@ -609,7 +619,7 @@ impl Task {
                 _ = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let Some(mut stream) = self.connect(counters).await else {
+            let Some(mut stream) = self.connect(counters, None).await else {
                 return;
             };
             let reply = tokio::select! {
@@ -629,7 +639,7 @@ impl Task {
     /// refusal, pauses first.
     async fn slowloris(&self, counters: &KindCounters) {
         for attempt in 0.. {
-            let Some(mut stream) = self.connect(counters).await else {
+            let Some(mut stream) = self.connect(counters, None).await else {
                 return;
             };
             counters.hold();
@@ -651,12 +661,26 @@ impl Task {
 
     /// Connects from the unit's address; after a failure (the server may be
     /// down for a restart), pauses and tries again. `None`: stopped.
-    async fn connect(&self, counters: &KindCounters) -> Option<TcpStream> {
+    async fn connect(
+        &self,
+        counters: &KindCounters,
+        receive_buffer: Option<u32>,
+    ) -> Option<TcpStream> {
         loop {
-            let source = Some(IpAddr::V4(self.unit.source));
             let attempt = async {
-                let stream = connect_from(self.addr, source).await?;
+                let socket = socket_from(self.addr, IpAddr::V4(self.unit.source))?;
+                if let Some(size) = receive_buffer {
+                    socket.set_recv_buffer_size(size)?;
+                }
+                let stream = socket.connect(self.addr).await?;
                 stream.set_nodelay(true)?;
+                if receive_buffer.is_some() {
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(HOG_KEEPALIVE)
+                        .with_interval(HOG_KEEPALIVE)
+                        .with_retries(3);
+                    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+                }
                 Ok::<_, std::io::Error>(stream)
             };
             let connected = tokio::select! {

@@ -73,21 +73,26 @@ pub fn ensure_loopback(what: &'static str, addr: SocketAddr) -> Result<(), Proxy
     }
 }
 
-/// Connects to `upstream` from `source` when given (bind before connect,
-/// port chosen by the kernel): on loopback every 127.x.y.z is a distinct
-/// peer, which is how one process plays many users (or an attacker beside
-/// them).
+/// Connects to `upstream` from `source` when given: on loopback every
+/// 127.x.y.z is a distinct peer, which is how one process plays many users
+/// (or an attacker beside them).
 pub async fn connect_from(upstream: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let Some(source) = source else {
-        return TcpStream::connect(upstream).await;
-    };
+    match source {
+        Some(source) => socket_from(upstream, source)?.connect(upstream).await,
+        None => TcpStream::connect(upstream).await,
+    }
+}
+
+/// A socket bound to `source` (port chosen by the kernel), to connect to
+/// `upstream` with: bind before connect, so the peer sees `source`.
+pub fn socket_from(upstream: SocketAddr, source: IpAddr) -> io::Result<TcpSocket> {
     let socket = if upstream.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(upstream).await
+    Ok(socket)
 }
 
 fn ensure_same_family(source: Option<IpAddr>, upstream: SocketAddr) -> Result<(), ProxyError> {

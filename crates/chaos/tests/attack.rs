@@ -238,6 +238,29 @@ async fn the_hog_opens_again_what_the_server_closes() {
     assert!(hog.errors.is_empty(), "{hog:?}");
 }
 
+/// A server that gives up on a hog connection it cannot write to closes
+/// it with numbers unsent, so no FIN reaches the hog; its keepalive finds
+/// out, and it takes another.
+#[tokio::test]
+async fn the_hog_notices_a_server_that_gave_up_on_it() {
+    let server = TestServer::start(numstream_server::ServerConfig {
+        interval: Duration::from_millis(1),
+        write_timeout: Duration::from_millis(500),
+        dead_peer_timeout: Duration::from_millis(500),
+        ..fast_config()
+    })
+    .await;
+    let plan = AttackPlan::new(&config(&[AttackKind::Hog], 2), 8, 1);
+    let attacker = Attacker::start(plan, vec![server.addr]);
+    wait_for(&attacker, "open 3 sessions on each of its 2 slots", |r| {
+        r.kind(AttackKind::Hog).sessions >= 6
+    })
+    .await;
+    let report = stop(attacker).await;
+    let hog = report.kind(AttackKind::Hog);
+    assert!(hog.held_peak <= 2, "one connection per slot: {hog:?}");
+}
+
 #[tokio::test]
 async fn churn_opens_and_drops_sessions_at_its_pace() {
     let server = TestServer::start(fast_config()).await;
