@@ -56,14 +56,15 @@ const CHURN_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a hog checks, without reading, whether the server closed one
 /// of its connections.
 const HOG_CHECK_EVERY: Duration = Duration::from_millis(500);
-/// The hog's receive buffer. Small, so that the server's writes to a hog
-/// connection block after a few hundred numbers, like those to any client
-/// that stops reading. With the kernel's default (which grows to hold a
-/// whole session on loopback) every hog session would stream at full speed
-/// for minutes, and a thousand of them take more CPU than a 2-core machine
-/// running debug builds has: the honest clients would then suffer from the
-/// load, which is not what a per-address limit is about.
-const HOG_RECEIVE_BUFFER: u32 = 4 * 1024;
+/// The hog's receive buffer: the kernel's minimum (it rounds up), so that
+/// the server's writes to a hog connection block after a hundred or two
+/// numbers, like those to any client that stops reading. With the kernel's
+/// default (which grows to hold a whole session on loopback) every hog
+/// session would stream at full speed for minutes, and a thousand of them
+/// take more CPU than a 2-core machine running debug builds has (each
+/// number costs a ChaCha20 block there): the honest clients would suffer
+/// from the load, which is not what a per-address limit is about.
+const HOG_RECEIVE_BUFFER: u32 = 1;
 /// Keepalive on hog connections. A server that gives up on a blocked
 /// connection (write timeout, `TCP_USER_TIMEOUT`) closes it with numbers
 /// unsent: its FIN, if any, is stuck behind them, and the hog would count
