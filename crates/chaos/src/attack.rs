@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -42,7 +42,7 @@ use numstream_protocol::{
     ClientId, ErrorCode, Frame, MAX_PAYLOAD_LEN, Open, decode_frame, encode_frame,
 };
 
-use crate::plan::OPEN_LEN;
+use crate::plan::{OPEN_LEN, seeded_rng};
 use crate::proxy::socket_from;
 
 /// First three octets of the attacker's source addresses.
@@ -282,12 +282,7 @@ impl AttackPlan {
     }
 
     fn rng(&self, unit: &AttackUnit, attempt: u64, domain: &[u8; 8]) -> ChaCha8Rng {
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&self.seed.to_le_bytes());
-        key[8..16].copy_from_slice(&unit.stream.to_le_bytes());
-        key[16..24].copy_from_slice(&attempt.to_le_bytes());
-        key[24..].copy_from_slice(domain);
-        ChaCha8Rng::from_seed(key)
+        seeded_rng(self.seed, unit.stream, attempt, domain)
     }
 }
 
