@@ -5,17 +5,23 @@
 //! - [`proxy`]: [`proxy::ChaosProxy`], a loopback-only TCP proxy that applies
 //!   those plans: close (FIN) or reset (RST) at a byte or a moment, stalls
 //!   in one or both directions, added latency, 1-byte writes, half-closes.
+//! - [`attack`]: [`attack::Attacker`], an abusive client (connection hog,
+//!   open-and-drop churn, handshake slowloris) from source addresses of its
+//!   own, run beside the honest clients.
 //! - [`run`]: the chaos run: real `numstream-server` processes, killed and
-//!   restarted, clients in-process behind proxies, every result checked
+//!   restarted, clients in-process behind proxies (each from its own source
+//!   address), an attacker beside them, every client's result checked
 //!   against the fault-free reference.
 //!
 //! The binaries `numstream-chaos-proxy` and `numstream-chaos` are thin
 //! command lines over these.
 
+pub mod attack;
 pub mod plan;
 pub mod proxy;
 pub mod run;
 pub mod servers;
 
+pub use attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker};
 pub use plan::{ConnectionPlan, Fault, FaultKind, FaultProfile, Schedule};
 pub use proxy::{ChaosProxy, ProxyError};

@@ -321,6 +321,18 @@ impl Default for FaultProfile {
     }
 }
 
+/// The randomness of draw `ordinal` on `stream` of a run with `seed`, for
+/// one purpose (`domain`): independent of every other draw, and the same on
+/// every replay.
+pub(crate) fn seeded_rng(seed: u64, stream: u64, ordinal: u64, domain: &[u8; 8]) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&stream.to_le_bytes());
+    key[16..24].copy_from_slice(&ordinal.to_le_bytes());
+    key[24..].copy_from_slice(domain);
+    ChaCha8Rng::from_seed(key)
+}
+
 /// The plans of one stream: connection `n` on it gets `plan(n)`.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -424,12 +436,7 @@ impl Schedule {
     }
 
     fn rng(&self, ordinal: u64, domain: &[u8; 8]) -> ChaCha8Rng {
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&self.seed.to_le_bytes());
-        key[8..16].copy_from_slice(&self.stream.to_le_bytes());
-        key[16..24].copy_from_slice(&ordinal.to_le_bytes());
-        key[24..].copy_from_slice(domain);
-        ChaCha8Rng::from_seed(key)
+        seeded_rng(self.seed, self.stream, ordinal, domain)
     }
 
     fn raw_plan(&self, ordinal: u64) -> ConnectionPlan {

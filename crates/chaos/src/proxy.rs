@@ -9,14 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,14 @@ pub enum ProxyError {
         what: &'static str,
         addr: SocketAddr,
     },
+    #[error(
+        "source address {source_ip} and upstream {upstream} are of different address \
+         families: the proxy cannot connect from one to the other"
+    )]
+    FamilyMismatch {
+        source_ip: IpAddr,
+        upstream: SocketAddr,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -62,6 +70,40 @@ pub fn ensure_loopback(what: &'static str, addr: SocketAddr) -> Result<(), Proxy
         Ok(())
     } else {
         Err(ProxyError::NotLoopback { what, addr })
+    }
+}
+
+/// Connects to `upstream` from `source` when given: on loopback every
+/// 127.x.y.z is a distinct peer, which is how one process plays many users
+/// (or an attacker beside them).
+pub async fn connect_from(upstream: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    match source {
+        Some(source) => socket_from(upstream, source)?.connect(upstream).await,
+        None => TcpStream::connect(upstream).await,
+    }
+}
+
+/// A socket bound to `source` (port chosen by the kernel), to connect to
+/// `upstream` with: bind before connect, so the peer sees `source`.
+pub fn socket_from(upstream: SocketAddr, source: IpAddr) -> io::Result<TcpSocket> {
+    let socket = if upstream.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
+}
+
+fn ensure_same_family(source: Option<IpAddr>, upstream: SocketAddr) -> Result<(), ProxyError> {
+    match source {
+        Some(source_ip) if source_ip.is_ipv4() != upstream.is_ipv4() => {
+            Err(ProxyError::FamilyMismatch {
+                source_ip,
+                upstream,
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -104,6 +146,9 @@ impl ProxyStats {
 #[derive(Debug)]
 struct Shared {
     upstream: Mutex<SocketAddr>,
+    /// The address upstream connections come from; `None`: the kernel's
+    /// choice (127.0.0.1 on loopback).
+    source: Option<IpAddr>,
     schedule: Schedule,
     next_ordinal: AtomicU64,
     stats: Mutex<ProxyStats>,
@@ -126,8 +171,24 @@ impl ChaosProxy {
         upstream: SocketAddr,
         schedule: Schedule,
     ) -> Result<Self, ProxyError> {
+        Self::start_from(listen, upstream, None, schedule).await
+    }
+
+    /// [`ChaosProxy::start`], connecting upstream from `source` (a loopback
+    /// address of the upstream's family) when given, so the server sees
+    /// this proxy's connections come from that address.
+    pub async fn start_from(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        source: Option<IpAddr>,
+        schedule: Schedule,
+    ) -> Result<Self, ProxyError> {
         ensure_loopback("listen", listen)?;
         ensure_loopback("upstream", upstream)?;
+        if let Some(source) = source {
+            ensure_loopback("source", SocketAddr::new(source, 0))?;
+        }
+        ensure_same_family(source, upstream)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ProxyError::Listen {
@@ -140,6 +201,7 @@ impl ChaosProxy {
         })?;
         let shared = Arc::new(Shared {
             upstream: Mutex::new(upstream),
+            source,
             schedule,
             next_ordinal: AtomicU64::new(0),
             stats: Mutex::new(ProxyStats::default()),
@@ -155,6 +217,16 @@ impl ChaosProxy {
         Self::start(SocketAddr::from(([127, 0, 0, 1], 0)), upstream, schedule).await
     }
 
+    /// On 127.0.0.1 with a free port, connecting upstream from `source`.
+    pub async fn start_local_from(
+        upstream: SocketAddr,
+        source: IpAddr,
+        schedule: Schedule,
+    ) -> Result<Self, ProxyError> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_from(listen, upstream, Some(source), schedule).await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -163,9 +235,15 @@ impl ChaosProxy {
         self.addr.port()
     }
 
+    /// Where upstream connections come from (`None`: the kernel's choice).
+    pub fn source(&self) -> Option<IpAddr> {
+        self.shared.source
+    }
+
     /// Points new connections at another (loopback) upstream.
     pub fn set_upstream(&self, upstream: SocketAddr) -> Result<(), ProxyError> {
         ensure_loopback("upstream", upstream)?;
+        ensure_same_family(self.shared.source, upstream)?;
         *lock(&self.shared.upstream) = upstream;
         Ok(())
     }
@@ -254,7 +332,8 @@ async fn serve(
     stop: CancellationToken,
 ) {
     let upstream = *lock(&shared.upstream);
-    let mut server = match timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream)).await {
+    let connect = connect_from(upstream, shared.source);
+    let mut server = match timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(server)) => server,
         _ => {
             // Like a server that is down: the client sees its connection

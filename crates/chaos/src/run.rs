@@ -1,7 +1,13 @@
 //! The chaos run: K real server processes, M clients (the client library,
 //! in-process) each behind its own fault-injecting proxies, server
-//! instances killed and restarted along the way, and every client's result
-//! checked against the fault-free reference.
+//! instances killed and restarted along the way, optionally an attacker
+//! beside the clients (`crate::attack`), and every client's result checked
+//! against the fault-free reference.
+//!
+//! Each client's proxies connect to the servers from the client's own
+//! loopback address (127.1.x.y by client index, see [`honest_source`]), so
+//! the servers see the honest clients as many distinct users, and the
+//! attacker (127.66.0.x) as someone else.
 //!
 //! What is asserted, per client:
 //!
@@ -18,7 +24,7 @@
 //!   or print OK with a wrong result.
 //! - With a shared store (Redis), nothing is lost: every client must pass.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +41,7 @@ use numstream_client::{ClientConfig, Report};
 use numstream_protocol::prng::NumberGenerator;
 use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
 
+use crate::attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker};
 use crate::plan::{FaultKind, FaultProfile, NUMBER_LEN, Schedule, WELCOME_LEN};
 use crate::proxy::{ChaosProxy, ConnectionRecord, ProxyStats};
 use crate::servers::{ServerProcess, ServerSpec, Signal};
@@ -80,6 +87,13 @@ pub struct ChaosConfig {
     pub log_dir: PathBuf,
     /// Print every client with its connections, not only the failures.
     pub verbose: bool,
+    /// Distinct source addresses the clients spread over (client `i` uses
+    /// the `i mod n`-th); `None`: one per client.
+    pub client_addresses: Option<usize>,
+    /// The abusive client beside the honest ones (no kinds: none).
+    pub attack: AttackConfig,
+    /// Passed on to every server instance after the harness's own flags.
+    pub server_args: Vec<String>,
 }
 
 impl ChaosConfig {
@@ -111,6 +125,9 @@ impl ChaosConfig {
             reference_runs: 3,
             log_dir: std::env::temp_dir().join(format!("numstream-chaos-{seed}")),
             verbose: false,
+            client_addresses: None,
+            attack: AttackConfig::default(),
+            server_args: Vec::new(),
         };
         match name {
             "short" => Some(base),
@@ -131,11 +148,60 @@ impl ChaosConfig {
                 downtime: (Duration::from_millis(500), Duration::from_secs(3)),
                 client_time_limit: Duration::from_secs(300),
                 reference_runs: 10,
+                attack: AttackConfig {
+                    kinds: AttackKind::ALL.to_vec(),
+                    ..AttackConfig::default()
+                },
                 ..base
             }),
             _ => None,
         }
     }
+}
+
+/// The `k`-th honest source address: 127.1.0.1, ..., 127.1.0.254,
+/// 127.1.1.1, ... (254 to a /24, wrapping after 65,024).
+pub fn honest_source(k: usize) -> Ipv4Addr {
+    let k = k % (254 * 256);
+    Ipv4Addr::new(127, 1, (k / 254) as u8, (k % 254 + 1) as u8)
+}
+
+/// Where client `index`'s proxies connect to the servers from.
+pub fn client_source(config: &ChaosConfig, index: usize) -> IpAddr {
+    let k = config
+        .client_addresses
+        .map_or(index, |addresses| index % addresses.max(1));
+    IpAddr::V4(honest_source(k))
+}
+
+/// Descriptors this process needs for the honest clients at their busiest:
+/// per running client its proxies' listeners and a few proxied
+/// connections (three descriptors each: the client's socket, the proxy's
+/// accepted one, the proxy's upstream one; stalled ones are held a while
+/// after the client moved on), plus a margin for everything else.
+pub fn honest_descriptors(config: &ChaosConfig) -> u64 {
+    const MARGIN: u64 = 64;
+    const LIVE_CONNECTIONS_PER_CLIENT: u64 = 4;
+    let proxies = match config.store {
+        StoreMode::Memory => 1,
+        StoreMode::Redis(_) => config.servers as u64,
+    };
+    let running = config.concurrency.min(config.clients) as u64;
+    MARGIN + running * (proxies + 3 * LIVE_CONNECTIONS_PER_CLIENT)
+}
+
+/// The attack of this run: the configured one, its connection budget cut
+/// to what the open-file limit leaves after the honest traffic.
+pub fn attack_plan(config: &ChaosConfig, open_file_limit: Option<u64>) -> AttackPlan {
+    let mut attack = config.attack.clone();
+    if !attack.kinds.is_empty() {
+        attack.max_connections = crate::attack::connection_budget(
+            attack.max_connections,
+            open_file_limit,
+            honest_descriptors(config),
+        );
+    }
+    AttackPlan::new(&attack, config.seed, config.servers)
 }
 
 /// One client of the run, derived from the seed.
@@ -333,6 +399,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
             StoreMode::Redis(url) => Some(url.clone()),
         },
         log_dir: config.log_dir.clone(),
+        extra_args: config.server_args.clone(),
     };
     let mut servers = Vec::new();
     for index in 0..config.servers {
@@ -356,6 +423,14 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         kills.clone(),
         clients_done.clone(),
     ));
+
+    let open_file_limit = rlimit::Resource::NOFILE.get().ok().map(|(soft, _)| soft);
+    let attack = attack_plan(&config, open_file_limit);
+    let attack_line = attack_summary(&config, &attack, open_file_limit);
+    let attacker = (!attack.is_empty()).then(|| Attacker::start(attack, addrs.clone()));
+    if let Some(line) = &attack_line {
+        eprintln!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+    }
 
     let done = Arc::new(AtomicUsize::new(0));
     let progress = tokio::spawn(report_progress(done.clone(), total, started));
@@ -382,6 +457,10 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
     }
     clients_done.cancel();
     progress.abort();
+    let attack_report = match attacker {
+        Some(attacker) => Some(attacker.stop().await),
+        None => None,
+    };
     let (servers, kill_error) = killer.await?;
 
     let kills = kills.lock().map(|k| k.clone()).unwrap_or_default();
@@ -401,6 +480,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
 
     drop(servers);
     let reference_lines = reference_runs(&config, &spec, &results, &verdicts).await;
+    let attack = attack_line.map(|line| (line, attack_report.unwrap_or_default()));
     let mut outcome = summarize(
         &config,
         &results,
@@ -408,6 +488,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         &kills,
         kill_error,
         &reference_lines,
+        attack.as_ref(),
         started,
     );
     if reference_lines.iter().any(|(ok, _)| !ok) {
@@ -436,7 +517,8 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
     for &server in &order {
         let stream = (spec.index as u64) << 8 | server as u64;
         let schedule = Schedule::new(config.seed, stream, profile.clone());
-        match ChaosProxy::start_local(addrs[server], schedule).await {
+        let source = client_source(config, spec.index);
+        match ChaosProxy::start_local_from(addrs[server], source, schedule).await {
             Ok(proxy) => proxies.push((server, proxy)),
             Err(error) => {
                 // Cannot happen on loopback short of running out of ports;
@@ -638,6 +720,59 @@ async fn reference_runs(
     lines
 }
 
+/// What the attacker of this run does (or why it does nothing), for the
+/// progress output and the summary; `None` without an attack.
+fn attack_summary(
+    config: &ChaosConfig,
+    plan: &AttackPlan,
+    open_file_limit: Option<u64>,
+) -> Option<String> {
+    if config.attack.kinds.is_empty() {
+        return None;
+    }
+    let cut = plan.config().max_connections < config.attack.max_connections;
+    let limit = open_file_limit.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
+    Some(if plan.is_empty() {
+        format!(
+            "attacker: none: the open-file limit ({limit}) leaves no room for it beside the \
+             honest clients (raise `ulimit -n`)"
+        )
+    } else if cut {
+        format!(
+            "attacker: {plan} (budget cut from {} to {} connections by the open-file limit {limit})",
+            config.attack.max_connections,
+            plan.config().max_connections
+        )
+    } else {
+        format!("attacker: {plan}")
+    })
+}
+
+/// The flags, beyond profile and seed, that replay this run.
+fn replay_flags(config: &ChaosConfig) -> String {
+    let mut flags = String::new();
+    if let StoreMode::Redis(_) = config.store {
+        flags.push_str(" --redis");
+    }
+    let profile_attack = ChaosConfig::profile(&config.profile_name, 0, PathBuf::new())
+        .map(|profile| profile.attack.kinds)
+        .unwrap_or_default();
+    if config.attack.kinds != profile_attack {
+        flags.push_str(&format!(
+            " --attack {}",
+            AttackKind::list_name(&config.attack.kinds)
+        ));
+    }
+    if let Some(addresses) = config.client_addresses {
+        flags.push_str(&format!(" --client-addresses {addresses}"));
+    }
+    for arg in &config.server_args {
+        flags.push_str(&format!(" --server-arg={arg}"));
+    }
+    flags
+}
+
+#[allow(clippy::too_many_arguments)]
 fn summarize(
     config: &ChaosConfig,
     results: &[ClientResult],
@@ -645,6 +780,7 @@ fn summarize(
     kills: &[Kill],
     kill_error: Option<String>,
     reference_lines: &[(bool, String)],
+    attack: Option<&(String, AttackReport)>,
     started: Instant,
 ) -> RunOutcome {
     let mut out = String::new();
@@ -704,6 +840,21 @@ fn summarize(
         stats.with_latency,
         stats.with_split
     ));
+    let mut sources: Vec<IpAddr> = results
+        .iter()
+        .map(|r| client_source(config, r.spec.index))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    if let (Some(first), Some(last)) = (sources.first(), sources.last()) {
+        out.push_str(&format!(
+            "honest clients from {} source addresses ({first}–{last})\n",
+            sources.len()
+        ));
+    }
+    if let Some((line, report)) = attack {
+        out.push_str(&format!("{line}\n{report}"));
+    }
     let reconnects: Vec<u32> = results
         .iter()
         .filter_map(|r| r.report.as_ref().map(|rep| rep.reconnects))
@@ -775,8 +926,11 @@ fn summarize(
         }
         if failure {
             out.push_str(&format!(
-                "    replay: numstream-chaos --profile {} --seed {} --client {}\n",
-                config.profile_name, config.seed, result.spec.index
+                "    replay: numstream-chaos --profile {} --seed {} --client {}{}\n",
+                config.profile_name,
+                config.seed,
+                result.spec.index,
+                replay_flags(config)
             ));
         }
     }
@@ -791,10 +945,7 @@ fn summarize(
         started.elapsed().as_secs_f64(),
         config.profile_name,
         config.seed,
-        match &config.store {
-            StoreMode::Memory => "",
-            StoreMode::Redis(_) => " --redis",
-        }
+        replay_flags(config)
     ));
     let passed = verdicts.iter().filter(|v| v.passed()).count();
     RunOutcome {
@@ -936,6 +1087,68 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn honest_clients_come_from_addresses_of_their_own() {
+        let mut config = ChaosConfig::profile("long", 5, PathBuf::from("x")).expect("profile");
+        let sources: Vec<IpAddr> = (0..config.clients)
+            .map(|i| client_source(&config, i))
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = sources.iter().collect();
+        assert_eq!(distinct.len(), config.clients, "one address per client");
+        assert!(
+            sources
+                .iter()
+                .all(|s| s.is_loopback() && *s != IpAddr::from([127, 0, 0, 1]))
+        );
+        assert_eq!(
+            client_source(&config, 7),
+            sources[7],
+            "by index, not by chance"
+        );
+        config.client_addresses = Some(4);
+        let spread: std::collections::BTreeSet<_> =
+            (0..100).map(|i| client_source(&config, i)).collect();
+        assert_eq!(spread.len(), 4);
+        config.client_addresses = Some(1);
+        assert_eq!(client_source(&config, 0), client_source(&config, 99));
+    }
+
+    #[test]
+    fn the_long_profile_attacks_within_the_open_file_limit() {
+        let short = ChaosConfig::profile("short", 5, PathBuf::from("x")).expect("profile");
+        assert!(
+            short.attack.kinds.is_empty(),
+            "short attacks only when asked"
+        );
+        assert!(attack_plan(&short, Some(20_000)).is_empty());
+        assert_eq!(replay_flags(&short), "");
+
+        let long = ChaosConfig::profile("long", 5, PathBuf::from("x")).expect("profile");
+        assert_eq!(long.attack.kinds, AttackKind::ALL.to_vec());
+        assert_eq!(replay_flags(&long), "");
+        let roomy = attack_plan(&long, Some(20_000));
+        assert!(roomy.max_connections() > 900 && roomy.max_connections() <= 1000);
+        // 150 clients at once need about 2,000 descriptors: under a limit
+        // of 2,600 the attacker gets the rest (less what an even split over
+        // 3 servers rounds off).
+        let tight = attack_plan(&long, Some(2600));
+        let room = 2600 - honest_descriptors(&long) as usize;
+        assert!(room < 1000);
+        assert!(tight.max_connections() <= room && tight.max_connections() + 3 > room);
+        assert!(attack_plan(&long, Some(1024)).is_empty());
+
+        let mut asked = short.clone();
+        asked.attack.kinds = vec![AttackKind::Hog];
+        asked.server_args = vec!["--max-connections=50".into()];
+        assert_eq!(
+            replay_flags(&asked),
+            " --attack hog --server-arg=--max-connections=50"
+        );
+        let mut off = long.clone();
+        off.attack.kinds.clear();
+        assert_eq!(replay_flags(&off), " --attack none");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ServerSpec {
     /// `--store URL` (a shared Redis store); `None` for the in-memory store.
     pub store_url: Option<String>,
     pub log_dir: PathBuf,
+    /// Passed on after the harness's own flags (e.g. `--max-connections 50`).
+    pub extra_args: Vec<String>,
 }
 
 /// How to stop an instance.
@@ -154,6 +156,7 @@ impl ServerProcess {
         if let Some(url) = &self.spec.store_url {
             command.arg("--store").arg(url);
         }
+        command.args(&self.spec.extra_args);
         let child = command
             .spawn()
             .with_context(|| format!("cannot run {}", self.spec.bin.display()))?;

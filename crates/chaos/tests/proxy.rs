@@ -2,7 +2,7 @@
 //! TCP, with a plain socket on either side.
 
 use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use numstream_chaos::plan::{
@@ -107,6 +107,61 @@ async fn refuses_anything_but_loopback() {
     assert!(proxy.set_upstream(remote).is_err());
     let v6: SocketAddr = "[::1]:7000".parse().expect("addr");
     assert!(proxy.set_upstream(v6).is_ok());
+}
+
+#[tokio::test]
+async fn connects_upstream_from_the_assigned_source_address() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let source: IpAddr = "127.1.2.3".parse().expect("addr");
+    let sourced = ChaosProxy::start_local_from(upstream_addr, source, Schedule::pass())
+        .await
+        .expect("proxy");
+    assert_eq!(sourced.source(), Some(source));
+    // Without a source, the kernel picks (127.0.0.1 towards 127.0.0.1).
+    let plain = ChaosProxy::start_local(upstream_addr, Schedule::pass())
+        .await
+        .expect("proxy");
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    for (proxy, expected) in [(&sourced, source), (&sourced, source), (&plain, loopback)] {
+        let _client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let (_server, peer) = timeout(PATIENCE, upstream.accept())
+            .await
+            .expect("proxy connects upstream")
+            .expect("accept");
+        assert_eq!(peer.ip(), expected, "the address the server sees");
+    }
+}
+
+#[tokio::test]
+async fn refuses_a_source_it_cannot_use() {
+    let upstream: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let remote: IpAddr = "192.0.2.1".parse().expect("addr");
+    let v6: IpAddr = "::1".parse().expect("addr");
+    match ChaosProxy::start_local_from(upstream, remote, Schedule::pass()).await {
+        Err(error @ ProxyError::NotLoopback { .. }) => {
+            assert!(error.to_string().contains("source address"), "{error}");
+        }
+        other => panic!("a remote source must be refused, got {other:?}"),
+    }
+    match ChaosProxy::start_local_from(upstream, v6, Schedule::pass()).await {
+        Err(error @ ProxyError::FamilyMismatch { .. }) => {
+            assert!(error.to_string().contains("address families"), "{error}");
+        }
+        other => panic!("an IPv6 source towards IPv4 must be refused, got {other:?}"),
+    }
+    let proxy = ChaosProxy::start_local_from(
+        upstream,
+        "127.1.0.1".parse().expect("addr"),
+        Schedule::pass(),
+    )
+    .await
+    .expect("loopback source");
+    let v6_upstream: SocketAddr = "[::1]:7000".parse().expect("addr");
+    assert!(matches!(
+        proxy.set_upstream(v6_upstream),
+        Err(ProxyError::FamilyMismatch { .. })
+    ));
 }
 
 #[tokio::test]

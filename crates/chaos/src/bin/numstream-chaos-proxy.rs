@@ -7,7 +7,7 @@
 //! numstream-client --port 7100 --count 500
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,6 +28,11 @@ struct Args {
     /// Server to forward to (loopback only), e.g. 127.0.0.1:7000.
     #[arg(long)]
     upstream: SocketAddr,
+    /// Connect upstream from this (loopback) address, e.g. 127.1.0.7, so the
+    /// server sees the proxied clients as that peer. Default: the kernel's
+    /// choice.
+    #[arg(long)]
+    source: Option<IpAddr>,
     /// Seed of the fault schedule; the same seed gives the same plans.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -90,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         ..FaultProfile::default()
     };
     let schedule = Schedule::new(args.seed, args.stream, profile);
-    let proxy = ChaosProxy::start(args.listen, args.upstream, schedule)
+    let proxy = ChaosProxy::start_from(args.listen, args.upstream, args.source, schedule)
         .await
         .context("cannot start the proxy")?;
     tracing::info!(

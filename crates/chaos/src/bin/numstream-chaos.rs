@@ -3,7 +3,8 @@
 //! ```sh
 //! cargo build -p numstream-server -p numstream-chaos
 //! target/debug/numstream-chaos --profile short            # about a minute
-//! target/debug/numstream-chaos --profile long --seed 7    # thousands of sessions
+//! target/debug/numstream-chaos --profile long --seed 7    # thousands of sessions, an attacker beside them
+//! target/debug/numstream-chaos --profile short --attack hog,churn,slowloris
 //! ```
 //!
 //! Exits 0 when every client passed, 1 otherwise; the last line of stdout is
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use numstream_chaos::attack::AttackKind;
 use numstream_chaos::plan::FaultKind;
 use numstream_chaos::run::{ChaosConfig, StoreMode};
 use rand::RngExt;
@@ -68,6 +70,36 @@ struct Args {
     /// List every client with what happened to each of its connections.
     #[arg(long)]
     verbose: bool,
+    /// An abusive client beside the honest ones, against every server from
+    /// 127.66.0.x: comma-separated kinds of hog (holds connections with
+    /// sessions it never reads), churn (open-and-drop loops), slowloris
+    /// (silent or partial handshakes), or none. Default: all in the long
+    /// profile, none in the short one.
+    #[arg(long, value_name = "KINDS", value_parser = parse_attack)]
+    attack: Option<Attacks>,
+    /// Most connections the attacker holds at once, over all servers (cut to
+    /// what the open-file limit leaves).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    attack_connections: Option<u32>,
+    /// Opens per second of each churn task (2 per server).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    attack_rate: Option<u32>,
+    /// Spread the honest clients over this many source addresses (127.1.x.y)
+    /// instead of one each; 1 puts them all behind one address, like a NAT.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65_024))]
+    client_addresses: Option<u32>,
+    /// Pass ARG to every numstream-server (repeat for more), e.g.
+    /// `--server-arg=--max-connections=50`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+}
+
+/// Attack kinds as `--attack` takes them (an empty list is `none`).
+#[derive(Debug, Clone)]
+struct Attacks(Vec<AttackKind>);
+
+fn parse_attack(text: &str) -> Result<Attacks, String> {
+    AttackKind::parse_list(text).map(Attacks)
 }
 
 fn default_server_bin() -> anyhow::Result<PathBuf> {
@@ -129,6 +161,18 @@ async fn real_main() -> anyhow::Result<bool> {
     if let Some(dir) = args.log_dir {
         config.log_dir = dir;
     }
+    if let Some(Attacks(kinds)) = args.attack {
+        config.attack.kinds = kinds;
+    }
+    if let Some(connections) = args.attack_connections {
+        config.attack.max_connections = connections as usize;
+    }
+    if let Some(rate) = args.attack_rate {
+        config.attack.churn_rate = rate;
+    }
+    config.client_addresses = args.client_addresses.map(|n| n as usize);
+    config.server_args = args.server_arg;
+    raise_open_file_limit();
 
     // Kept alive for the whole run when used.
     let mut _redis = None;
@@ -164,6 +208,22 @@ async fn real_main() -> anyhow::Result<bool> {
     };
     print!("{}", outcome.summary);
     Ok(outcome.failed == 0)
+}
+
+/// Raises the soft open-file limit to the hard one: the proxies hold three
+/// descriptors per honest connection and the attacker one per connection,
+/// and a login's usual 1024 is not enough for the long profile. The server
+/// processes inherit the raised limit (their default `--max-connections`
+/// follows it).
+fn raise_open_file_limit() {
+    let before = rlimit::Resource::NOFILE.get().ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) if before.is_some_and(|(soft, _)| soft < now) => {
+            eprintln!("numstream-chaos: open-file limit raised to {now}");
+        }
+        Ok(_) => {}
+        Err(error) => eprintln!("numstream-chaos: cannot raise the open-file limit: {error}"),
+    }
 }
 
 async fn interrupted() -> &'static str {
