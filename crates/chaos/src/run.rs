@@ -121,7 +121,9 @@ impl ChaosConfig {
             store: StoreMode::Memory,
             server_bin,
             only_client: None,
-            client_time_limit: Duration::from_secs(120),
+            // Past the client's own open timeout (120 s, below): a client
+            // kept out that long gives up by itself (exit 4) first.
+            client_time_limit: Duration::from_secs(180),
             reference_runs: 3,
             log_dir: std::env::temp_dir().join(format!("numstream-chaos-{seed}")),
             verbose: false,
@@ -387,6 +389,9 @@ pub struct RunOutcome {
 
 /// Runs the chaos experiment described by `config`. Progress goes to
 /// stderr; the returned summary is for stdout.
+/// Servers' open-file limit in a run with an attacker (see `run`).
+const ATTACKED_SERVER_OPEN_FILES: u64 = 1024;
+
 pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
     let spec = ServerSpec {
@@ -400,6 +405,11 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         },
         log_dir: config.log_dir.clone(),
         extra_args: config.server_args.clone(),
+        // Beside an attacker, servers run as they would out of the box
+        // under a login shell's usual limit: default flags, so the
+        // per-address shares are a tenth of a 640-connection cap, and the
+        // attacker meets the defaults a user would.
+        open_files: (!config.attack.kinds.is_empty()).then_some(ATTACKED_SERVER_OPEN_FILES),
     };
     let mut servers = Vec::new();
     for index in 0..config.servers {

@@ -29,6 +29,9 @@ pub struct ServerSpec {
     pub log_dir: PathBuf,
     /// Passed on after the harness's own flags (e.g. `--max-connections 50`).
     pub extra_args: Vec<String>,
+    /// The servers' open-file limit, when the run sets one: a server sizes
+    /// its connection limit, and with it every per-address share, from it.
+    pub open_files: Option<u64>,
 }
 
 /// How to stop an instance.
@@ -137,7 +140,19 @@ impl ServerProcess {
 
     async fn launch(&mut self) -> anyhow::Result<()> {
         let log = open_log(&self.log_path())?;
-        let mut command = Command::new(&self.spec.bin);
+        let mut command = match self.spec.open_files {
+            // The shell sets the limit, then becomes the server (same pid,
+            // so the harness's signals reach it).
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(&self.spec.bin);
+                shell
+            }
+            None => Command::new(&self.spec.bin),
+        };
         command
             .arg("--port")
             .arg(self.port.to_string())
