@@ -437,7 +437,7 @@ impl Connection {
         // quota and its rate of new sessions. Resumes skip all of these:
         // sessions already admitted keep priority.
         let peer = self.admission.ticket.peer();
-        if let Some(overloaded) = self.shared.overload.overloaded() {
+        if let Err(overloaded) = self.shared.overload.admit() {
             debug!(%peer, %overloaded, "OPEN refused: overloaded");
             self.shared
                 .admission_refused(AdmissionRefusal::Overload, peer);

@@ -167,10 +167,10 @@ struct Args {
     ///
     /// 0s to 1h. The server's scheduling lag (how much later than asked a
     /// timer's task runs, smoothed over about a second) past which new
-    /// sessions (OPEN) get server_busy, until it falls below half of it:
-    /// a server short of CPU keeps serving the sessions it has, and their
-    /// resumes, instead of failing all of them. Reported in /metrics and
-    /// /readyz.
+    /// sessions (OPEN) get server_busy: a share growing with how far past
+    /// it the lag is, all of them at twice it. A server short of CPU keeps
+    /// serving the sessions it has, and their resumes, instead of failing
+    /// all of them. Reported in /metrics and /readyz.
     ///
     /// Example: --overload-lag 1s
     #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
@@ -180,8 +180,8 @@ struct Args {
     ///
     /// 0s to 1h. The shared store's round trip (smoothed over about ten
     /// operations, measured on the store's own thread, so a busy server
-    /// does not inflate it) past which new sessions get server_busy, until
-    /// it falls below half of it. Redis store only.
+    /// does not inflate it) past which new sessions get server_busy, in the
+    /// same proportion. Redis store only.
     ///
     /// Example: --overload-store 250ms
     #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]

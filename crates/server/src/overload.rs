@@ -12,9 +12,15 @@
 //! the signs are there keeps the load at what the machine can carry.
 //!
 //! Both signals are smoothed (an exponentially weighted moving average of
-//! samples every [`PROBE_EVERY`]), and the state has hysteresis: it turns
-//! on when a signal passes its threshold and off only once both are below
-//! half of theirs, so admission does not flap with every sample.
+//! samples every [`PROBE_EVERY`]), and shedding is proportional: past its
+//! threshold a signal turns away a growing share of new sessions, all of
+//! them at twice the threshold. A server slightly over refuses a few and
+//! still admits most, so it settles where the load it admits is the load
+//! it can carry; an on/off gate instead refused every newcomer for as
+//! long as the server hovered near its threshold (a debug build under
+//! attack did, for minutes, in the chaos run), and clients gave up. Which
+//! OPENs are turned away is decided by a low-discrepancy sequence over all
+//! OPENs, not by anything a client sends, so none can pick its way in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -58,20 +64,23 @@ impl OverloadLimits {
     };
 }
 
-/// Why the server refuses new sessions right now.
+/// Why the server turns new sessions away right now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overloaded {
     pub scheduling_lag: Duration,
     pub store_latency: Duration,
+    /// Share of new sessions turned away, in (0, 1].
+    pub shedding: f64,
 }
 
 impl std::fmt::Display for Overloaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "overloaded (scheduling lag {} ms, store latency {} ms)",
+            "overloaded (scheduling lag {} ms, store latency {} ms; turning away {:.0}% of new sessions)",
             self.scheduling_lag.as_millis(),
-            self.store_latency.as_millis()
+            self.store_latency.as_millis(),
+            self.shedding * 100.0
         )
     }
 }
@@ -85,7 +94,11 @@ pub struct Overload {
     /// whole nanoseconds are plenty).
     lag_ns: AtomicU64,
     store_ns: AtomicU64,
-    overloaded: AtomicBool,
+    /// Whether the last sample shed anything (for the log lines when that
+    /// changes).
+    shedding: AtomicBool,
+    /// OPENs decided so far: the index into the low-discrepancy sequence.
+    decided: AtomicU64,
 }
 
 fn to_ns(duration: Duration) -> u64 {
@@ -106,7 +119,8 @@ impl Overload {
             limits,
             lag_ns: AtomicU64::new(0),
             store_ns: AtomicU64::new(0),
-            overloaded: AtomicBool::new(false),
+            shedding: AtomicBool::new(false),
+            decided: AtomicU64::new(0),
         }
     }
 
@@ -135,43 +149,66 @@ impl Overload {
         self.update();
     }
 
+    /// Share of new sessions to turn away now: for each signal, how far
+    /// past its threshold it is, as a fraction of the threshold (all of
+    /// them at twice it); the larger of the two.
+    pub fn shedding(&self) -> f64 {
+        let past = |value: Duration, limit: Option<Duration>| match limit {
+            Some(limit) if !limit.is_zero() => {
+                (value.as_secs_f64() / limit.as_secs_f64() - 1.0).clamp(0.0, 1.0)
+            }
+            _ => 0.0,
+        };
+        past(self.scheduling_lag(), self.limits.scheduling_lag)
+            .max(past(self.store_latency(), self.limits.store_latency))
+    }
+
     fn update(&self) {
-        let lag = self.scheduling_lag();
-        let store = self.store_latency();
-        let over = |value: Duration, limit: Option<Duration>, scale: u32| {
-            limit.is_some_and(|limit| value > limit / scale)
-        };
-        let was = self.overloaded.load(Ordering::Relaxed);
-        let now = if was {
-            // Stay on until both are below half their thresholds.
-            over(lag, self.limits.scheduling_lag, 2) || over(store, self.limits.store_latency, 2)
-        } else {
-            over(lag, self.limits.scheduling_lag, 1) || over(store, self.limits.store_latency, 1)
-        };
-        if now != was {
-            self.overloaded.store(now, Ordering::Relaxed);
+        let now = self.shedding() > 0.0;
+        if self.shedding.swap(now, Ordering::Relaxed) != now {
+            let (lag, store) = (self.scheduling_lag(), self.store_latency());
             if now {
                 tracing::warn!(
                     scheduling_lag_ms = lag.as_millis() as u64,
                     store_latency_ms = store.as_millis() as u64,
-                    "overloaded: refusing new sessions until it passes (resumes are still served)"
+                    "overloaded: turning away a share of new sessions until it passes \
+                     (resumes are still served)"
                 );
             } else {
                 tracing::info!(
                     scheduling_lag_ms = lag.as_millis() as u64,
                     store_latency_ms = store.as_millis() as u64,
-                    "no longer overloaded: admitting new sessions again"
+                    "no longer overloaded: admitting every new session again"
                 );
             }
         }
     }
 
-    /// `Some` while new sessions are refused.
+    /// `Some` while a share of new sessions is turned away.
     pub fn overloaded(&self) -> Option<Overloaded> {
-        self.overloaded.load(Ordering::Relaxed).then(|| Overloaded {
+        let shedding = self.shedding();
+        (shedding > 0.0).then(|| Overloaded {
             scheduling_lag: self.scheduling_lag(),
             store_latency: self.store_latency(),
+            shedding,
         })
+    }
+
+    /// Whether to admit one new session, or why not. Over successive calls
+    /// the share turned away is [`Overload::shedding`], spread evenly (the
+    /// golden-ratio sequence), whoever asks.
+    pub(crate) fn admit(&self) -> Result<(), Overloaded> {
+        let Some(overloaded) = self.overloaded() else {
+            return Ok(());
+        };
+        const GOLDEN: f64 = 0.618_033_988_749_894_9;
+        let n = self.decided.fetch_add(1, Ordering::Relaxed);
+        let position = (n as f64 * GOLDEN).fract();
+        if position < overloaded.shedding {
+            Err(overloaded)
+        } else {
+            Ok(())
+        }
     }
 
     /// Every [`PROBE_EVERY`] until the last `Arc` is dropped: measures the
@@ -209,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn turns_on_past_a_threshold_and_off_below_half_of_it() {
+    fn sheds_in_proportion_to_how_far_past_its_threshold_it_is() {
         let overload = Overload::new(OverloadLimits {
             scheduling_lag: Some(ms(500)),
             store_latency: Some(ms(500)),
@@ -218,23 +255,28 @@ mod tests {
             overload.record_lag(ms(10));
         }
         assert_eq!(overload.overloaded(), None);
-        for _ in 0..50 {
-            overload.record_lag(ms(800));
+        assert!((0..1000).all(|_| overload.admit().is_ok()));
+        // Smoothed to about 750 ms: half past the threshold, half turned away.
+        for _ in 0..100 {
+            overload.record_lag(ms(750));
         }
         let why = overload.overloaded().expect("overloaded");
-        assert!(why.scheduling_lag > ms(500), "{why}");
-        // Between half and the threshold: still on (hysteresis).
-        for _ in 0..50 {
-            overload.record_lag(ms(400));
+        assert!((why.shedding - 0.5).abs() < 0.01, "{why}");
+        let refused = (0..1000).filter(|_| overload.admit().is_err()).count();
+        assert!((490..=510).contains(&refused), "{refused} of 1000 refused");
+        // Twice the threshold or more: everyone.
+        for _ in 0..100 {
+            overload.record_lag(ms(5_000));
         }
-        assert!(overload.overloaded().is_some());
-        for _ in 0..50 {
+        assert!((0..100).all(|_| overload.admit().is_err()));
+        // Back under: everyone again.
+        for _ in 0..100 {
             overload.record_lag(ms(100));
         }
         assert_eq!(overload.overloaded(), None);
         // The store signal alone does it too.
-        overload.set_store_latency(ms(900));
-        assert!(overload.overloaded().is_some());
+        overload.set_store_latency(ms(1_000));
+        assert_eq!(overload.shedding(), 1.0);
         overload.set_store_latency(ms(100));
         assert_eq!(overload.overloaded(), None);
     }
