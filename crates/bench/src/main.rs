@@ -94,13 +94,12 @@ enum Command {
         /// comma-separated).
         #[arg(long = "store", value_enum, value_delimiter = ',', default_values = ["memory", "redis"])]
         stores: Vec<overload::Store>,
-        /// CPUs for the load generator (this process and its workers)
-        /// [default: every CPU this process may use that --server-cpus
-        /// does not name]
+        /// Confine the load generator (this process and its workers) to
+        /// these CPUs [default: not confined]
         #[arg(long, value_name = "LIST")]
         loadgen_cpus: Option<CpuList>,
-        /// CPUs for the redis-server started here [default: the load
-        /// generator's]
+        /// Confine the redis-server started here to these CPUs [default:
+        /// not confined]
         #[arg(long, value_name = "LIST")]
         redis_cpus: Option<CpuList>,
         #[command(flatten)]

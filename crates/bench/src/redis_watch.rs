@@ -30,6 +30,15 @@ const PING_EVERY: Duration = Duration::from_millis(20);
 const UNREAD_EVERY: Duration = Duration::from_millis(500);
 /// Redis's threshold for `SLOWLOG` and `LATENCY` entries, in ms.
 const SLOW_MS: u64 = 10;
+/// `INFO stats` fields kept: connections made (a client that reconnects
+/// after timeouts shows here), commands run, bytes exchanged.
+const STATS: &[&str] = &[
+    "total_connections_received",
+    "total_commands_processed",
+    "total_net_input_bytes",
+    "total_net_output_bytes",
+    "rejected_connections",
+];
 
 /// A redis-server owned by the scenario; killed when dropped.
 #[derive(Debug)]
@@ -88,28 +97,34 @@ impl Redis {
             .command(&[
                 &["INFO", "commandstats"],
                 &["INFO", "cpu"],
+                &["INFO", "stats"],
                 &["SLOWLOG", "LEN"],
                 &["SLOWLOG", "GET", "5"],
                 &["LATENCY", "LATEST"],
             ])
             .await?;
-        let [commandstats, cpu, slowlog_len, slowlog, latency] = replies.as_slice() else {
-            bail!("Redis gave {} replies to 5 commands", replies.len());
+        let [commandstats, cpu, stats, slowlog_len, slowlog, latency] = replies.as_slice() else {
+            bail!("Redis gave {} replies to 6 commands", replies.len());
+        };
+        let lines = |info: &serde_json::Value, keep: &dyn Fn(&str) -> bool| -> Vec<String> {
+            info.as_str()
+                .map(|text| {
+                    text.lines()
+                        .filter(|line| keep(line))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
         };
         Ok(RedisAccount {
             commands: commandstats
                 .as_str()
                 .map(parse_commandstats)
                 .unwrap_or_default(),
-            cpu: cpu
-                .as_str()
-                .map(|info| {
-                    info.lines()
-                        .filter(|line| line.starts_with("used_cpu_"))
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            cpu: lines(cpu, &|line| line.starts_with("used_cpu_")),
+            stats: lines(stats, &|line| {
+                STATS.iter().any(|key| line.starts_with(&format!("{key}:")))
+            }),
             slowlog_entries: slowlog_len.as_i64().unwrap_or(-1),
             slowlog_top: slowlog.clone(),
             latency_latest: latency.clone(),
@@ -154,6 +169,8 @@ pub(crate) struct RedisAccount {
     pub(crate) commands: Vec<CommandStat>,
     /// `used_cpu_*` lines of `INFO cpu` (seconds since start).
     pub(crate) cpu: Vec<String>,
+    /// The [`STATS`] lines of `INFO stats`.
+    pub(crate) stats: Vec<String>,
     /// Commands that ran longer than 10 ms.
     pub(crate) slowlog_entries: i64,
     pub(crate) slowlog_top: serde_json::Value,
