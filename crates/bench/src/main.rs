@@ -23,6 +23,7 @@ mod report;
 mod server_log;
 mod servers;
 mod stats;
+mod timeline;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -455,6 +456,8 @@ struct Measured {
     usage: ServerUsage,
     /// The servers' /metrics at the end (`--server-metrics`), summed.
     metrics: Option<MetricsSum>,
+    /// CPU second by second, from the load's start to its end.
+    timeline: Vec<timeline::Tick>,
 }
 
 /// Starts the servers of `flavor`, runs `load` against them (over worker
@@ -507,11 +510,18 @@ async fn measure_steady(
     let running = Running::start(loads, loadgen_cpus)?;
     let loadgen = running.pids();
     let store: Vec<u32> = store_pid.into_iter().collect();
+    let timeline = timeline::Timeline::start(timeline::Parties {
+        servers: servers.pids.clone(),
+        loadgen: loadgen.clone(),
+        redis: store.clone(),
+    });
     sleep_until(start + ramp_up + SETTLE).await;
     let (from, loadgen_from, store_from) = (servers.sample(), samples(&loadgen), samples(&store));
     sleep_until(start + last_tick - Duration::from_secs(1)).await;
     let (to, loadgen_to, store_to) = (servers.sample(), samples(&loadgen), samples(&store));
-    let result = running.finish().await?;
+    let result = running.finish().await;
+    let timeline = timeline.finish().await;
+    let result = result?;
     let metrics = if servers.metrics.is_empty() {
         None
     } else {
@@ -529,11 +539,13 @@ async fn measure_steady(
         .iter()
         .zip(&store_to)
         .map(|(a, b)| a.cpu_percent_until(b))
-        .sum();
+        .sum::<f64>()
+        + 0.0;
     Ok(Measured {
         result,
         usage,
         metrics,
+        timeline,
     })
 }
 

@@ -17,6 +17,7 @@ use crate::cpus::{self, CpuList};
 use crate::redis_watch::Redis;
 use crate::report::{FlavorReport, Report, Target};
 use crate::servers::{Flavor, ServerOptions};
+use crate::timeline;
 use crate::{Common, Schedule, SteadyLoad, measure_steady, server_log};
 
 /// Where a numstream run keeps its sessions.
@@ -190,6 +191,7 @@ pub(crate) async fn run(
         let measured = measured?;
 
         let mut diagnosis = serde_json::Map::new();
+        diagnosis.insert("timeline".into(), serde_json::json!(measured.timeline));
         let outcomes = &measured.result.outcomes;
         diagnosis.insert(
             "interruption causes".into(),
@@ -285,6 +287,14 @@ fn print_diagnosis(report: &Report) {
     for (label, diagnosis) in &report.diagnosis {
         println!("--- {label}");
         let get = |key: &str| diagnosis.get(key).filter(|v| !v.is_null());
+        if let Some(ticks) = get("timeline")
+            .and_then(|v| serde_json::from_value::<Vec<timeline::Tick>>(v.clone()).ok())
+        {
+            println!("CPU, 5-second means (% of one core; CPUs busy: whole machine):");
+            for line in timeline::render(&ticks, 5) {
+                println!("  {line}");
+            }
+        }
         for key in ["interruption causes", "admission causes"] {
             if let Some(causes) = get(key)
                 .and_then(|v| v.as_object())
