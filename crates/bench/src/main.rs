@@ -103,6 +103,12 @@ enum Command {
         /// not confined]
         #[arg(long, value_name = "LIST")]
         redis_cpus: Option<CpuList>,
+        /// Run the servers as `steady` does: no status endpoint (the
+        /// latency histograms cost the saturated servers CPU) and their
+        /// logs discarded (text format). The report then has no server
+        /// metrics or log counts.
+        #[arg(long)]
+        lean: bool,
         #[command(flatten)]
         schedule: Schedule,
         #[command(flatten)]
@@ -292,11 +298,12 @@ fn main() -> anyhow::Result<()> {
                 stores,
                 loadgen_cpus,
                 redis_cpus,
+                lean,
                 schedule,
                 common,
             } => {
                 let cpus = overload::Cpus::choose(&common.server, loadgen_cpus, redis_cpus)?;
-                overload::run(sessions, &stores, &cpus, &schedule, &common).await
+                overload::run(sessions, &stores, &cpus, lean, &schedule, &common).await
             }
             Command::Burst {
                 count,

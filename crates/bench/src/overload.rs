@@ -88,6 +88,7 @@ pub(crate) async fn run(
     sessions: usize,
     stores: &[Store],
     cpus: &Cpus,
+    lean: bool,
     schedule: &Schedule,
     common: &Common,
 ) -> anyhow::Result<()> {
@@ -113,6 +114,7 @@ pub(crate) async fn run(
     params["server_cpus"] = cpus.servers.to_string().into();
     params["loadgen_cpus"] = shown(cpus.loadgen.as_ref()).into();
     params["redis_cpus"] = shown(cpus.redis.as_ref()).into();
+    params["lean"] = lean.into();
     report.extra.insert("params".into(), params);
     let report_path = common.report_path(&report);
     // This process runs the load (or its workers' clock) and the Redis
@@ -148,7 +150,7 @@ pub(crate) async fn run(
             Some(Store::Redis) => Some(Redis::start(cpus.redis.as_ref()).await?),
             _ => None,
         };
-        if let Some(store) = store {
+        if store.is_some() && !lean {
             server.server_metrics = true;
             server.server_log = Some(log.clone());
             if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -163,6 +165,8 @@ pub(crate) async fn run(
                     .server_args
                     .extend(["--log-format".into(), "json".into()]);
             }
+        }
+        if let Some(store) = store {
             server.reuse_port = store == Store::Redis;
         }
         if let Some(redis) = &redis {
@@ -217,7 +221,7 @@ pub(crate) async fn run(
                 );
             }
         }
-        if store.is_some() {
+        if server.server_log.is_some() {
             let counts = server_log::count(&log)?;
             diagnosis.insert("server log".into(), serde_json::json!(counts));
             diagnosis.insert("server log file".into(), log.display().to_string().into());
