@@ -148,6 +148,7 @@ pub(crate) async fn session(
         if next == count {
             return Ok(());
         }
+        probe.retrying("bare connection lost");
         reconnects += 1;
         if reconnects > MAX_RECONNECTS {
             return Err(format!("bare session lost {reconnects} connections"));

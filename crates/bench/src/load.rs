@@ -4,6 +4,7 @@
 //! data so that a share of it can run in another process of this binary
 //! (`numstream-bench worker`), past the per-process descriptor limit.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::probe::Probe;
+use crate::probe::{Probe, SessionPath};
 use crate::proxy::CutProxy;
 use crate::servers::Flavor;
 use crate::stats::{HistData, Shards};
@@ -73,6 +74,93 @@ pub(crate) struct LoadResult {
     /// Whole-session durations.
     pub(crate) sessions: HistData,
     pub(crate) wall_s: f64,
+    pub(crate) outcomes: Outcomes,
+}
+
+/// How the sessions got to their end, beyond verified or not (sessions the
+/// load generator cuts on purpose, `resume`'s victims, left out). A session
+/// is in at most one of `refused_*` and at most one of `lost_after_welcome`,
+/// `recovered_after_welcome` and `never_welcomed`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Outcomes {
+    /// Got at least one WELCOME (bare: one frame).
+    pub(crate) welcomed: u64,
+    /// Refused with `server_busy` before their first WELCOME, then
+    /// welcomed: admission control doing its job.
+    pub(crate) refused_then_served: u64,
+    /// Refused with `server_busy` and never welcomed.
+    pub(crate) refused_never_served: u64,
+    /// Welcomed, then lost their stream at least once (the server closed
+    /// it, refused the RESUME, went silent...), but verified in the end
+    /// after resuming: a failure after admission that a retry repaired.
+    pub(crate) recovered_after_welcome: u64,
+    /// Welcomed and never verified: the collapse.
+    pub(crate) lost_after_welcome: u64,
+    /// Never welcomed and not verified (for any reason, busy or not).
+    pub(crate) never_welcomed: u64,
+    /// Streams lost after a WELCOME, all sessions together.
+    pub(crate) interruptions: u64,
+    /// Why streams were lost after a WELCOME, by kind (`probe::cause_kind`).
+    pub(crate) interruption_causes: BTreeMap<String, u64>,
+    /// Why attempts before the first WELCOME failed, by kind.
+    pub(crate) admission_causes: BTreeMap<String, u64>,
+}
+
+impl Outcomes {
+    /// Adds one finished session.
+    fn count(&mut self, path: &SessionPath, verified: bool) {
+        if path.refused_busy {
+            if path.welcomed {
+                self.refused_then_served += 1;
+            } else {
+                self.refused_never_served += 1;
+            }
+        }
+        if path.welcomed {
+            self.welcomed += 1;
+            if !verified {
+                self.lost_after_welcome += 1;
+            } else if !path.interruptions.is_empty() {
+                self.recovered_after_welcome += 1;
+            }
+        } else if !verified {
+            self.never_welcomed += 1;
+        }
+        self.interruptions += path.interruptions.len() as u64;
+        for kind in &path.interruptions {
+            *self
+                .interruption_causes
+                .entry((*kind).to_owned())
+                .or_default() += 1;
+        }
+        for kind in &path.admission_causes {
+            *self.admission_causes.entry((*kind).to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Sessions that failed after their WELCOME, repaired or not: the
+    /// figure the overload issue wants at zero.
+    pub(crate) fn failed_after_welcome(&self) -> u64 {
+        self.recovered_after_welcome + self.lost_after_welcome
+    }
+
+    fn merge(&mut self, other: &Outcomes) {
+        self.welcomed += other.welcomed;
+        self.refused_then_served += other.refused_then_served;
+        self.refused_never_served += other.refused_never_served;
+        self.recovered_after_welcome += other.recovered_after_welcome;
+        self.lost_after_welcome += other.lost_after_welcome;
+        self.never_welcomed += other.never_welcomed;
+        self.interruptions += other.interruptions;
+        for (into, from) in [
+            (&mut self.interruption_causes, &other.interruption_causes),
+            (&mut self.admission_causes, &other.admission_causes),
+        ] {
+            for (kind, n) in from {
+                *into.entry(kind.clone()).or_default() += n;
+            }
+        }
+    }
 }
 
 impl LoadResult {
@@ -89,6 +177,7 @@ impl LoadResult {
         self.resume.merge(&other.resume);
         self.sessions.merge(&other.sessions);
         self.wall_s = self.wall_s.max(other.wall_s);
+        self.outcomes.merge(&other.outcomes);
     }
 }
 
@@ -99,6 +188,7 @@ struct Tally {
     failed: AtomicU64,
     numbers: AtomicU64,
     errors: std::sync::Mutex<Vec<String>>,
+    outcomes: std::sync::Mutex<Outcomes>,
     lateness: Shards,
     resume: Shards,
     sessions: Shards,
@@ -111,14 +201,32 @@ impl Tally {
             failed: AtomicU64::new(0),
             numbers: AtomicU64::new(0),
             errors: std::sync::Mutex::new(Vec::new()),
+            outcomes: std::sync::Mutex::new(Outcomes::default()),
             lateness: Shards::new(),
             resume: Shards::new(),
             sessions: Shards::new(),
         })
     }
 
-    fn finish(&self, shard: usize, started: Instant, numbers: u64, result: Result<(), String>) {
-        self.numbers.fetch_add(numbers, Ordering::Relaxed);
+    fn finish(&self, shard: usize, started: Instant, probe: &Probe, result: Result<(), String>) {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(&probe.path, result.is_ok());
+        self.finish_cut(shard, started, probe, result);
+    }
+
+    /// [`Self::finish`] for a session whose connections the load generator
+    /// cut on purpose: its lost streams are not the server's failures, so
+    /// it stays out of [`Outcomes`].
+    fn finish_cut(
+        &self,
+        shard: usize,
+        started: Instant,
+        probe: &Probe,
+        result: Result<(), String>,
+    ) {
+        self.numbers.fetch_add(probe.numbers, Ordering::Relaxed);
         self.sessions.record(shard, started.elapsed());
         match result {
             Ok(()) => {
@@ -148,6 +256,11 @@ impl Tally {
             resume: self.resume.data(),
             sessions: self.sessions.data(),
             wall_s: wall.as_secs_f64(),
+            outcomes: self
+                .outcomes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
@@ -212,7 +325,7 @@ pub(crate) async fn run(load: Load) -> LoadResult {
                     let started = Instant::now();
                     let mut probe = Probe::new(i, interval, Some(&tally.lateness));
                     let result = session(&load, i, addr, count, interval, &mut probe).await;
-                    tally.finish(i, started, probe.numbers, result);
+                    tally.finish(i, started, &probe, result);
                 });
             }
             for v in 0..victims {
@@ -226,7 +339,8 @@ pub(crate) async fn run(load: Load) -> LoadResult {
                         Ok(proxy) => proxy,
                         Err(error) => {
                             let error = Err(format!("starting a cut proxy: {error}"));
-                            return tally.finish(v, started, 0, error);
+                            let probe = Probe::new(v, interval, None);
+                            return tally.finish_cut(v, started, &probe, error);
                         }
                     };
                     let cutter = tokio::spawn(cut_repeatedly(proxy.switch.clone(), drops));
@@ -234,7 +348,7 @@ pub(crate) async fn run(load: Load) -> LoadResult {
                         Probe::new(v, interval, None).with_resume(&proxy.switch, &tally.resume);
                     let result = session(&load, v, proxy.addr, count, interval, &mut probe).await;
                     cutter.abort();
-                    tally.finish(v, started, probe.numbers, result);
+                    tally.finish_cut(v, started, &probe, result);
                 });
             }
         }
@@ -246,7 +360,7 @@ pub(crate) async fn run(load: Load) -> LoadResult {
                     let started = Instant::now();
                     let mut probe = Probe::new(i, Duration::ZERO, None);
                     let result = session(&load, i, addr, count, Duration::ZERO, &mut probe).await;
-                    tally.finish(i, started, probe.numbers, result);
+                    tally.finish(i, started, &probe, result);
                 });
             }
         }
@@ -266,7 +380,7 @@ pub(crate) async fn run(load: Load) -> LoadResult {
                         let mut probe = Probe::new(worker, Duration::ZERO, None);
                         let result =
                             session(&load, i, addr, count, Duration::ZERO, &mut probe).await;
-                        tally.finish(worker, started, probe.numbers, result);
+                        tally.finish(worker, started, &probe, result);
                         i += concurrency;
                     }
                 });

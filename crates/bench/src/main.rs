@@ -6,17 +6,24 @@
 //! run, and reports both side by side with their ratio. Every numstream
 //! session is verified by the client library (`Report::ok`), every bare one
 //! frame by frame. BENCHMARKS.md has the commands that reproduce each
-//! target of the performance issue and their last results.
+//! target of the performance issue and their last results; `overload`
+//! (servers confined to fewer CPUs than they need) is in `overload.rs`.
 
 mod bare;
+mod cpus;
 mod load;
+mod metrics;
+mod overload;
 mod plot;
 mod probe;
 mod procfs;
 mod proxy;
+mod redis_watch;
 mod report;
+mod server_log;
 mod servers;
 mod stats;
+mod timeline;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -26,7 +33,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio::time::sleep_until;
 
+use cpus::CpuList;
 use load::{Load, LoadKind, LoadResult};
+use metrics::MetricsSum;
 use procfs::{Conditions, ProcSample};
 use report::{FlavorReport, Report, ServerUsage, Target};
 use servers::{Flavor, ServerOptions, Servers};
@@ -34,7 +43,7 @@ use servers::{Flavor, ServerOptions, Servers};
 /// Load generator for numstream, measured against a bare tokio baseline.
 #[derive(Debug, Parser)]
 #[command(
-    after_help = "Examples:\n  numstream-bench steady --sessions 19000 --count 40 --ramp-up 10s\n  numstream-bench burst --parallel 100\n  numstream-bench churn --concurrency 64 --duration 10s\n  numstream-bench resume --sessions 10000 --victims 100\n\nBuild both binaries first: cargo build --release -p numstream-server -p numstream-bench"
+    after_help = "Examples:\n  numstream-bench steady --sessions 19000 --count 40 --ramp-up 10s\n  numstream-bench burst --parallel 100\n  numstream-bench churn --concurrency 64 --duration 10s\n  numstream-bench resume --sessions 10000 --victims 100\n  numstream-bench overload --sessions 80000 --servers 5 --count 40 --ramp-up 25s --server-cpus 0\n\nBuild both binaries first: cargo build --release -p numstream-server -p numstream-bench"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,6 +75,40 @@ enum Command {
         /// Cuts per victim session.
         #[arg(long, default_value_t = 3)]
         drops: u32,
+        #[command(flatten)]
+        schedule: Schedule,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// `steady` with the servers confined to fewer CPUs than they need
+    /// (`--server-cpus`, 0 by default here), once per store: the bare
+    /// baseline, numstream with the in-memory store (one port per server),
+    /// numstream with Redis (one port shared with --reuse-port, one
+    /// redis-server started here). Reports sessions verified, refused at
+    /// admission and failed after WELCOME separately, and what the
+    /// servers' logs and /metrics and Redis say about where time went.
+    Overload {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 20_000)]
+        sessions: usize,
+        /// Stores to run numstream with, in this order (repeatable, or
+        /// comma-separated).
+        #[arg(long = "store", value_enum, value_delimiter = ',', default_values = ["memory", "redis"])]
+        stores: Vec<overload::Store>,
+        /// Confine the load generator (this process and its workers) to
+        /// these CPUs [default: not confined]
+        #[arg(long, value_name = "LIST")]
+        loadgen_cpus: Option<CpuList>,
+        /// Confine the redis-server started here to these CPUs [default:
+        /// not confined]
+        #[arg(long, value_name = "LIST")]
+        redis_cpus: Option<CpuList>,
+        /// Run the servers as `steady` does: no status endpoint (the
+        /// latency histograms cost the saturated servers CPU) and their
+        /// logs discarded (text format). The report then has no server
+        /// metrics or log counts.
+        #[arg(long)]
+        lean: bool,
         #[command(flatten)]
         schedule: Schedule,
         #[command(flatten)]
@@ -130,7 +173,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 struct Schedule {
     /// Gap between numbers (the server's --interval).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -190,21 +233,40 @@ impl Common {
             .collect()
     }
 
-    fn finish(&self, mut report: Report) -> anyhow::Result<()> {
-        report.after = Some(Conditions::now());
-        if let Some(numstream) = report.flavor(Flavor::Numstream) {
-            let failed = numstream.sessions_failed as f64;
-            let verified = Target::at_most("sessions failing verification", "", failed, 0.0);
-            report.targets.insert(0, verified);
-        }
-        report.print_table();
-        let path = self.json.clone().unwrap_or_else(|| {
+    /// Where the report goes: `--json`, or a name of its own.
+    fn report_path(&self, report: &Report) -> PathBuf {
+        self.json.clone().unwrap_or_else(|| {
             PathBuf::from(format!(
                 "target/bench-reports/{}-{}.json",
                 report.scenario, report.unix_time
             ))
-        });
-        report.write_json(&path)?;
+        })
+    }
+
+    fn finish(&self, report: Report) -> anyhow::Result<()> {
+        self.finish_with(report, |_| {})
+    }
+
+    /// Judges, prints (the table, then `more`), writes the JSON, and fails
+    /// if any session failed verification.
+    fn finish_with(&self, mut report: Report, more: impl FnOnce(&Report)) -> anyhow::Result<()> {
+        report.after = Some(Conditions::now());
+        let verification: Vec<Target> = report
+            .flavors
+            .iter()
+            .filter(|f| f.flavor == Flavor::Numstream)
+            .map(|f| {
+                let name = match f.label.as_str() {
+                    "numstream" => "sessions failing verification".to_owned(),
+                    label => format!("sessions failing verification ({label})"),
+                };
+                Target::at_most(&name, "", f.sessions_failed as f64, 0.0)
+            })
+            .collect();
+        report.targets.splice(0..0, verification);
+        report.print_table();
+        more(&report);
+        report.write_json(&self.report_path(&report))?;
         if report.flavors.iter().any(|f| f.sessions_failed > 0) {
             bail!("some sessions failed verification");
         }
@@ -231,6 +293,18 @@ fn main() -> anyhow::Result<()> {
                 schedule,
                 common,
             } => steady("resume", sessions, victims, drops, &schedule, &common).await,
+            Command::Overload {
+                sessions,
+                stores,
+                loadgen_cpus,
+                redis_cpus,
+                lean,
+                schedule,
+                common,
+            } => {
+                let cpus = overload::Cpus::choose(&common.server, loadgen_cpus, redis_cpus)?;
+                overload::run(sessions, &stores, &cpus, lean, &schedule, &common).await
+            }
             Command::Burst {
                 count,
                 repeats,
@@ -278,14 +352,16 @@ enum Running {
 }
 
 impl Running {
-    fn start(loads: Vec<Load>) -> anyhow::Result<Self> {
+    /// Starts `loads`, worker processes under `taskset -c cpus` if given
+    /// (a load run here is confined with this process, by the caller).
+    fn start(loads: Vec<Load>, cpus: Option<&CpuList>) -> anyhow::Result<Self> {
         if let [load] = loads.as_slice() {
             return Ok(Running::Here(tokio::spawn(load::run(load.clone()))));
         }
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         for load in loads {
-            let child = std::process::Command::new(&exe)
+            let child = cpus::command(&exe, cpus)
                 .args(["worker", "--spec", &serde_json::to_string(&load)?])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
@@ -331,6 +407,155 @@ fn samples(pids: &[u32]) -> Vec<ProcSample> {
         .collect()
 }
 
+/// The sessions of a `steady`-shaped load.
+#[derive(Debug, Clone)]
+struct SteadyLoad {
+    sessions: usize,
+    /// Sessions whose connections are cut `drops` times each.
+    victims: usize,
+    drops: u32,
+    schedule: Schedule,
+}
+
+impl SteadyLoad {
+    /// Last number's due time after a session's start; fails when no
+    /// window is left in which every session is connected and none has
+    /// finished (where CPU and memory are read).
+    fn last_tick(&self) -> anyhow::Result<Duration> {
+        let Schedule {
+            interval,
+            count,
+            ramp_up,
+        } = self.schedule;
+        // The first session ends `count - 1` intervals after the first
+        // start; the last one is connected by the end of the ramp-up.
+        let last_tick = interval * u32::from(count.saturating_sub(1));
+        if last_tick <= ramp_up + SETTLE + Duration::from_secs(3) {
+            bail!(
+                "count × interval ({}) leaves no window with every session connected: it must exceed the ramp-up ({}) by at least 5 s",
+                humantime::format_duration(last_tick),
+                humantime::format_duration(ramp_up)
+            );
+        }
+        Ok(last_tick)
+    }
+
+    fn params(&self, servers: usize) -> serde_json::Value {
+        let Schedule {
+            interval,
+            count,
+            ramp_up,
+        } = self.schedule;
+        serde_json::json!({
+            "sessions": self.sessions, "victims": self.victims, "drops": self.drops,
+            "interval_ms": interval.as_secs_f64() * 1000.0, "count": count,
+            "ramp_up_s": ramp_up.as_secs_f64(), "servers": servers,
+        })
+    }
+}
+
+/// Time after the ramp-up before the measurement window opens.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// What one steady load against one set of servers measured.
+struct Measured {
+    result: LoadResult,
+    usage: ServerUsage,
+    /// The servers' /metrics at the end (`--server-metrics`), summed.
+    metrics: Option<MetricsSum>,
+    /// CPU second by second, from the load's start to its end.
+    timeline: Vec<timeline::Tick>,
+}
+
+/// Starts the servers of `flavor`, runs `load` against them (over worker
+/// processes past `--per-process`, confined to `loadgen_cpus` if given),
+/// reads CPU and RSS over the window in which every session is connected
+/// and none has finished (and the CPU of `store_pid`, a redis-server, over
+/// the same window), reads their /metrics once every session has ended,
+/// and stops them.
+async fn measure_steady(
+    flavor: Flavor,
+    server: &ServerOptions,
+    load: &SteadyLoad,
+    common: &Common,
+    loadgen_cpus: Option<&CpuList>,
+    store_pid: Option<u32>,
+) -> anyhow::Result<Measured> {
+    let last_tick = load.last_tick()?;
+    let Schedule {
+        interval,
+        count,
+        ramp_up,
+    } = load.schedule;
+    let (sessions, victims) = (load.sessions, load.victims);
+    let servers = Servers::start(flavor, server, interval).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = servers.sample();
+    let processes = sessions.div_ceil(common.per_process.max(1)).max(1);
+    let lead = if processes > 1 { 2000 } else { 300 };
+    let start_unix_ms = load::unix_ms_now() + lead;
+    let start = load::instant_of_unix_ms(start_unix_ms);
+    let per_process = sessions.div_ceil(processes);
+    let loads = (0..processes)
+        .map(|p| Load {
+            flavor,
+            addrs: servers.addrs.clone(),
+            sources: common.sources(),
+            kind: LoadKind::Steady {
+                total: sessions,
+                first: p * per_process,
+                sessions: per_process.min(sessions.saturating_sub(p * per_process)),
+                count,
+                interval_us: interval.as_micros() as u64,
+                ramp_up_ms: ramp_up.as_millis() as u64,
+                start_unix_ms,
+                victims: if p == 0 { victims } else { 0 },
+                drops: load.drops,
+            },
+        })
+        .collect();
+    let running = Running::start(loads, loadgen_cpus)?;
+    let loadgen = running.pids();
+    let store: Vec<u32> = store_pid.into_iter().collect();
+    let timeline = timeline::Timeline::start(timeline::Parties {
+        servers: servers.pids.clone(),
+        loadgen: loadgen.clone(),
+        redis: store.clone(),
+    });
+    sleep_until(start + ramp_up + SETTLE).await;
+    let (from, loadgen_from, store_from) = (servers.sample(), samples(&loadgen), samples(&store));
+    sleep_until(start + last_tick - Duration::from_secs(1)).await;
+    let (to, loadgen_to, store_to) = (servers.sample(), samples(&loadgen), samples(&store));
+    let result = running.finish().await;
+    let timeline = timeline.finish().await;
+    let result = result?;
+    let metrics = if servers.metrics.is_empty() {
+        None
+    } else {
+        Some(MetricsSum::read(&servers.metrics).await)
+    };
+    servers.stop();
+    let mut usage = ServerUsage::between(
+        &idle,
+        &from,
+        &to,
+        (&loadgen_from, &loadgen_to),
+        sessions + victims,
+    );
+    usage.redis_cpu_percent = store_from
+        .iter()
+        .zip(&store_to)
+        .map(|(a, b)| a.cpu_percent_until(b))
+        .sum::<f64>()
+        + 0.0;
+    Ok(Measured {
+        result,
+        usage,
+        metrics,
+        timeline,
+    })
+}
+
 /// `steady` and `resume`: the window in which every session is connected
 /// and none has finished is where CPU and memory are read.
 async fn steady(
@@ -341,76 +566,29 @@ async fn steady(
     schedule: &Schedule,
     common: &Common,
 ) -> anyhow::Result<()> {
-    let Schedule {
-        interval,
-        count,
-        ramp_up,
-    } = schedule.clone();
-    // The first session ends `count - 1` intervals after the first start;
-    // the last one is connected by the end of the ramp-up.
-    let settle = Duration::from_secs(2);
-    let last_tick = interval * u32::from(count.saturating_sub(1));
-    if last_tick <= ramp_up + settle + Duration::from_secs(3) {
-        bail!(
-            "count × interval ({}) leaves no window with every session connected: it must exceed the ramp-up ({}) by at least 5 s",
-            humantime::format_duration(last_tick),
-            humantime::format_duration(ramp_up)
-        );
-    }
+    let load = SteadyLoad {
+        sessions,
+        victims,
+        drops,
+        schedule: *schedule,
+    };
+    load.last_tick()?;
     let mut report = Report::new(scenario);
-    report.extra.insert(
-        "params".into(),
-        serde_json::json!({
-            "sessions": sessions, "victims": victims, "drops": drops,
-            "interval_ms": interval.as_secs_f64() * 1000.0, "count": count,
-            "ramp_up_s": ramp_up.as_secs_f64(), "servers": common.server.servers,
-        }),
-    );
+    report
+        .extra
+        .insert("params".into(), load.params(common.server.servers));
     for flavor in common.flavors() {
-        let servers = Servers::start(flavor, &common.server, interval).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle = servers.sample();
-        let processes = sessions.div_ceil(common.per_process.max(1)).max(1);
-        let lead = if processes > 1 { 2000 } else { 300 };
-        let start_unix_ms = load::unix_ms_now() + lead;
-        let start = load::instant_of_unix_ms(start_unix_ms);
-        let per_process = sessions.div_ceil(processes);
-        let loads = (0..processes)
-            .map(|p| Load {
-                flavor,
-                addrs: servers.addrs.clone(),
-                sources: common.sources(),
-                kind: LoadKind::Steady {
-                    total: sessions,
-                    first: p * per_process,
-                    sessions: per_process.min(sessions.saturating_sub(p * per_process)),
-                    count,
-                    interval_us: interval.as_micros() as u64,
-                    ramp_up_ms: ramp_up.as_millis() as u64,
-                    start_unix_ms,
-                    victims: if p == 0 { victims } else { 0 },
-                    drops,
-                },
-            })
-            .collect();
-        let running = Running::start(loads)?;
-        let loadgen = running.pids();
-        sleep_until(start + ramp_up + settle).await;
-        let (from, loadgen_from) = (servers.sample(), samples(&loadgen));
-        sleep_until(start + last_tick - Duration::from_secs(1)).await;
-        let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
-        let result = running.finish().await?;
-        servers.stop();
-        let usage = ServerUsage::between(
-            &idle,
-            &from,
-            &to,
-            (&loadgen_from, &loadgen_to),
-            sessions + victims,
-        );
+        let measured = measure_steady(flavor, &common.server, &load, common, None, None).await?;
+        if let Some(metrics) = &measured.metrics {
+            report.diagnosis.insert(
+                format!("{} server metrics", flavor.name()),
+                serde_json::json!({"counters": metrics.counters(),
+                    "histograms": metrics.histograms(), "unreadable": metrics.unreadable}),
+            );
+        }
         report
             .flavors
-            .push(FlavorReport::new(flavor, &result, usage));
+            .push(FlavorReport::new(flavor, &measured.result, measured.usage));
     }
     let lateness_limit = if common.server.servers > 1 {
         50.0

@@ -1,12 +1,13 @@
-//! The report: one row per flavor (bare, numstream) with every figure the
-//! scenario measured, the ratios numstream / bare, and the targets
-//! judged against them. Printed as a table and written as JSON.
+//! The report: one column per measured server set (bare, numstream, or in
+//! `overload` one per store) with every figure the scenario measured, the
+//! ratios numstream / bare, and the issues' targets judged against them.
+//! Printed as a table and written as JSON.
 
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::load::LoadResult;
+use crate::load::{LoadResult, Outcomes};
 use crate::procfs::{Conditions, ProcSample};
 use crate::servers::Flavor;
 use crate::stats::Summary;
@@ -26,6 +27,9 @@ pub(crate) struct ServerUsage {
     pub(crate) rss_per_session_bytes: f64,
     /// CPU of the load generator's own processes over the same window.
     pub(crate) loadgen_cpu_percent: f64,
+    /// CPU of the redis-server the scenario started, over the same window
+    /// (0 without one).
+    pub(crate) redis_cpu_percent: f64,
 }
 
 impl ServerUsage {
@@ -58,6 +62,7 @@ impl ServerUsage {
                 loaded_kib.saturating_sub(idle_kib) as f64 * 1024.0 / sessions as f64
             },
             loadgen_cpu_percent: cpu(loadgen.0, loadgen.1),
+            redis_cpu_percent: 0.0,
         }
     }
 }
@@ -65,6 +70,8 @@ impl ServerUsage {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct FlavorReport {
     pub(crate) flavor: Flavor,
+    /// The column's name: the flavor's, or which store it ran with.
+    pub(crate) label: String,
     pub(crate) sessions_ok: u64,
     pub(crate) sessions_failed: u64,
     pub(crate) errors: Vec<String>,
@@ -76,6 +83,7 @@ pub(crate) struct FlavorReport {
     pub(crate) resume: Summary,
     pub(crate) session_time: Summary,
     pub(crate) server: ServerUsage,
+    pub(crate) outcomes: Outcomes,
 }
 
 impl FlavorReport {
@@ -89,6 +97,7 @@ impl FlavorReport {
         };
         Self {
             flavor,
+            label: flavor.name().to_owned(),
             sessions_ok: load.ok,
             sessions_failed: load.failed,
             errors: load.errors.clone(),
@@ -100,6 +109,7 @@ impl FlavorReport {
             resume: load.resume.summary(),
             session_time: load.sessions.summary(),
             server,
+            outcomes: load.outcomes.clone(),
         }
     }
 }
@@ -144,6 +154,9 @@ pub(crate) struct Report {
     pub(crate) flavors: Vec<FlavorReport>,
     /// Extra figures a scenario computes (e.g. single-burst medians).
     pub(crate) extra: serde_json::Map<String, serde_json::Value>,
+    /// What the servers (logs, /metrics) and the store said about the
+    /// run: in the JSON only, too long for the table.
+    pub(crate) diagnosis: serde_json::Map<String, serde_json::Value>,
     pub(crate) targets: Vec<Target>,
 }
 
@@ -165,6 +178,7 @@ impl Report {
             after: None,
             flavors: Vec::new(),
             extra: serde_json::Map::new(),
+            diagnosis: serde_json::Map::new(),
             targets: Vec::new(),
         }
     }
@@ -173,10 +187,15 @@ impl Report {
         self.flavors.iter().find(|f| f.flavor == flavor)
     }
 
-    /// numstream / bare for a figure, when both were measured.
+    /// numstream / bare for a figure, when exactly those two were measured.
     pub(crate) fn ratio(&self, figure: impl Fn(&FlavorReport) -> f64) -> Option<f64> {
-        let bare = figure(self.flavor(Flavor::Bare)?);
-        let numstream = figure(self.flavor(Flavor::Numstream)?);
+        let [bare, numstream] = self.flavors.as_slice() else {
+            return None;
+        };
+        if (bare.flavor, numstream.flavor) != (Flavor::Bare, Flavor::Numstream) {
+            return None;
+        }
+        let (bare, numstream) = (figure(bare), figure(numstream));
         (bare > 0.0).then(|| numstream / bare)
     }
 
@@ -191,6 +210,34 @@ impl Report {
         let rows: Vec<(&str, Figure)> = vec![
             ("sessions ok", Box::new(|f| f.sessions_ok as f64)),
             ("sessions failed", Box::new(|f| f.sessions_failed as f64)),
+            (
+                "refused busy, then served",
+                Box::new(|f| f.outcomes.refused_then_served as f64),
+            ),
+            (
+                "refused busy, never served",
+                Box::new(|f| f.outcomes.refused_never_served as f64),
+            ),
+            (
+                "failed after WELCOME",
+                Box::new(|f| f.outcomes.failed_after_welcome() as f64),
+            ),
+            (
+                "… recovered (verified)",
+                Box::new(|f| f.outcomes.recovered_after_welcome as f64),
+            ),
+            (
+                "… lost (not verified)",
+                Box::new(|f| f.outcomes.lost_after_welcome as f64),
+            ),
+            (
+                "never welcomed, failed",
+                Box::new(|f| f.outcomes.never_welcomed as f64),
+            ),
+            (
+                "streams lost after WELCOME",
+                Box::new(|f| f.outcomes.interruptions as f64),
+            ),
             ("numbers", Box::new(|f| f.numbers as f64)),
             ("wall s", Box::new(|f| f.wall_s)),
             ("numbers/s", Box::new(|f| f.numbers_per_s)),
@@ -217,31 +264,55 @@ impl Report {
                 "loadgen CPU % of a core",
                 Box::new(|f| f.server.loadgen_cpu_percent),
             ),
+            (
+                "redis CPU % of a core",
+                Box::new(|f| f.server.redis_cpu_percent),
+            ),
         ];
-        println!(
-            "{:<26} {:>14} {:>14} {:>8}",
-            "", "bare", "numstream", "ratio"
-        );
+        // Columns: the measured server sets in order; a ratio only for
+        // the classic pair bare, numstream.
+        let with_ratio = self.ratio(|_| 1.0).is_some();
+        let mut header = format!("{:<26}", "");
+        for flavor in &self.flavors {
+            header.push_str(&format!(" {:>16}", flavor.label));
+        }
+        if with_ratio {
+            header.push_str(&format!(" {:>8}", "ratio"));
+        }
+        println!("{header}");
         for (name, figure) in &rows {
-            let cell = |flavor| {
-                self.flavor(flavor)
-                    .map_or("-".to_owned(), |f| format_figure(figure(f)))
-            };
-            let ratio = self
-                .ratio(|f| figure(f))
-                .map_or("-".to_owned(), |r| format!("{r:.2}"));
-            let (bare, numstream) = (cell(Flavor::Bare), cell(Flavor::Numstream));
-            if bare == "0" && numstream == "0" {
+            let cells: Vec<String> = self
+                .flavors
+                .iter()
+                .map(|f| format_figure(figure(f)))
+                .collect();
+            // The verdicts always show, even at 0; other rows only when
+            // some column has them.
+            let verdict = matches!(
+                *name,
+                "sessions ok" | "sessions failed" | "failed after WELCOME"
+            );
+            if !verdict && cells.iter().all(|cell| cell == "0") {
                 continue;
             }
-            println!("{name:<26} {bare:>14} {numstream:>14} {ratio:>8}");
+            let mut line = format!("{name:<26}");
+            for cell in &cells {
+                line.push_str(&format!(" {cell:>16}"));
+            }
+            if with_ratio {
+                let ratio = self
+                    .ratio(|f| figure(f))
+                    .map_or("-".to_owned(), |r| format!("{r:.2}"));
+                line.push_str(&format!(" {ratio:>8}"));
+            }
+            println!("{line}");
         }
         for (key, value) in &self.extra {
             println!("{key:<26} {value}");
         }
         for flavor in &self.flavors {
             for error in &flavor.errors {
-                println!("{} error: {error}", flavor.flavor.name());
+                println!("{} error: {error}", flavor.label);
             }
         }
         for target in &self.targets {

@@ -1,10 +1,12 @@
 //! The servers under test: numstream or bare, spawned as separate processes
-//! (so their CPU and memory can be read from /proc), run inside the load
-//! generator, or given as external addresses and pids.
+//! (so their CPU and memory can be read from /proc; optionally confined to
+//! some CPUs, and with a status endpoint each whose `/metrics` is read at
+//! the end), run inside the load generator, or given as external addresses
+//! and pids.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,23 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::cpus::{self, CpuList};
 use crate::procfs::ProcSample;
+
+/// The per-address limits of numstream-server. The load generator's few
+/// source addresses (16 by default) stand for thousands of distinct
+/// clients, so each spawned server gets `FLAG 0` (no per-address limit;
+/// the global `--max-connections` and `--max-sessions` still apply) for
+/// every one of these the `--server-arg`s do not set. With the defaults,
+/// `--per-address-session-rate` 50/s alone would turn a 19,000-session
+/// ramp-up over 10 s (about 120 new sessions a second per address) into
+/// `server_busy` refusals that only measure the quota.
+const PER_ADDRESS_LIMITS: [&str; 4] = [
+    "--per-address-connections",
+    "--per-address-handshakes",
+    "--per-address-sessions",
+    "--per-address-session-rate",
+];
 
 /// Which server a measurement runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -84,6 +102,16 @@ pub(crate) struct ServerOptions {
     /// spread connections, instead of one port per process.
     #[arg(long)]
     pub(crate) reuse_port: bool,
+    /// Confine every spawned server process (numstream and bare) to these
+    /// CPUs, e.g. `0` or `0-1,3`: each runs under `taskset -c LIST`, and
+    /// its tokio runtime sizes itself to them.
+    #[arg(long, value_name = "LIST")]
+    pub(crate) server_cpus: Option<CpuList>,
+    /// Give every spawned numstream server a status endpoint on a free
+    /// port (`--metrics-addr`) and put the sum of their `/metrics`
+    /// counters and histograms in the report, read just before they stop.
+    #[arg(long)]
+    pub(crate) server_metrics: bool,
 }
 
 /// Running servers of one flavor.
@@ -91,6 +119,8 @@ pub(crate) struct ServerOptions {
 pub(crate) struct Servers {
     pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) pids: Vec<u32>,
+    /// Status endpoints of spawned numstream servers (`--server-metrics`).
+    pub(crate) metrics: Vec<SocketAddr>,
     children: Vec<Child>,
     inproc: Option<CancellationToken>,
 }
@@ -105,6 +135,7 @@ impl Servers {
         let mut servers = Servers {
             addrs: Vec::new(),
             pids: Vec::new(),
+            metrics: Vec::new(),
             children: Vec::new(),
             inproc: None,
         };
@@ -143,9 +174,10 @@ impl Servers {
                         Some(port) => port,
                         None => free_port()?,
                     };
+                    let cpus = options.server_cpus.as_ref();
                     let mut command = match flavor {
                         Flavor::Numstream => {
-                            let mut command = Command::new(server_binary(options)?);
+                            let mut command = cpus::command(server_binary(options)?, cpus);
                             command.args([
                                 "--port".to_owned(),
                                 port.to_string(),
@@ -153,13 +185,23 @@ impl Servers {
                                 format!("{}us", interval.as_micros()),
                             ]);
                             command.args(&options.server_args);
+                            for flag in PER_ADDRESS_LIMITS {
+                                if !options.sets(flag) {
+                                    command.args([flag, "0"]);
+                                }
+                            }
                             if options.reuse_port {
                                 command.arg("--reuse-port");
+                            }
+                            if options.server_metrics {
+                                let status = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+                                command.arg("--metrics-addr").arg(status.to_string());
+                                servers.metrics.push(status);
                             }
                             command
                         }
                         Flavor::Bare => {
-                            let mut command = Command::new(std::env::current_exe()?);
+                            let mut command = cpus::command(std::env::current_exe()?, cpus);
                             command.args(["bare-server", "--port", &port.to_string()]);
                             if options.reuse_port {
                                 command.arg("--reuse-port");
@@ -260,11 +302,26 @@ async fn serve_inproc(
             let config = numstream_server::ServerConfig {
                 interval,
                 max_connections: 200_000,
+                // As for spawned servers (see PER_ADDRESS_LIMITS).
+                per_address: numstream_server::PeerLimits::UNLIMITED,
                 ..Default::default()
             };
             let store = Arc::new(numstream_store::InMemoryStore::new(200_000));
             let _ = numstream_server::run(listener, store, config, stop).await;
         }
+    }
+}
+
+impl ServerOptions {
+    /// Whether the `--server-arg`s set `flag` (as `FLAG VALUE` or
+    /// `FLAG=VALUE`).
+    pub(crate) fn sets(&self, flag: &str) -> bool {
+        self.server_args.iter().any(|arg| {
+            arg == flag
+                || arg
+                    .strip_prefix(flag)
+                    .is_some_and(|rest| rest.starts_with('='))
+        })
     }
 }
 
