@@ -37,8 +37,10 @@ use numstream_store::{
     Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
+use crate::overload::smooth;
+
 /// Weight of one operation in the smoothed latency: about the last ten.
-const SMOOTHING: f64 = 0.1;
+const LATENCY_SMOOTHING: f64 = 0.1;
 
 /// Why the store's runtime could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -119,19 +121,13 @@ impl IsolatedStore {
         let task = self.runtime.spawn(async move {
             let started = Instant::now();
             let result = operation.await;
-            smooth(&latency, started.elapsed());
+            smooth(&latency, started.elapsed(), LATENCY_SMOOTHING);
             result
         });
         task.await.map_err(|error| {
             StoreError::Unavailable(format!("the session store's task failed: {error}"))
         })
     }
-}
-
-fn smooth(average: &AtomicU64, sample: Duration) {
-    let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX) as f64;
-    let old = average.load(Ordering::Relaxed) as f64;
-    average.store((old + SMOOTHING * (sample - old)) as u64, Ordering::Relaxed);
 }
 
 #[async_trait::async_trait]
@@ -238,45 +234,58 @@ mod tests {
     use super::*;
     use numstream_store::InMemoryStore;
 
-    /// The server's runtime is blocked (a busy loop that never yields),
-    /// yet an operation the store finished in time is not held up by it:
-    /// it ran on the store's own thread. Without isolation it could not
-    /// even start until the blocking ended.
+    /// The caller's runtime is blocked (its only thread sleeps without
+    /// yielding), yet a store operation that needs a runtime to finish (a
+    /// renewal batch with a 50 ms timer in it) completes meanwhile: it runs
+    /// on the store's own thread. On the caller's runtime its timer could
+    /// not fire until the blocking ended, and the lease would still be short.
     #[test]
-    fn operations_run_while_the_callers_runtime_is_blocked() {
+    fn operations_finish_while_the_callers_runtime_is_blocked() {
+        use futures::FutureExt;
         let caller = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         caller.block_on(async {
-            let store = IsolatedStore::wrap(Arc::new(InMemoryStore::new(10))).expect("isolate");
+            let slow = Arc::new(crate::test_store::TestStore {
+                renew_many_delay: Duration::from_millis(50),
+                ..Default::default()
+            });
+            let store = IsolatedStore::wrap(slow.clone()).expect("isolate");
             let session = numstream_store::conformance::session(1);
-            // Spawned on the caller's runtime: it sends the operation to the
-            // store's thread, then this thread blocks.
-            let create = tokio::spawn({
+            store
+                .create(session, Duration::from_secs(1))
+                .await
+                .expect("create");
+            let renewal = tokio::spawn({
                 let store = store.clone();
                 async move {
                     store
-                        .create(session, Duration::from_secs(30))
+                        .renew_many(&[(session.client_id, 1)], Duration::from_secs(60))
                         .await
-                        .expect("create")
                 }
             });
+            // Let the renewal start, then block this runtime's only thread.
             tokio::task::yield_now().await;
-            let before = std::time::Instant::now();
             std::thread::sleep(Duration::from_millis(300));
-            // The store did its work meanwhile: the record is there, and
-            // its round trip was measured where it ran, not 300 ms.
-            let attachment = create.await.expect("task");
-            assert_eq!(attachment.generation, 1);
+            // Still blocked (nothing has yielded): read the record directly.
+            let info = slow
+                .inner
+                .lookup(session.client_id)
+                .now_or_never()
+                .expect("the in-memory store answers at once")
+                .expect("lookup")
+                .expect("the session");
+            assert!(
+                info.expires_in > Duration::from_secs(30),
+                "the renewal did not run while the caller was blocked: {info:?}"
+            );
+            assert_eq!(renewal.await.expect("task"), vec![Ok(())]);
             let latency = store.latency().expect("measured");
             assert!(
-                latency < Duration::from_millis(100),
-                "latency {latency:?} after blocking the caller {:?}",
-                before.elapsed()
+                latency < Duration::from_millis(250),
+                "latency {latency:?}: measured on the store's thread, not the caller's 300 ms"
             );
-            let info = store.lookup(session.client_id).await.expect("lookup");
-            assert!(info.is_some_and(|info| info.attached));
         });
     }
 

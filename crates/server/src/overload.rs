@@ -22,18 +22,19 @@
 //! OPENs are turned away is decided by a low-discrepancy sequence over all
 //! OPENs, not by anything a client sends, so none can pick its way in.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use numstream_store::SessionStore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// How often the scheduling-lag probe runs.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// Weight of a new sample in the moving averages: about the last ten
+/// Weight of a new lag sample in its moving average: about the last ten
 /// samples (a second of probes) count.
-const SMOOTHING: f64 = 0.2;
+const LAG_SMOOTHING: f64 = 0.2;
 
 /// When to refuse new sessions; `None` turns a signal off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,11 +106,14 @@ fn to_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn smooth(average: &AtomicU64, sample: Duration) {
+/// Folds `sample` into the exponentially weighted moving average kept in
+/// `average` (nanoseconds), giving the sample `weight`. Shared by the lag
+/// probe and the isolated store's latency.
+pub(crate) fn smooth(average: &AtomicU64, sample: Duration, weight: f64) {
     let sample = to_ns(sample) as f64;
     // Lost updates between racing writers only drop a sample.
     let old = average.load(Ordering::Relaxed) as f64;
-    let new = old + SMOOTHING * (sample - old);
+    let new = old + weight * (sample - old);
     average.store(new as u64, Ordering::Relaxed);
 }
 
@@ -124,10 +128,6 @@ impl Overload {
         }
     }
 
-    pub fn limits(&self) -> OverloadLimits {
-        self.limits
-    }
-
     pub fn scheduling_lag(&self) -> Duration {
         Duration::from_nanos(self.lag_ns.load(Ordering::Relaxed))
     }
@@ -138,7 +138,7 @@ impl Overload {
 
     /// One lateness sample of the runtime.
     pub(crate) fn record_lag(&self, lag: Duration) {
-        smooth(&self.lag_ns, lag);
+        smooth(&self.lag_ns, lag, LAG_SMOOTHING);
         self.update();
     }
 
@@ -211,23 +211,29 @@ impl Overload {
         }
     }
 
-    /// Every [`PROBE_EVERY`] until the last `Arc` is dropped: measures the
-    /// runtime's scheduling lag (how much later than asked a timer's task
-    /// got to run, which is how late every other task runs too) and reads
-    /// the store's latency, if the store measures it.
-    pub(crate) fn spawn_probe(self: &Arc<Self>, store: Arc<dyn SessionStore>) {
+    /// Every [`PROBE_EVERY`] until `stop` (the server's shutdown): measures
+    /// the runtime's scheduling lag (how much later than asked a timer's
+    /// task got to run, which is how late every other task runs too) and
+    /// reads the store's latency, if the store measures it. (Not until the
+    /// last `Arc` goes: `/readyz` keeps one for as long as the process
+    /// serves it.)
+    pub(crate) fn spawn_probe(
+        self: &Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        stop: CancellationToken,
+    ) {
         if self.limits == OverloadLimits::OFF {
             return;
         }
-        let overload: Weak<Self> = Arc::downgrade(self);
+        let overload = self.clone();
         tokio::spawn(async move {
             loop {
                 let asked = Instant::now() + PROBE_EVERY;
-                tokio::time::sleep_until(asked).await;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep_until(asked) => {}
+                }
                 let lag = Instant::now().saturating_duration_since(asked);
-                let Some(overload) = overload.upgrade() else {
-                    return;
-                };
                 if let Some(latency) = store.latency() {
                     overload.set_store_latency(latency);
                 }
@@ -316,7 +322,10 @@ mod tests {
                 scheduling_lag: Some(ms(100)),
                 store_latency: None,
             }));
-            overload.spawn_probe(Arc::new(numstream_store::InMemoryStore::new(1)));
+            overload.spawn_probe(
+                Arc::new(numstream_store::InMemoryStore::new(1)),
+                CancellationToken::new(),
+            );
             // Hog the thread: each turn blocks it for 300 ms before yielding.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while overload.overloaded().is_none() {

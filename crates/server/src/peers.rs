@@ -286,11 +286,26 @@ impl Peers {
     /// Admits a new connection from `peer` into a connection slot and a
     /// handshake slot, or says which of its quotas it is over.
     pub(crate) fn admit_connection(self: &Arc<Self>, peer: PeerKey) -> Result<PeerTicket, Refusal> {
+        self.with_usage(peer, |usage, _| self.take_connection(usage))?;
+        Ok(PeerTicket {
+            peers: self.clone(),
+            peer,
+            handshaking: true,
+        })
+    }
+
+    /// Runs `f` on `peer`'s usage (made fresh if it has none) under its
+    /// shard's lock, with the time now.
+    fn with_usage<R>(&self, peer: PeerKey, f: impl FnOnce(&mut Usage, Instant) -> R) -> R {
         let now = Instant::now();
         let mut table = self.usage(&peer);
         let usage = table
             .entry(peer)
             .or_insert_with(|| Usage::new(now, self.limits.new_sessions));
+        f(usage, now)
+    }
+
+    fn take_connection(&self, usage: &mut Usage) -> Result<(), Refusal> {
         if let Some(limit) = self.limits.connections
             && usage.connections >= limit
         {
@@ -303,11 +318,7 @@ impl Peers {
         }
         usage.connections += 1;
         usage.handshakes += 1;
-        Ok(PeerTicket {
-            peers: self.clone(),
-            peer,
-            handshaking: true,
-        })
+        Ok(())
     }
 
     /// Admits a new session (an OPEN) from `peer`: checks the sessions it
@@ -320,11 +331,17 @@ impl Peers {
         self: &Arc<Self>,
         peer: PeerKey,
     ) -> Result<SessionReservation, Refusal> {
-        let now = Instant::now();
-        let mut table = self.usage(&peer);
-        let usage = table
-            .entry(peer)
-            .or_insert_with(|| Usage::new(now, self.limits.new_sessions));
+        let counted = self.with_usage(peer, |usage, now| self.take_session(usage, now))?;
+        Ok(SessionReservation {
+            peers: self.clone(),
+            peer,
+            counted,
+        })
+    }
+
+    /// Takes a session slot (when the quota is on: the result says) and a
+    /// token from the bucket.
+    fn take_session(&self, usage: &mut Usage, now: Instant) -> Result<bool, Refusal> {
         if let Some(limit) = self.limits.sessions
             && usage.sessions >= limit
         {
@@ -341,11 +358,7 @@ impl Peers {
         if counted {
             usage.sessions += 1;
         }
-        Ok(SessionReservation {
-            peers: self.clone(),
-            peer,
-            counted,
-        })
+        Ok(counted)
     }
 
     fn release_session_slot(&self, peer: PeerKey) {

@@ -98,7 +98,7 @@ pub async fn run_with_telemetry(
         store
     };
     let overload = Arc::new(Overload::new(config.overload));
-    overload.spawn_probe(store.clone());
+    overload.spawn_probe(store.clone(), shutdown.clone());
     telemetry.set_overload(overload.clone());
     let peers = Arc::new(Peers::new(config.per_address));
     peers.spawn_sweeper();
