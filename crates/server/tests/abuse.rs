@@ -172,6 +172,11 @@ async fn a_connection_hog_under_a_1024_file_limit_leaves_other_addresses_served(
         log.contains("max_connections=640"),
         "the default connection cap under 1024 descriptors: {log}"
     );
+    // The shares docs/operations.md quotes for this case.
+    assert!(
+        log.contains("per_address=connections 64, handshakes 16,"),
+        "the default per-address shares under 1024 descriptors: {log}"
+    );
     let addr = address(&server);
     let hog = hog_connections(addr, 1000).await;
     assert!(
