@@ -2,8 +2,9 @@
 //!
 //! This crate owns everything two peers must agree on byte for byte: the
 //! frame layout and codec ([`frame`], [`codec`]), the per-session number
-//! generator ([`prng`]), the sequence checksum ([`checksum`]) and the
-//! client-side rules for accepting a stream ([`receiver`]). It is sans-IO:
+//! generator ([`prng`]), the sequence checksum ([`checksum`]), the
+//! client-side rules for accepting a stream ([`receiver`]) and the server
+//! side of a connection ([`server`]). It is sans-IO:
 //! no sockets, no clocks, no runtime, so every rule here is testable with
 //! plain function calls and reusable by any transport. `PROTOCOL.md` at the
 //! repository root is the normative description; this crate is its
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod frame;
 pub mod prng;
 pub mod receiver;
+pub mod server;
 
 pub use checksum::SequenceChecksum;
 pub use codec::{DecodeError, decode_frame, encode_frame};
