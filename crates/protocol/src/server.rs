@@ -271,6 +271,9 @@ struct Stream {
     last_write: Instant,
     /// Set once FINAL was written: the ACK must come by then.
     ack_deadline: Option<Instant>,
+    /// When the first number of the last batch was due (not in burst
+    /// mode, where all is due at once): how late a write was.
+    batch_due: Option<Instant>,
     lease: LeaseClock,
 }
 
@@ -607,6 +610,7 @@ impl ServerSession {
             next_index: u32::from(start),
             last_write: now,
             ack_deadline: None,
+            batch_due: None,
             lease,
         }));
     }
@@ -701,8 +705,9 @@ impl ServerSession {
     }
 
     /// Appends the frames due by `now` to `out`; returns how many numbers
-    /// (NUMBER or FINAL) it added. Call it until it adds nothing, write
-    /// `out`, then call [`Self::handle_flushed`].
+    /// (NUMBER or FINAL) it added: up to [`BURST_BATCH`] in burst mode, else
+    /// the one due next (overdue numbers go out back to back, one per call).
+    /// Write `out`, call [`Self::handle_flushed`], and call again.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> u32 {
         let Phase::Streaming(stream) = &mut self.phase else {
             return 0;
@@ -734,9 +739,12 @@ impl ServerSession {
             // write does not delay the later numbers.
             let elapsed = now.saturating_duration_since(stream.origin);
             let due_k = u32::try_from(elapsed.as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
+            // One per call: each gets its own write, as the schedule
+            // meant it, and its own lateness.
             (u32::from(stream.start).saturating_add(due_k))
                 .saturating_add(1)
                 .saturating_sub(stream.next_index)
+                .min(1)
         };
         let end = stream
             .next_index
@@ -744,6 +752,10 @@ impl ServerSession {
             .min(count);
         let added = end - stream.next_index;
         if added > 0 {
+            stream.batch_due = (!interval.is_zero()).then(|| {
+                let k = stream.next_index - u32::from(stream.start);
+                stream.origin + interval * k
+            });
             encode_numbers(&stream.grant, stream.next_index, end, out);
             stream.next_index = end;
             // `end <= count <= 65535`.
@@ -759,6 +771,15 @@ impl ServerSession {
             self.judge_deferred();
         }
         added
+    }
+
+    /// When the first number of the last batch [`Self::poll_transmit`]
+    /// encoded was due; `None` in burst mode, where all is due at once.
+    pub fn batch_due(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Streaming(stream) => stream.batch_due,
+            _ => None,
+        }
     }
 
     /// The earliest moment something is due; `None` while the machine
@@ -1983,6 +2004,44 @@ mod tests {
             ],
             "the client is told first; the detach may wait for the store"
         );
+    }
+
+    #[test]
+    fn a_short_outage_is_ridden_through() {
+        let t0 = Instant::now();
+        let (mut session, first) = leased(t0);
+        renew_at(&mut session, first);
+        session.handle_renewal(first, Err(StoreFailure::Unavailable("blip".into())));
+        let retry = lease_deadline(&session).expect("a retry is scheduled");
+        renew_at(&mut session, retry);
+        session.handle_renewal(retry, Ok(()));
+        // Confirmed again: the next renewal is a period after this one and
+        // the stop deadline two thirds of the lease after it.
+        assert_eq!(lease_deadline(&session), Some(retry + TTL / 3));
+        session.handle_timeout(t0 + TTL - TTL / 3);
+        assert_eq!(session.poll_event(), None);
+        assert!(session.is_streaming());
+    }
+
+    #[test]
+    fn renewals_of_sessions_opened_together_are_spread_out() {
+        let period = TTL / 3;
+        let mut offsets: Vec<Duration> = (0u128..64)
+            .map(|i| {
+                spread(
+                    period / 10,
+                    ClientId::from_u128(i * 0x9e37_79b9_7f4a_7c15_u128),
+                )
+            })
+            .collect();
+        offsets.sort();
+        offsets.dedup();
+        assert!(
+            offsets.len() > 48,
+            "{} distinct offsets of 64",
+            offsets.len()
+        );
+        assert!(offsets.iter().all(|offset| *offset < period / 10));
     }
 
     #[test]

@@ -43,7 +43,6 @@ mod connection;
 mod digest;
 mod instrumented;
 mod isolated;
-mod lease;
 mod overload;
 mod peers;
 mod registry;

@@ -108,6 +108,7 @@ pub async fn run_with_telemetry(
     let shared = Arc::new(Shared {
         socket_options,
         socket_options_inherited: inherited,
+        session_config: Arc::new(connection::session_config(&config, store.is_shared())),
         config,
         store,
         registry: Registry::new(shutdown.clone()),

@@ -145,6 +145,22 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl From<StoreError> for numstream_protocol::server::StoreFailure {
+    fn from(error: StoreError) -> Self {
+        use numstream_protocol::server::StoreFailure;
+        match error {
+            StoreError::AlreadyExists => StoreFailure::AlreadyExists,
+            StoreError::NotFound => StoreFailure::NotFound,
+            StoreError::Expired => StoreFailure::Expired,
+            StoreError::BadToken => StoreFailure::BadToken,
+            StoreError::Superseded { .. } => StoreFailure::Superseded,
+            StoreError::Full { max } => StoreFailure::Full { max },
+            StoreError::Unavailable(reason) => StoreFailure::Unavailable(reason),
+            StoreError::Corrupt(reason) => StoreFailure::Corrupt(reason),
+        }
+    }
+}
+
 /// The session store interface. See the crate docs for the life cycle.
 ///
 /// Implementations must make each method atomic with respect to every other

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use numstream_protocol::prng::NumberGenerator;
 use numstream_protocol::{
     ClientId, Disposition, ErrorCode, Frame, Open, PROTOCOL_VERSION, Resume, ResumeToken,
-    SequenceChecksum, SessionSeed, Welcome,
+    SequenceChecksum, SessionSeed, Welcome, encode_frame,
 };
 use numstream_server::ServerConfig;
 use numstream_testkit::server::{RawClient, TestServer, fast_config};
@@ -391,6 +392,63 @@ async fn frames_from_the_client_while_streaming_are_violations() {
     let mut again = RawClient::connect(server.addr).await;
     again.send(resume(id, hello.token, 0)).await;
     assert_eq!(welcome(&mut again).await.next_index, 0);
+}
+
+/// PROTOCOL.md 5.1: every byte before FINAL is a violation, answered at
+/// once, so half an ACK sent early can never be completed after FINAL.
+#[tokio::test]
+async fn part_of_a_frame_while_streaming_is_answered_at_once() {
+    // Number 1 is due 2 s after WELCOME, FINAL 4 s after: the answer to
+    // the stray bytes must come first, not after the rest of an ACK.
+    let config = ServerConfig {
+        interval: Duration::from_secs(2),
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let id = ClientId::new_v4();
+    let mut client = RawClient::connect(server.addr).await;
+    client.send(open(id, 3)).await;
+    let hello = welcome(&mut client).await;
+    read_numbers(&mut client, id, 0, 1).await;
+    client.send_bytes(&[0, 0, 0, 5, 3]).await;
+    let message = client.expect_error(ErrorCode::Malformed).await;
+    assert!(
+        message.contains("5 stray bytes while streaming"),
+        "{message}"
+    );
+    client.expect_closed().await;
+    let info = server.store.lookup(id).await.expect("lookup");
+    assert!(
+        info.is_some_and(|info| !info.attached),
+        "the session is detached, not completed"
+    );
+    let mut again = RawClient::connect(server.addr).await;
+    again.send(resume(id, hello.token, 1)).await;
+    assert_eq!(welcome(&mut again).await.next_index, 1);
+}
+
+/// PROTOCOL.md 5.1: a frame pipelined behind the hello is judged once the
+/// session is attached: WELCOME and the first number, then `malformed`.
+#[tokio::test]
+async fn a_frame_pipelined_behind_the_hello_is_malformed_after_the_first_number() {
+    let server = TestServer::start(fast_config()).await;
+    let id = ClientId::new_v4();
+    let mut both = BytesMut::new();
+    encode_frame(&open(id, 50), &mut both);
+    encode_frame(&Frame::Ack { client_checksum: 7 }, &mut both);
+    let mut client = RawClient::connect(server.addr).await;
+    client.send_bytes(&both).await;
+    let hello = welcome(&mut client).await;
+    read_numbers(&mut client, id, 0, 1).await;
+    let message = client.expect_error(ErrorCode::Malformed).await;
+    assert_eq!(
+        message,
+        "unexpected ACK while streaming (only ACK after FINAL is allowed)"
+    );
+    client.expect_closed().await;
+    let mut again = RawClient::connect(server.addr).await;
+    again.send(resume(id, hello.token, 1)).await;
+    assert_eq!(welcome(&mut again).await.next_index, 1);
 }
 
 #[tokio::test]
