@@ -196,6 +196,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         // next deadline: smaller than a fresh sleep per wait.
         let wake = sleep_until(Instant::now());
         tokio::pin!(wake);
+        // Made once per token (the shutdown token, then the claim's): a
+        // fresh `cancelled()` per wait would register a waiter per number.
+        let mut stopped = Box::pin(self.stop_token().cancelled_owned());
+        let mut stopped_streaming = false;
         loop {
             while let Some(event) = self.session.poll_event() {
                 match event {
@@ -258,11 +262,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             if let Some(at) = deadline {
                 wake.as_mut().reset(at);
             }
-            let stop = self.stop_token();
+            if self.streaming.is_some() != stopped_streaming {
+                stopped_streaming = self.streaming.is_some();
+                stopped = Box::pin(self.stop_token().cancelled_owned());
+            }
             let mut chunk = [0u8; READ_CHUNK];
             tokio::select! {
                 biased;
-                () = stop.cancelled() => self.stopped(),
+                () = &mut stopped => self.stopped(),
                 renewed = OptionFuture::from(self.renewal.as_mut()), if self.renewal.is_some() => {
                     self.renewal = None;
                     if let Some(result) = renewed {
@@ -441,7 +448,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// always fits: no timer, no waiter), else waiting at most the write
     /// timeout, raced against a stop.
     async fn flush(&mut self) -> Result<(), Interrupted> {
-        if self.stop_token().is_cancelled() {
+        let stop = match &self.streaming {
+            Some(streaming) => &streaming.claim.stop,
+            None => &self.shared.shutdown,
+        };
+        if stop.is_cancelled() {
             return Err(Interrupted::Stopped);
         }
         match self.stream.write(&self.out).now_or_never() {
