@@ -28,6 +28,7 @@ mod config;
 mod error;
 mod event;
 mod report;
+mod retry;
 mod session;
 
 pub use backoff::Backoff;

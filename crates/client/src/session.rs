@@ -3,50 +3,26 @@
 //! Each connection is OPEN/RESUME, WELCOME, then frames until FINAL, an
 //! ERROR or a drop. The pure rules of what is acceptable live in
 //! [`SequenceReceiver`]; this module owns the timing around them (connect,
-//! handshake and silence timeouts), the decision between retrying and
-//! giving up, and the choice of where and when to try next.
+//! handshake and silence timeouts) and carries out what the pure retry
+//! policy ([`crate::retry`]) decides between connections.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec, decode_frame};
-use numstream_protocol::{
-    Disposition, ErrorCode, ErrorFrame, Frame, Outcome, Progress, SequenceReceiver,
-    client_silence_timeout,
-};
+use numstream_protocol::{Frame, Progress, SequenceReceiver, client_silence_timeout};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::Framed;
 
 use crate::error::human;
+use crate::retry::{Decision, Ending, RetryPolicy, Seen, Terms};
 use crate::{ClientConfig, ClientError, Event, Observer, Report};
 
 /// Sending ACK is a courtesy (the server deletes the session sooner); a
 /// peer that stopped reading must not keep a finished client waiting.
 const ACK_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long a client keeps re-sending OPEN when the server says the
-/// session already exists because an earlier OPEN of this run created it
-/// and its WELCOME was lost. That orphan holds the client id until it
-/// expires: up to ~10 s for the server to notice the drop plus the session
-/// TTL (30 s by default), so give it comfortably longer.
-const LOST_WELCOME_WAIT: Duration = Duration::from_secs(45);
-
-/// How many `taken_over` errors a run answers by resuming again. The usual
-/// taker is this client's own stale RESUME (sent on a connection it had
-/// already given up, and delivered late), which then dies with its
-/// abandoned socket; resuming once takes the session back. A second client
-/// holding the token would make the session bounce, so this is small.
-const TAKEOVER_RESUMES: u32 = 2;
-
-/// Before the first WELCOME, no attempt starts later than this before the
-/// open deadline (or a tenth of the open allowance, if less): an attempt
-/// starting at the deadline would have no time to be answered, and its
-/// OPEN could leave an orphan session on the server. A second covers a
-/// connect and a round trip on any sane network, and a busy server refuses
-/// within milliseconds; the tenth keeps a short timeout from ending early.
-const LAST_OPEN_WINDOW: Duration = Duration::from_secs(1);
 
 /// After a handshake times out, the next one waits twice as long, up to
 /// 2^this times `handshake_timeout` (5 s, 10 s, 20 s by default). A server
@@ -68,7 +44,6 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
         observer,
         welcomes: 0,
         opens_sent: 0,
-        takeovers: 0,
         slow_handshakes: 0,
         terms: None,
     };
@@ -96,37 +71,6 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
     }
 }
 
-/// What the last WELCOME promised about the session.
-#[derive(Debug, Clone, Copy)]
-struct Terms {
-    interval: Duration,
-    ttl: Duration,
-}
-
-/// How one connection ended.
-#[derive(Debug)]
-enum Ending {
-    /// FINAL arrived and ACK was sent.
-    Completed(Outcome),
-    /// The connection failed or was lost; resuming may help.
-    Lost(String),
-    /// The server sent ERROR; its disposition decides what next.
-    ServerError(ErrorFrame),
-    /// Nothing more can help.
-    Fatal(ClientError),
-}
-
-/// What to do after a connection that did not complete.
-#[derive(Debug)]
-struct Retry {
-    cause: String,
-    /// The server asked for an immediate resume elsewhere (drain).
-    immediate: bool,
-    /// An earlier OPEN of this run created the session but its WELCOME
-    /// was lost; only time (the orphan's expiry) helps.
-    awaits_orphan: bool,
-}
-
 struct Driver<'a> {
     config: &'a ClientConfig,
     receiver: SequenceReceiver,
@@ -135,8 +79,6 @@ struct Driver<'a> {
     welcomes: u32,
     /// OPEN frames sent (RESUMEs not counted).
     opens_sent: u32,
-    /// `taken_over` errors received so far.
-    takeovers: u32,
     /// Handshakes in a row that got no WELCOME in time.
     slow_handshakes: u32,
     /// Set by the first WELCOME, refreshed by every later one.
@@ -145,194 +87,49 @@ struct Driver<'a> {
 
 impl Driver<'_> {
     async fn drive(&mut self) -> Result<(), ClientError> {
-        let started = Instant::now();
         let ports = &self.config.ports;
-        let mut port_index = 0;
-        // Consecutive failed attempts since the last connection that made
-        // progress (or the start).
-        let mut attempt: u32 = 0;
-        // When the last connection that made progress ended: the session's
-        // TTL counts from there. A WELCOME alone is not progress: a server
-        // that welcomes and then delivers nothing must not keep the client
-        // trying forever.
-        let mut dropped_at: Option<Instant> = None;
-        // Whether the last attempt found an orphan of ours to wait out,
-        // which extends the time allowed before the first WELCOME.
-        let mut awaiting_orphan = false;
+        let mut policy = RetryPolicy::new(
+            ports.len(),
+            self.config.backoff,
+            self.config.open_timeout,
+            Instant::now().into_std(),
+        );
         loop {
-            let port = ports[port_index];
+            let port = ports[policy.port_index()];
             let welcomes_before = self.welcomes;
             let received_before = self.receiver.received();
-            // Before the first WELCOME the run has a deadline of its own;
-            // neither the connect nor the handshake wait may overshoot it
-            // (the WELCOME wait grows after timeouts).
-            let open_until = self
-                .terms
-                .is_none()
-                .then(|| deadline_from(started, self.open_allowance(awaiting_orphan)));
+            let open_until = policy.open_deadline(self.terms).map(Instant::from_std);
             let ending = self.connection(port, open_until).await;
-            let welcomed = self.welcomes > welcomes_before;
-            let progressed = self.receiver.received() > received_before;
-            if progressed || (welcomed && dropped_at.is_none()) {
-                attempt = 0;
-                dropped_at = Some(Instant::now());
-            }
-            let away = dropped_at.map_or(Duration::ZERO, |at| at.elapsed());
-            let retry = match ending {
-                Ending::Completed(outcome) if outcome.verified() => return Ok(()),
-                Ending::Completed(outcome) => {
-                    return Err(ClientError::ChecksumMismatch {
-                        server: outcome.server_checksum,
-                        client: outcome.client_checksum,
-                    });
-                }
-                Ending::Fatal(error) => return Err(error),
-                Ending::Lost(cause) => Retry {
-                    cause,
-                    immediate: false,
-                    awaits_orphan: false,
-                },
-                Ending::ServerError(error) => self.classify(error, away)?,
+            let seen = Seen {
+                welcomed: self.welcomes > welcomes_before,
+                progressed: self.receiver.received() > received_before,
+                terms: self.terms,
+                opens_sent: self.opens_sent,
             };
-            attempt = attempt.saturating_add(1);
-            awaiting_orphan = retry.awaits_orphan;
-
-            // A RetryNow skips the backoff only while there are untried
-            // ports: if every instance is draining, hammering them in a
-            // tight loop helps nobody.
-            let immediate = retry.immediate && attempt as usize <= ports.len();
-            let mut delay = if immediate {
-                Duration::ZERO
-            } else {
-                self.config.backoff.delay_for(attempt)
-            };
-            match self.terms {
-                None => {
-                    // Only time bounds the retries before the first
-                    // WELCOME, never a number of attempts: a busy server
-                    // may refuse for a whole session TTL, and the capped
-                    // backoff already keeps a patient client cheap for it.
-                    let allowance = self.open_allowance(retry.awaits_orphan);
-                    let waited = started.elapsed();
-                    let left = allowance.saturating_sub(waited);
-                    let last_window = LAST_OPEN_WINDOW.min(allowance / 10);
-                    if left <= last_window {
-                        return Err(ClientError::CannotConnect {
-                            attempts: attempt,
-                            waited,
-                            last_error: retry.cause,
-                        });
-                    }
-                    delay = delay.min(left - last_window);
-                }
-                Some(terms) => {
-                    if away >= terms.ttl {
-                        return Err(ClientError::GaveUp {
-                            away,
-                            ttl: terms.ttl,
-                            last_error: retry.cause,
-                        });
-                    }
-                    // One last attempt just before the server forgets the
-                    // session beats sleeping past its expiry.
-                    delay = delay.min(terms.ttl - away);
-                }
-            }
-
-            port_index = (port_index + 1) % ports.len();
+            let now = Instant::now().into_std();
+            let (delay, port_index, attempt, cause) =
+                match policy.decide(now, ending, seen, &mut rand::rng()) {
+                    Decision::Stop(result) => return result,
+                    Decision::Retry {
+                        delay,
+                        port_index,
+                        attempt,
+                        cause,
+                    } => (delay, port_index, attempt, cause),
+                };
             tracing::info!(
-                cause = %retry.cause,
+                cause = %cause,
                 delay = %human(delay),
                 attempt,
                 next_port = ports[port_index],
                 "reconnecting"
             );
             self.observer.event(&Event::Reconnecting {
-                cause: retry.cause,
+                cause,
                 delay,
                 attempt,
             });
             tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// How long the run may try before its first WELCOME: the open
-    /// timeout, or longer while an orphan of ours must expire first.
-    fn open_allowance(&self, awaiting_orphan: bool) -> Duration {
-        if awaiting_orphan {
-            self.config.open_timeout.max(LOST_WELCOME_WAIT)
-        } else {
-            self.config.open_timeout
-        }
-    }
-
-    /// Turns a server ERROR into a retry decision or the run's final error.
-    fn classify(&mut self, error: ErrorFrame, away: Duration) -> Result<Retry, ClientError> {
-        if error.code == ErrorCode::TakenOver && self.takeovers < TAKEOVER_RESUMES {
-            self.takeovers += 1;
-            return Ok(Retry {
-                cause: format!(
-                    "taken over ({} of {TAKEOVER_RESUMES} tolerated), probably by a stale \
-                     RESUME of ours: {error}",
-                    self.takeovers
-                ),
-                immediate: false,
-                awaits_orphan: false,
-            });
-        }
-        match error.disposition {
-            Disposition::RetryNow => Ok(Retry {
-                cause: format!("server asked to resume elsewhere: {error}"),
-                immediate: true,
-                awaits_orphan: false,
-            }),
-            Disposition::Retry => Ok(Retry {
-                cause: format!("server error {error}"),
-                immediate: false,
-                awaits_orphan: false,
-            }),
-            // Our own earlier OPEN created this session and the connection
-            // died before its WELCOME (and token) reached us. Nobody can
-            // resume it, so it expires; then our OPEN succeeds.
-            Disposition::Final
-                if error.code == ErrorCode::SessionExists
-                    && self.terms.is_none()
-                    && self.opens_sent > 1 =>
-            {
-                Ok(Retry {
-                    cause: format!(
-                        "the session an earlier attempt opened lost its WELCOME in transit; \
-                         waiting for the server to expire it ({error})"
-                    ),
-                    immediate: false,
-                    awaits_orphan: true,
-                })
-            }
-            Disposition::Final => Err(match (error.code, self.terms) {
-                (ErrorCode::ShuttingDown, _) => ClientError::ServerShuttingDown {
-                    message: error.message,
-                },
-                (ErrorCode::TakenOver, _) => ClientError::TakenOver {
-                    message: error.message,
-                },
-                (ErrorCode::SessionExpired, Some(terms)) => ClientError::SessionExpired {
-                    away,
-                    ttl: terms.ttl,
-                },
-                // Unknown after the TTL means expired and already forgotten;
-                // before it, something else is wrong and the server's own
-                // words say it best.
-                (ErrorCode::SessionUnknown, Some(terms)) if away >= terms.ttl => {
-                    ClientError::SessionExpired {
-                        away,
-                        ttl: terms.ttl,
-                    }
-                }
-                (code, _) => ClientError::Rejected {
-                    code,
-                    message: error.message,
-                },
-            }),
         }
     }
 
@@ -567,11 +364,9 @@ fn deadline_after(wait: Duration) -> Instant {
 
 /// `from + wait`, saturating: a caller may configure an absurdly long
 /// timeout, and that must mean "wait a very long time", not a panic.
+/// `from + wait` on tokio's clock (see [`crate::retry::deadline_from`]).
 fn deadline_from(from: Instant, wait: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    from.checked_add(wait.min(CENTURY))
-        .or_else(|| from.checked_add(Duration::from_secs(24 * 3600)))
-        .unwrap_or(from)
+    Instant::from_std(crate::retry::deadline_from(from.into_std(), wait))
 }
 
 /// Why no frame came out of [`read_before`].
