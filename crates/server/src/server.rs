@@ -92,13 +92,13 @@ pub async fn run_with_telemetry(
         };
     // With a shared store, lease renewals are a round trip each; batch
     // them (see `renewals`). In memory they cost nanoseconds as they are.
-    let store = if store.is_shared() {
+    let store = if store.is_shared() && !store.batches_renewals() {
         crate::renewals::BatchedRenewals::wrap(store)
     } else {
         store
     };
     let overload = Arc::new(Overload::new(config.overload));
-    overload.spawn_probe(store.clone(), shutdown.clone());
+    overload.spawn_probe(store.clone(), telemetry.clone(), shutdown.clone());
     telemetry.set_overload(overload.clone());
     let peers = Arc::new(Peers::new(config.per_address));
     peers.spawn_sweeper();
@@ -129,6 +129,20 @@ pub async fn run_with_telemetry(
 
     let mut accept_backoff = Duration::from_millis(5);
     loop {
+        // A runtime far behind stops taking connections until it catches
+        // up: each accepted connection is one more task in the queue every
+        // stream waits in, and under a storm of arrivals and retries that
+        // queue, not the streams, is what makes streams miss their
+        // deadlines. Unaccepted connections wait in the kernel's backlog
+        // (free), or the kernel drops their SYN when it is full (cheap),
+        // and clients retry; resumes wait too, briefly.
+        if shared.overload.accept_paused() {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(crate::overload::PROBE_EVERY) => continue,
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
