@@ -304,6 +304,76 @@ mod tests {
         });
     }
 
+    /// Single renewals of a shared store are gathered into batches on the
+    /// store's runtime, not the caller's. The batching sends one batch at
+    /// a time; here the first takes 100 ms, and meanwhile the caller's
+    /// only thread blocks for 300 ms. The renewals queued behind the first
+    /// batch must still go out during the block: a batching task on the
+    /// caller's runtime could not even see the first batch finish, and on
+    /// a starved server leases lapsed that way with the store idle.
+    #[test]
+    fn renewals_are_batched_on_the_stores_runtime() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        caller.block_on(async {
+            let shared = Arc::new(crate::test_store::TestStore {
+                renew_many_delay: Duration::from_millis(100),
+                ..Default::default()
+            });
+            let store = IsolatedStore::wrap(shared.clone()).expect("isolate");
+            // What the server does with a store that does not batch.
+            let store = if store.batches_renewals() {
+                store
+            } else {
+                crate::renewals::BatchedRenewals::wrap(store)
+            };
+            let sessions: Vec<_> = (1..=20)
+                .map(numstream_store::conformance::session)
+                .collect();
+            for session in &sessions {
+                store
+                    .create(session.clone(), Duration::from_secs(1))
+                    .await
+                    .expect("create");
+            }
+            let renew = |client_id| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.renew(client_id, 1, Duration::from_secs(60)).await },
+                )
+            };
+            let first = renew(sessions[0].client_id);
+            while shared.renew_many_calls.load(Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+            let rest: Vec<_> = sessions[1..]
+                .iter()
+                .map(|session| renew(session.client_id))
+                .collect();
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let batched = shared.renewals_batched.load(Relaxed);
+            assert_eq!(
+                batched, 20,
+                "renewals sent while the caller was blocked: {batched} of 20"
+            );
+            let calls = shared.renew_many_calls.load(Relaxed);
+            assert!(
+                calls < 20,
+                "{calls} store calls for 20 renewals: not batched"
+            );
+            assert_eq!(first.await.expect("task"), Ok(()));
+            for renewal in rest {
+                assert_eq!(renewal.await.expect("task"), Ok(()));
+            }
+        });
+    }
+
     #[tokio::test]
     async fn the_isolated_store_passes_the_conformance_suite() {
         let store = IsolatedStore::wrap(Arc::new(InMemoryStore::new(10_000))).expect("isolate");

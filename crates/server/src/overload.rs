@@ -160,7 +160,12 @@ impl StreamLimit {
 
     /// Folds in one lag sample taken `elapsed` after the previous one,
     /// with `streams` sessions streaming now; returns the new limit.
-    pub(crate) fn on_sample(&mut self, lag: Duration, elapsed: Duration, streams: usize) -> Option<usize> {
+    pub(crate) fn on_sample(
+        &mut self,
+        lag: Duration,
+        elapsed: Duration,
+        streams: usize,
+    ) -> Option<usize> {
         let old = self.lag.as_secs_f64();
         self.lag = Duration::from_secs_f64(old + LIMIT_SMOOTHING * (lag.as_secs_f64() - old));
         if self.lag > self.target {
@@ -658,10 +663,7 @@ mod tests {
             limit.on_sample(ms(900), TICK, 1_100),
             Some(StreamLimit::FLOOR)
         );
-        assert_eq!(
-            limit.on_sample(ms(900), TICK, 10),
-            Some(StreamLimit::FLOOR)
-        );
+        assert_eq!(limit.on_sample(ms(900), TICK, 10), Some(StreamLimit::FLOOR));
     }
 
     #[test]
