@@ -60,9 +60,6 @@ const LIMIT_SMOOTHING: f64 = 0.5;
 /// refused (see [`Overload::admit`]): well inside the 5 s a client waits
 /// for its answer, with room for an overloaded server's lag.
 pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
-/// The accept loop pauses while the lag is past this many times its
-/// target (see [`Overload::accept_paused`]).
-const PAUSE_ACCEPT_AT_TARGETS: u32 = 3;
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
 
@@ -482,7 +479,8 @@ impl Overload {
                 .await
                 .is_err()
             {
-                return Err(self.state(streams()));
+                // A place freed since the last probe is still a place.
+                return self.try_admit(streams());
             }
             match self.try_admit(streams()) {
                 Ok(admitted) => return Ok(admitted),
@@ -491,18 +489,6 @@ impl Overload {
                 Err(_) => continue,
             }
         }
-    }
-
-    /// Whether the accept loop should leave new connections in the kernel's
-    /// backlog for now: the smoothed lag is past three times its target
-    /// (300 ms by default), which the stream limit alone did not prevent
-    /// when connections arrived faster than a starved runtime could even
-    /// refuse them (measured: at 80,000 sessions on one core, 57,000
-    /// connections accepted were not read within 5 s).
-    pub(crate) fn accept_paused(&self) -> bool {
-        self.limits.scheduling_lag.is_some_and(|target| {
-            self.scheduling_lag() > target.saturating_mul(PAUSE_ACCEPT_AT_TARGETS)
-        })
     }
 
     /// Wakes one waiting OPEN per free place under the stream limit.
@@ -735,6 +721,44 @@ mod tests {
         assert!(overload.overloaded().is_some());
         overload.set_stream_limit(Some(2_000), 1_500);
         assert_eq!(overload.overloaded(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_at_the_limit_waits_for_a_place_then_is_refused() {
+        use std::sync::atomic::AtomicUsize;
+        let overload = Arc::new(Overload::new(OverloadLimits::default()));
+        let streams = Arc::new(AtomicUsize::new(2_000));
+        overload.set_stream_limit(Some(2_000), 2_000);
+        let waiter = |overload: Arc<Overload>, streams: Arc<AtomicUsize>| {
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let admitted = overload
+                    .admit(|| streams.load(Ordering::Relaxed), OPEN_HOLD)
+                    .await
+                    .is_ok();
+                (admitted, started.elapsed())
+            })
+        };
+        let first = waiter(overload.clone(), streams.clone());
+        let second = waiter(overload.clone(), streams.clone());
+        tokio::time::sleep(ms(500)).await;
+        // One stream ends: the probe hands its place to the first waiter.
+        streams.store(1_999, Ordering::Relaxed);
+        overload.hand_out_room(1_999);
+        let (admitted, waited) = first.await.expect("task");
+        assert!(admitted, "the first waiter got the freed place");
+        assert_eq!(waited, ms(500));
+        // The place is taken again (its stream started); nothing else frees.
+        streams.store(2_000, Ordering::Relaxed);
+        let (admitted, waited) = second.await.expect("task");
+        assert!(!admitted, "no place freed for the second waiter");
+        assert_eq!(waited, OPEN_HOLD);
+        // Without a hold, refused at once.
+        let refused = overload
+            .admit(|| 2_000, Duration::ZERO)
+            .await
+            .expect_err("at the limit");
+        assert_eq!(refused.at_stream_limit, Some((2_000, 2_000)));
     }
 
     /// A runtime whose only thread is kept busy runs timers late: the

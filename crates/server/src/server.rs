@@ -129,20 +129,6 @@ pub async fn run_with_telemetry(
 
     let mut accept_backoff = Duration::from_millis(5);
     loop {
-        // A runtime far behind stops taking connections until it catches
-        // up: each accepted connection is one more task in the queue every
-        // stream waits in, and under a storm of arrivals and retries that
-        // queue, not the streams, is what makes streams miss their
-        // deadlines. Unaccepted connections wait in the kernel's backlog
-        // (free), or the kernel drops their SYN when it is full (cheap),
-        // and clients retry; resumes wait too, briefly.
-        if shared.overload.accept_paused() {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(crate::overload::PROBE_EVERY) => continue,
-            }
-        }
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
