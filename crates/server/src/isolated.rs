@@ -335,7 +335,7 @@ mod tests {
                 .collect();
             for session in &sessions {
                 store
-                    .create(session.clone(), Duration::from_secs(1))
+                    .create(*session, Duration::from_secs(1))
                     .await
                     .expect("create");
             }
