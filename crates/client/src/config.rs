@@ -27,7 +27,7 @@ pub struct ClientConfig {
     /// is full and frees room only as its sessions end, so the client
     /// comes back later than after a failure. Default: a first delay of
     /// up to 1 s, doubling, capped at 20 s, full jitter; a client waiting
-    /// out a full server then tries about every 10 s (plus the up to 3 s
+    /// out a full server then tries about every 10 s (plus the up to 2 s
     /// the server may hold its OPEN). Why that long: a server at twice its
     /// capacity has tens of thousands of clients waiting, and each attempt
     /// costs it a connection, a hello and an ERROR; at one attempt every
