@@ -84,6 +84,8 @@ pub(crate) enum Decision {
 pub(crate) struct RetryPolicy {
     ports: usize,
     backoff: Backoff,
+    /// The backoff after `server_busy` before the first WELCOME.
+    busy_backoff: Backoff,
     open_timeout: Duration,
     started: Instant,
     port_index: usize,
@@ -110,18 +112,22 @@ struct Retry {
     /// An earlier OPEN of this run created the session but its WELCOME
     /// was lost; only time (the orphan's expiry) helps.
     awaits_orphan: bool,
+    /// The server said `server_busy`: it is full, not failing.
+    busy: bool,
 }
 
 impl RetryPolicy {
     pub(crate) fn new(
         ports: usize,
         backoff: Backoff,
+        busy_backoff: Backoff,
         open_timeout: Duration,
         started: Instant,
     ) -> Self {
         Self {
             ports: ports.max(1),
             backoff,
+            busy_backoff,
             open_timeout,
             started,
             port_index: 0,
@@ -174,6 +180,7 @@ impl RetryPolicy {
                 cause,
                 immediate: false,
                 awaits_orphan: false,
+                busy: false,
             },
             Ending::ServerError(error) => match self.classify(error, away, seen) {
                 Ok(retry) => retry,
@@ -189,6 +196,11 @@ impl RetryPolicy {
         let immediate = retry.immediate && self.attempt as usize <= self.ports;
         let mut delay = if immediate {
             Duration::ZERO
+        } else if retry.busy && seen.terms.is_none() {
+            // A full server refuses new sessions until some of its
+            // sessions end, seconds at best: coming back within 100 ms
+            // only adds to the load that made it refuse.
+            self.busy_backoff.delay(self.attempt, jitter)
         } else {
             self.backoff.delay(self.attempt, jitter)
         };
@@ -260,6 +272,7 @@ impl RetryPolicy {
                 ),
                 immediate: false,
                 awaits_orphan: false,
+                busy: false,
             });
         }
         match error.disposition {
@@ -267,11 +280,13 @@ impl RetryPolicy {
                 cause: format!("server asked to resume elsewhere: {error}"),
                 immediate: true,
                 awaits_orphan: false,
+                busy: false,
             }),
             Disposition::Retry => Ok(Retry {
                 cause: format!("server error {error}"),
                 immediate: false,
                 awaits_orphan: false,
+                busy: error.code == ErrorCode::ServerBusy,
             }),
             // Our own earlier OPEN created this session and the connection
             // died before its WELCOME (and token) reached us. Nobody can
@@ -288,6 +303,7 @@ impl RetryPolicy {
                     ),
                     immediate: false,
                     awaits_orphan: true,
+                    busy: false,
                 })
             }
             Disposition::Final => Err(match (error.code, seen.terms) {
@@ -335,7 +351,15 @@ mod tests {
     const SECOND: Duration = Duration::from_secs(1);
 
     fn policy(ports: usize, t0: Instant) -> RetryPolicy {
-        RetryPolicy::new(ports, Backoff::default(), 60 * SECOND, t0)
+        RetryPolicy::new(ports, Backoff::default(), busy_backoff(), 60 * SECOND, t0)
+    }
+
+    fn busy_backoff() -> Backoff {
+        Backoff {
+            initial: SECOND,
+            max: 10 * SECOND,
+            multiplier: 2.0,
+        }
     }
 
     fn rng() -> rand::rngs::StdRng {
@@ -506,6 +530,40 @@ mod tests {
     }
 
     #[test]
+    fn server_busy_before_the_first_welcome_backs_off_longer() {
+        let t0 = Instant::now();
+        let mut rng = rng();
+        let mut busy_policy = policy(1, t0);
+        let mut longest = Duration::ZERO;
+        for attempt in 1..=3 {
+            let (busy, _, _) = retry_delay(busy_policy.decide(
+                t0,
+                error(ErrorCode::ServerBusy),
+                seen(false, false, None),
+                &mut rng,
+            ));
+            assert!(busy <= busy_backoff().ceiling(attempt));
+            longest = longest.max(busy);
+        }
+        assert!(longest > Backoff::default().ceiling(3), "{longest:?}");
+        // Once streaming, a busy server is retried like any other error.
+        let mut streaming = policy(1, t0);
+        streaming.decide(
+            t0,
+            Ending::Lost("eof".into()),
+            seen(true, true, terms()),
+            &mut rng,
+        );
+        let (delay, _, _) = retry_delay(streaming.decide(
+            t0,
+            error(ErrorCode::ServerBusy),
+            seen(false, false, terms()),
+            &mut rng,
+        ));
+        assert!(delay <= Backoff::default().ceiling(1));
+    }
+
+    #[test]
     fn takeovers_are_resumed_twice_then_final() {
         let t0 = Instant::now();
         let mut policy = policy(1, t0);
@@ -578,7 +636,7 @@ mod tests {
     #[test]
     fn a_lost_welcome_waits_for_its_orphan_longer_than_the_open_timeout() {
         let t0 = Instant::now();
-        let mut policy = RetryPolicy::new(1, Backoff::default(), 10 * SECOND, t0);
+        let mut policy = RetryPolicy::new(1, Backoff::default(), busy_backoff(), 10 * SECOND, t0);
         let mut rng = rng();
         let orphan = Seen {
             opens_sent: 2,
@@ -597,7 +655,7 @@ mod tests {
             "the next attempt's deadline follows"
         );
         // A first OPEN that finds the id taken is final.
-        let mut fresh = RetryPolicy::new(1, Backoff::default(), 10 * SECOND, t0);
+        let mut fresh = RetryPolicy::new(1, Backoff::default(), busy_backoff(), 10 * SECOND, t0);
         let stop = fresh.decide(
             t0,
             error(ErrorCode::SessionExists),

@@ -91,6 +91,7 @@ impl Driver<'_> {
         let mut policy = RetryPolicy::new(
             ports.len(),
             self.config.backoff,
+            self.config.busy_backoff,
             self.config.open_timeout,
             Instant::now().into_std(),
         );
