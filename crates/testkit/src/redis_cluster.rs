@@ -158,6 +158,29 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The fewest connections subscribed to any of the shard channels
+    /// `channels`, each counted over every running master
+    /// (`PUBSUB SHARDNUMSUB` counts a node's own subscribers).
+    pub fn shard_subscribers(&self, channels: &[&str]) -> usize {
+        let mut counts = vec![0; channels.len()];
+        for port in self.masters() {
+            let mut args = vec!["PUBSUB", "SHARDNUMSUB"];
+            args.extend_from_slice(channels);
+            let Some(reply) = cli(port, &args) else {
+                continue;
+            };
+            // Channel and count lines, alternating.
+            let lines: Vec<&str> = reply.lines().collect();
+            for (count, pair) in counts.iter_mut().zip(lines.chunks(2)) {
+                *count += pair
+                    .get(1)
+                    .and_then(|count| count.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        counts.into_iter().min().unwrap_or(0)
+    }
+
     /// Kills the node on `port` (SIGKILL): a crash, as far as the rest of
     /// the cluster can tell.
     ///
