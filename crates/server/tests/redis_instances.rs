@@ -593,3 +593,30 @@ async fn a_hung_redis_is_ridden_out_briefly_then_reported_retryable() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_append_only_file_a_redis_restart_keeps_sessions_streaming_and_resumable() {
+    // appendonly yes, appendfsync everysec: what the operations guide
+    // recommends.
+    let mut redis = RedisServer::start_persistent();
+    let mut servers = start_processes(2, &process_args(&redis, "50ms", "10s"));
+    let ports: Vec<u16> = servers.iter().map(ServerProcess::port).collect();
+
+    // Four clients of 60 numbers (3 s undisturbed), two on each server.
+    let clients: Vec<_> = (0..4)
+        .map(|i| spawn_client(rotated(&ports, i), 60))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Redis crashes and comes back with its append-only file...
+    redis.restart();
+    // ...and then one server dies too, so half the clients must resume,
+    // which needs their sessions from the reloaded file.
+    servers[0].kill();
+    for (i, (run, _events)) in clients.into_iter().enumerate() {
+        let report = run.await.expect("client task");
+        assert_undisturbed_result(&report);
+        if i % 2 == 0 {
+            assert!(report.reconnects >= 1, "client {i} resumed elsewhere");
+        }
+    }
+}

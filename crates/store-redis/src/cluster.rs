@@ -19,6 +19,7 @@ use futures::stream::BoxStream;
 use redis::aio::ConnectionManager;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, PushKind};
 use redis::{RedisFuture, Value};
 use tokio::sync::mpsc;
@@ -68,6 +69,34 @@ impl redis::aio::ConnectionLike for Connection {
         match self {
             Connection::Single(connection) => connection.get_db(),
             Connection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+impl Connection {
+    /// `WAIT replicas timeout_ms` on the master of `slot` (the cluster
+    /// client would otherwise send it to every master), or on the one
+    /// Redis. WAIT counts the replicas that have every write this
+    /// connection sent so far, which includes the caller's.
+    pub(crate) async fn wait_for_replicas(
+        &mut self,
+        slot: Option<u16>,
+        replicas: usize,
+        timeout_ms: u64,
+    ) -> redis::RedisResult<Value> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        match (self, slot) {
+            (Connection::Cluster(connection), Some(slot)) => {
+                let route = Route::new(slot, SlotAddr::Master);
+                connection
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await
+            }
+            (connection, _) => wait.query_async(connection).await,
         }
     }
 }

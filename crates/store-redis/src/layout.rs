@@ -111,6 +111,13 @@ impl Layout {
         key
     }
 
+    /// The hash slot of `client_id`'s keys on a cluster; `None` on one
+    /// Redis.
+    pub(crate) fn slot_of(&self, client_id: ClientId) -> Option<u16> {
+        let tag = self.group(client_id).tag.as_ref()?;
+        Some(slot(tag.as_bytes()))
+    }
+
     /// The command the attach script announces a takeover with: a shard
     /// channel on a cluster stays within the slot's master and replicas,
     /// where PUBLISH would be broadcast over the whole cluster bus.

@@ -121,6 +121,17 @@ pub struct RedisStoreConfig {
     /// Most live sessions under `prefix`, counted across every server
     /// sharing it; creates past it fail with `StoreError::Full`.
     pub max_sessions: usize,
+    /// After a create or attach, wait (`WAIT`) until this many replicas of
+    /// the session's master have it, for at most `replica_wait`; 0 (the
+    /// default) does not wait. Best effort: past the wait the operation
+    /// succeeds all the same. It narrows the window in which a failover
+    /// loses a new session or a takeover (never a correctness matter, see
+    /// ARCHITECTURE.md, "Failover"), at the price of a replication round
+    /// trip, and of every command behind it on the shared connection
+    /// (Redis answers a client's pipelined commands in order).
+    pub wait_replicas: usize,
+    /// The longest `WAIT` for [`wait_replicas`](Self::wait_replicas).
+    pub replica_wait: Duration,
 }
 
 impl Default for RedisStoreConfig {
@@ -135,6 +146,8 @@ impl Default for RedisStoreConfig {
             reconnect_retries: 2,
             operation_timeout: Duration::from_secs(2),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            wait_replicas: 0,
+            replica_wait: Duration::from_millis(50),
         }
     }
 }
@@ -417,6 +430,31 @@ impl RedisStore {
             .expect_ok()
     }
 
+    /// `WAIT`s for [`RedisStoreConfig::wait_replicas`] replicas of
+    /// `client_id`'s master, if configured. Never fails the operation: a
+    /// write the master acknowledged stands whether or not it reached a
+    /// replica in time.
+    async fn wait_for_replicas(&self, client_id: ClientId) {
+        if self.config.wait_replicas == 0 {
+            return;
+        }
+        let wait_ms = u64::try_from(self.config.replica_wait.as_millis()).unwrap_or(u64::MAX);
+        let slot = self.layout.slot_of(client_id);
+        let replicas = self
+            .bounded(Replay::Idempotent, |mut connection| async move {
+                connection
+                    .wait_for_replicas(slot, self.config.wait_replicas, wait_ms)
+                    .await
+            })
+            .await;
+        match replicas {
+            Ok(Value::Int(count))
+                if usize::try_from(count).is_ok_and(|count| count >= self.config.wait_replicas) => {
+            }
+            other => tracing::debug!(?other, "a write reached fewer replicas than asked in time"),
+        }
+    }
+
     /// Renews `renewals`, all of group `group`, in one script.
     async fn renew_group(
         &self,
@@ -562,6 +600,7 @@ impl SessionStore for RedisStore {
             Replay::IfUnsent,
         )
         .await?;
+        self.wait_for_replicas(session.client_id).await;
         Ok(Attachment {
             client_id: session.client_id,
             seed: session.seed,
@@ -588,6 +627,7 @@ impl SessionStore for RedisStore {
         let mut reply = self
             .eval_indexed(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
             .await?;
+        self.wait_for_replicas(client_id).await;
         let seed = reply.bytes("seed")?;
         let seed =
             SessionSeed(seed.try_into().map_err(|seed: Vec<u8>| {

@@ -166,3 +166,54 @@ async fn takeovers_are_announced_on_shard_channels_to_every_instance() {
         assert_eq!(next_notice(&mut on_b).await, expected);
     }
 }
+
+#[tokio::test]
+async fn a_session_created_with_a_replica_wait_survives_its_masters_kill() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let config = RedisStoreConfig {
+        wait_replicas: 1,
+        replica_wait: Duration::from_secs(1),
+        ..RedisStoreConfig::default()
+    };
+    let store = RedisStore::connect_lazy(&cluster.url(), config).expect("a valid cluster URL");
+    let session = random_session();
+    store.create(session, LONG).await.expect("create");
+    let attached = store
+        .attach(session.client_id, &session.token, LONG)
+        .await
+        .expect("attach");
+    // Kill whichever master holds the session, at once: the create and
+    // the generation bump were acknowledged by a replica before returning.
+    let key = store.session_key(session.client_id);
+    let mut holder = None;
+    for port in cluster.masters() {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "EXISTS", &key])
+            .output()
+            .expect("redis-cli");
+        if String::from_utf8_lossy(&output.stdout).trim() == "1" {
+            holder = Some(port);
+        }
+    }
+    let holder = holder.expect("a master holds the session");
+    cluster.kill(holder);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.wait_until_ok();
+        cluster
+    })
+    .await
+    .expect("the cluster recovers");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        match store.lookup(session.client_id).await {
+            Ok(info) => break info,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "never answered: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let info = info.expect("the session survived the failover");
+    assert_eq!(info.generation, attached.generation);
+    assert!(!cluster.masters().contains(&holder));
+}
