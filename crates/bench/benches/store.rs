@@ -52,7 +52,10 @@ fn runtime() -> Runtime {
 
 fn session(n: u128) -> NewSession {
     NewSession {
-        client_id: Uuid::from_u128(n + 1),
+        // Bits reversed: the ids differ in their first bytes, which is
+        // where a cluster store takes a session's slot group from, so the
+        // sessions spread over every group (and master) as random ids do.
+        client_id: Uuid::from_u128((n + 1).reverse_bits()),
         seed: SessionSeed([3; 32]),
         count: 100,
         token: TOKEN,
