@@ -125,6 +125,8 @@ struct Retry {
     /// An earlier OPEN of this run created the session but its WELCOME
     /// was lost; only time (the orphan's expiry) helps.
     awaits_orphan: bool,
+    /// The server said `server_busy`: it is full, not failing.
+    busy: bool,
 }
 
 struct Driver<'a> {
@@ -191,6 +193,7 @@ impl Driver<'_> {
                     cause,
                     immediate: false,
                     awaits_orphan: false,
+                    busy: false,
                 },
                 Ending::ServerError(error) => self.classify(error, away)?,
             };
@@ -203,6 +206,11 @@ impl Driver<'_> {
             let immediate = retry.immediate && attempt as usize <= ports.len();
             let mut delay = if immediate {
                 Duration::ZERO
+            } else if retry.busy && self.terms.is_none() {
+                // A full server refuses new sessions until some of its
+                // sessions end, seconds at best: coming back within
+                // 100 ms only adds to the load that made it refuse.
+                self.config.busy_backoff.delay_for(attempt)
             } else {
                 self.config.backoff.delay_for(attempt)
             };
@@ -278,6 +286,7 @@ impl Driver<'_> {
                 ),
                 immediate: false,
                 awaits_orphan: false,
+                busy: false,
             });
         }
         match error.disposition {
@@ -285,11 +294,13 @@ impl Driver<'_> {
                 cause: format!("server asked to resume elsewhere: {error}"),
                 immediate: true,
                 awaits_orphan: false,
+                busy: false,
             }),
             Disposition::Retry => Ok(Retry {
                 cause: format!("server error {error}"),
                 immediate: false,
                 awaits_orphan: false,
+                busy: error.code == ErrorCode::ServerBusy,
             }),
             // Our own earlier OPEN created this session and the connection
             // died before its WELCOME (and token) reached us. Nobody can
@@ -306,6 +317,7 @@ impl Driver<'_> {
                     ),
                     immediate: false,
                     awaits_orphan: true,
+                    busy: false,
                 })
             }
             Disposition::Final => Err(match (error.code, self.terms) {
