@@ -5,7 +5,10 @@
 //! local `redis-server` (group "redis store"). Each store already holds
 //! 10,000 sessions, as a loaded server's would. The Redis group also times a
 //! bare `PING` on the same connection: one loopback round trip, the floor
-//! under every Redis operation.
+//! under every Redis operation. The same operations run on a local Redis
+//! Cluster (three masters with a replica each), without and with `WAIT 1`
+//! after create and attach, and a 512-session `renew_many` is timed on one
+//! Redis and on a cluster (one script per slot group there).
 //!
 //! Run: `cargo bench -p numstream-bench --bench store` (needs
 //! `redis-server` on `PATH`; `RedisServer::start` panics with install
@@ -20,6 +23,7 @@ use numstream_protocol::{ResumeToken, SessionSeed};
 use numstream_store::{InMemoryStore, NewSession, SessionStore};
 use numstream_store_redis::{RedisStore, RedisStoreConfig};
 use numstream_testkit::redis::RedisServer;
+use numstream_testkit::redis_cluster::RedisCluster;
 use tokio::runtime::{Builder, Runtime};
 use uuid::Uuid;
 
@@ -48,7 +52,10 @@ fn runtime() -> Runtime {
 
 fn session(n: u128) -> NewSession {
     NewSession {
-        client_id: Uuid::from_u128(n + 1),
+        // Bits reversed: the ids differ in their first bytes, which is
+        // where a cluster store takes a session's slot group from, so the
+        // sessions spread over every group (and master) as random ids do.
+        client_id: Uuid::from_u128((n + 1).reverse_bits()),
         seed: SessionSeed([3; 32]),
         count: 100,
         token: TOKEN,
@@ -158,5 +165,72 @@ fn redis_store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, memory_store, redis_store);
+/// A store on a fresh local cluster of three masters with a replica each.
+fn cluster_store(cluster: &RedisCluster, runtime: &Runtime, wait_replicas: usize) -> RedisStore {
+    let config = RedisStoreConfig {
+        wait_replicas,
+        ..RedisStoreConfig::default()
+    };
+    let store = RedisStore::connect_lazy(&cluster.url(), config)
+        .expect("the testkit's redis-cluster:// URL parses");
+    runtime.block_on(store.ping()).expect("the cluster answers");
+    store
+}
+
+/// The store operations on a Redis Cluster (three masters, a replica
+/// each), without and with `WAIT 1` after create and attach: what the
+/// replica acknowledgement costs.
+fn redis_cluster_store(c: &mut Criterion) {
+    let runtime = runtime();
+    for (name, wait_replicas) in [
+        ("redis cluster store", 0),
+        ("redis cluster store, WAIT 1", 1),
+    ] {
+        let cluster = RedisCluster::start_with_replicas();
+        let store = cluster_store(&cluster, &runtime, wait_replicas);
+        let mut group = c.benchmark_group(name);
+        bench_operations(&mut group, &runtime, &store);
+        group.finish();
+    }
+}
+
+/// One server's renewal round of 512 sessions (the batch bound): one
+/// script on one Redis, one script per slot group on a cluster (at most 64,
+/// sent concurrently, each to its group's master).
+fn renew_many(c: &mut Criterion) {
+    let runtime = runtime();
+    let batch: Vec<NewSession> = (0..512).map(|n| session(5_000_000 + n)).collect();
+    let renewals: Vec<_> = batch.iter().map(|s| (s.client_id, 1)).collect();
+    let redis = RedisServer::start();
+    let single = RedisStore::connect_lazy(&redis.url(), RedisStoreConfig::default())
+        .expect("the testkit's redis:// URL parses");
+    let cluster = RedisCluster::start();
+    let clustered = cluster_store(&cluster, &runtime, 0);
+    let mut group = c.benchmark_group("renew_many of 512");
+    for (name, store) in [("one redis", &single), ("cluster of 3 masters", &clustered)] {
+        runtime.block_on(async {
+            for session in &batch {
+                store
+                    .create(*session, LEASE)
+                    .await
+                    .expect("create a session to renew");
+            }
+        });
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| async {
+                let results = store.renew_many(&renewals, LEASE).await;
+                assert!(results.iter().all(Result::is_ok), "every renewal succeeds");
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    memory_store,
+    redis_store,
+    redis_cluster_store,
+    renew_many
+);
 criterion_main!(benches);

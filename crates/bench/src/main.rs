@@ -221,7 +221,7 @@ impl Common {
         self.server
             .server_args
             .iter()
-            .any(|arg| arg.starts_with("redis://"))
+            .any(|arg| arg.starts_with("redis://") || arg.starts_with("redis-cluster://"))
     }
 
     fn sources(&self) -> Vec<IpAddr> {

@@ -761,8 +761,14 @@ fn attack_summary(
 /// The flags, beyond profile and seed, that replay this run.
 fn replay_flags(config: &ChaosConfig) -> String {
     let mut flags = String::new();
-    if let StoreMode::Redis(_) = config.store {
-        flags.push_str(" --redis");
+    if let StoreMode::Redis(url) = &config.store {
+        // The binary starts a cluster (and kills one of its masters) for
+        // `--redis-cluster`, whose URL is a `redis-cluster://` one.
+        if url.starts_with("redis-cluster://") {
+            flags.push_str(" --redis-cluster");
+        } else {
+            flags.push_str(" --redis");
+        }
     }
     let profile_attack = ChaosConfig::profile(&config.profile_name, 0, PathBuf::new())
         .map(|profile| profile.attack.kinds)

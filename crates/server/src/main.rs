@@ -216,15 +216,18 @@ struct Args {
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true, default_value = "5s", value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     shutdown_grace: Duration,
 
-    /// Where sessions live: memory, or redis://[USER:PASSWORD@]HOST:PORT/DB
+    /// Where sessions live: memory, redis://[USER:PASSWORD@]HOST:PORT/DB,
+    /// or redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]
     ///
     /// memory keeps them in this process (they end with it). A Redis URL
     /// shares them with every instance pointed at the same Redis, so
     /// clients resume on any of them and a draining server sends them
-    /// there. If Redis is down the server starts anyway and answers
-    /// store_unavailable until it is back.
+    /// there. A redis-cluster URL lists seed nodes of a Redis Cluster (7
+    /// or later); sessions spread over its masters. If Redis is down the
+    /// server starts anyway and answers store_unavailable until it is back.
     ///
     /// Example: --store redis://127.0.0.1:6379/0
+    /// Example: --store redis-cluster://10.0.0.1:7000,10.0.0.2:7000
     #[arg(long, value_name = "URL", default_value = "memory", value_parser = parse_store)]
     store: StoreUrl,
 
@@ -308,11 +311,12 @@ impl StoreUrl {
 }
 
 fn parse_store(text: &str) -> Result<StoreUrl, String> {
-    const EXPECTED: &str = "expected `memory` or `redis://HOST:PORT/DB`";
+    const EXPECTED: &str =
+        "expected `memory`, `redis://HOST:PORT/DB` or `redis-cluster://HOST:PORT[,HOST:PORT…]`";
     if text == "memory" {
         return Ok(StoreUrl::Memory);
     }
-    if !text.starts_with("redis://") {
+    if !text.starts_with("redis://") && !text.starts_with("redis-cluster://") {
         return Err(EXPECTED.to_owned());
     }
     // Parsing does no I/O; the URL itself never goes into messages, as it

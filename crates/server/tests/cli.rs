@@ -116,7 +116,7 @@ fn generates_a_man_page_and_completions_without_other_flags() {
 
 #[test]
 fn bad_flags_exit_2_and_say_what_is_accepted() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (
             &["--port", "7000", "--listen-backlog", "0"],
             "--listen-backlog",
@@ -134,7 +134,16 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         ),
         (
             &["--port", "7000", "--store", "postgres://db"],
-            "expected `memory` or `redis://HOST:PORT/DB`",
+            "expected `memory`, `redis://HOST:PORT/DB` or `redis-cluster://",
+        ),
+        (
+            &[
+                "--port",
+                "7000",
+                "--store",
+                "redis-cluster://127.0.0.1:7000/2",
+            ],
+            "a cluster has no database number",
         ),
         (
             &["--port", "7000", "--store", "redis://127.0.0.1:notaport/0"],

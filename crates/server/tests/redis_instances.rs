@@ -11,14 +11,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-
-use numstream_client::{ClientConfig, Event, Observer, Report};
+use numstream_client::Event;
 use numstream_protocol::prng::NumberGenerator;
 use numstream_protocol::{
-    ClientId, Disposition, ErrorCode, Frame, Open, Resume, ResumeToken, SequenceChecksum,
-    SessionSeed,
+    ClientId, Disposition, ErrorCode, Frame, Open, Resume, ResumeToken, SessionSeed,
 };
 use numstream_server::ServerConfig;
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore};
@@ -26,80 +22,12 @@ use numstream_testkit::process::ServerProcess;
 use numstream_testkit::redis::RedisServer;
 use numstream_testkit::server::{RawClient, TestServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_numstream-server");
-/// Every server here derives session seeds from this, so an undisturbed
-/// run's result is known in advance.
-const SEED: u64 = 42;
-/// Bound on any client run, so a hang fails instead of blocking CI.
-const RUN_LIMIT: Duration = Duration::from_secs(30);
+mod common;
 
-fn reference(client_id: ClientId, count: u16) -> SequenceChecksum {
-    SequenceChecksum::of_session(&SessionSeed::derive(SEED, client_id), count)
-}
-
-/// The report must be exactly that of an undisturbed run.
-fn assert_undisturbed_result(report: &Report) {
-    assert!(report.ok, "{}", report.render_human());
-    let expected = reference(report.client_id, report.count);
-    assert_eq!(report.received, report.count);
-    assert_eq!(report.sum, expected.sum());
-    assert_eq!(report.client_checksum, expected.checksum());
-    assert_eq!(report.server_checksum, Some(expected.checksum()));
-}
-
-/// Forwards every client event, stamped with when it happened.
-struct Live(mpsc::UnboundedSender<(Instant, Event)>);
-
-impl Observer for Live {
-    fn event(&mut self, event: &Event) {
-        let _ = self.0.send((Instant::now(), event.clone()));
-    }
-}
-
-type Events = mpsc::UnboundedReceiver<(Instant, Event)>;
-
-fn spawn_client(ports: Vec<u16>, count: u16) -> (JoinHandle<Report>, Events) {
-    spawn_client_as(ClientId::new_v4(), ports, count)
-}
-
-fn spawn_client_as(
-    client_id: ClientId,
-    ports: Vec<u16>,
-    count: u16,
-) -> (JoinHandle<Report>, Events) {
-    let (sender, events) = mpsc::unbounded_channel();
-    let config = ClientConfig {
-        ports,
-        count,
-        client_id,
-        ..ClientConfig::default()
-    };
-    let run = tokio::spawn(async move {
-        let mut observer = Live(sender);
-        tokio::time::timeout(RUN_LIMIT, numstream_client::run(config, &mut observer))
-            .await
-            .expect("client run must finish")
-    });
-    (run, events)
-}
-
-fn drain(events: &mut Events) -> Vec<(Instant, Event)> {
-    std::iter::from_fn(|| events.try_recv().ok()).collect()
-}
-
-/// When the first WELCOME after `since` arrived.
-fn first_welcome_after(events: &[(Instant, Event)], since: Instant) -> Option<Instant> {
-    events
-        .iter()
-        .find(|(at, event)| *at > since && matches!(event, Event::Welcomed { .. }))
-        .map(|(at, _)| *at)
-}
-
-fn rotated(ports: &[u16], by: usize) -> Vec<u16> {
-    let mut rotated = ports.to_vec();
-    rotated.rotate_left(by % ports.len());
-    rotated
-}
+use common::{
+    BIN, SEED, assert_undisturbed_result, drain, first_welcome_after, rotated, spawn_client,
+    spawn_client_as,
+};
 
 fn session_key(client_id: ClientId) -> String {
     format!("{DEFAULT_PREFIX}session:{{{client_id}}}")
@@ -664,4 +592,31 @@ async fn a_hung_redis_is_ridden_out_briefly_then_reported_retryable() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_append_only_file_a_redis_restart_keeps_sessions_streaming_and_resumable() {
+    // appendonly yes, appendfsync everysec: what the operations guide
+    // recommends.
+    let mut redis = RedisServer::start_persistent();
+    let mut servers = start_processes(2, &process_args(&redis, "50ms", "10s"));
+    let ports: Vec<u16> = servers.iter().map(ServerProcess::port).collect();
+
+    // Four clients of 60 numbers (3 s undisturbed), two on each server.
+    let clients: Vec<_> = (0..4)
+        .map(|i| spawn_client(rotated(&ports, i), 60))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Redis crashes and comes back with its append-only file...
+    redis.restart();
+    // ...and then one server dies too, so half the clients must resume,
+    // which needs their sessions from the reloaded file.
+    servers[0].kill();
+    for (i, (run, _events)) in clients.into_iter().enumerate() {
+        let report = run.await.expect("client task");
+        assert_undisturbed_result(&report);
+        if i % 2 == 0 {
+            assert!(report.reconnects >= 1, "client {i} resumed elsewhere");
+        }
+    }
 }

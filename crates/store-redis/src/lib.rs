@@ -61,6 +61,8 @@
 //!   report `AlreadyExists` / `NotFound` for what succeeded. Those callers
 //!   get `Unavailable` and must treat the outcome as unknown.
 
+mod cluster;
+mod layout;
 mod notices;
 mod reply;
 mod scripts;
@@ -72,6 +74,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisError, Script, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
@@ -81,6 +84,9 @@ use numstream_store::{
     Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
 };
 
+use cluster::{CLUSTER_SCHEME, ClusterEndpoint, Connection};
+pub use layout::CLUSTER_GROUPS;
+use layout::Layout;
 use reply::{Reply, corrupt};
 use scripts::Scripts;
 
@@ -115,6 +121,17 @@ pub struct RedisStoreConfig {
     /// Most live sessions under `prefix`, counted across every server
     /// sharing it; creates past it fail with `StoreError::Full`.
     pub max_sessions: usize,
+    /// After a create or attach, wait (`WAIT`) until this many replicas of
+    /// the session's master have it, for at most `replica_wait`; 0 (the
+    /// default) does not wait. Best effort: past the wait the operation
+    /// succeeds all the same. It narrows the window in which a failover
+    /// loses a new session or a takeover (never a correctness matter, see
+    /// ARCHITECTURE.md, "Failover"), at the price of a replication round
+    /// trip, and of every command behind it on the shared connection
+    /// (Redis answers a client's pipelined commands in order).
+    pub wait_replicas: usize,
+    /// The longest `WAIT` for [`wait_replicas`](Self::wait_replicas).
+    pub replica_wait: Duration,
 }
 
 impl Default for RedisStoreConfig {
@@ -129,6 +146,8 @@ impl Default for RedisStoreConfig {
             reconnect_retries: 2,
             operation_timeout: Duration::from_secs(2),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            wait_replicas: 0,
+            replica_wait: Duration::from_millis(50),
         }
     }
 }
@@ -137,18 +156,31 @@ impl Default for RedisStoreConfig {
 /// multiplexed, self-reconnecting connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: Client,
-    manager_config: ConnectionManagerConfig,
+    endpoint: Endpoint,
     /// Made by the first operation that finds Redis up; until then every
-    /// operation tries once more (the manager reconnects by itself after).
-    connection: Arc<OnceCell<ConnectionManager>>,
+    /// operation tries once more (the connection reconnects by itself after).
+    connection: Arc<OnceCell<Connection>>,
     scripts: Arc<Scripts>,
     prefix: Arc<str>,
-    /// `{prefix}sessions`, the index of live sessions the bound counts.
-    index_key: Arc<str>,
-    /// `{prefix}takeovers`, where the attach script announces generations.
-    takeover_channel: Arc<str>,
+    /// Where each session's keys, index and takeover channel are.
+    layout: Arc<Layout>,
     config: Arc<RedisStoreConfig>,
+}
+
+/// What the store connects to.
+#[derive(Clone)]
+enum Endpoint {
+    /// One Redis, through a reconnecting connection manager.
+    Single {
+        client: Client,
+        manager_config: ConnectionManagerConfig,
+    },
+    /// A Redis Cluster from its seed nodes: the client follows MOVED and
+    /// ASK and reloads the slot map by itself.
+    Cluster {
+        client: ClusterClient,
+        endpoint: Arc<ClusterEndpoint>,
+    },
 }
 
 impl fmt::Debug for RedisStore {
@@ -193,8 +225,10 @@ impl Replay {
 }
 
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`)
-    /// with keys under `prefix` and default timeouts. Fails with
+    /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`,
+    /// or `redis-cluster://[user:password@]host:port[,host:port…]` for a
+    /// Redis Cluster from its seed nodes) with keys under `prefix` and
+    /// default timeouts. Fails with
     /// `Unavailable` if Redis cannot be reached within the operation timeout.
     ///
     /// Unless the URL chooses a protocol (`?protocol=resp2`), RESP3 is used:
@@ -223,6 +257,18 @@ impl RedisStore {
     /// Redis answers, operations fail with `Unavailable` within the
     /// operation timeout; afterwards the store works without a restart.
     pub fn connect_lazy(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
+        if url.starts_with(CLUSTER_SCHEME) {
+            let endpoint = ClusterEndpoint::parse(url, &config)?;
+            let client = endpoint.client()?;
+            return Ok(Self::with_endpoint(
+                Endpoint::Cluster {
+                    client,
+                    endpoint: Arc::new(endpoint),
+                },
+                Layout::cluster(&config.prefix),
+                config,
+            ));
+        }
         // The URL is never echoed into errors: it may hold a password.
         let parsed = redis::parse_redis_url(url)
             .ok_or_else(|| StoreError::Unavailable("the Redis URL does not parse".to_owned()))?;
@@ -244,47 +290,103 @@ impl RedisStore {
             .set_number_of_retries(config.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(400));
-        Ok(Self {
-            client,
-            manager_config,
+        let layout = Layout::single(&config.prefix);
+        Ok(Self::with_endpoint(
+            Endpoint::Single {
+                client,
+                manager_config,
+            },
+            layout,
+            config,
+        ))
+    }
+
+    fn with_endpoint(endpoint: Endpoint, layout: Layout, config: RedisStoreConfig) -> Self {
+        Self {
+            endpoint,
             connection: Arc::new(OnceCell::new()),
             scripts: Arc::new(Scripts::new()),
             prefix: config.prefix.as_str().into(),
-            index_key: format!("{}sessions", config.prefix).into(),
-            takeover_channel: format!("{}takeovers", config.prefix).into(),
+            layout: Arc::new(layout),
             config: Arc::new(config),
-        })
+        }
     }
 
     /// The shared connection, made now if no operation has made it yet.
-    async fn manager(&self) -> Result<ConnectionManager, RedisError> {
+    async fn manager(&self) -> Result<Connection, RedisError> {
         self.connection
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.manager_config.clone())
+            .get_or_try_init(|| async {
+                match &self.endpoint {
+                    Endpoint::Single {
+                        client,
+                        manager_config,
+                    } => ConnectionManager::new_with_config(client.clone(), manager_config.clone())
+                        .await
+                        .map(Connection::Single),
+                    Endpoint::Cluster { client, .. } => client
+                        .get_async_connection()
+                        .await
+                        .map(|connection| Connection::Cluster(Box::new(connection))),
+                }
             })
             .await
             .cloned()
     }
 
-    /// The Redis key holding `client_id`'s session.
+    /// Whether this store is on a Redis Cluster (`redis-cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        self.layout.is_cluster()
+    }
+
+    /// The Redis key holding `client_id`'s session:
+    /// `{prefix}session:{<client id>}` on one Redis,
+    /// `{prefix}session:{<group tag>}:<client id>` on a cluster.
     pub fn session_key(&self, client_id: ClientId) -> String {
-        format!("{}session:{{{client_id}}}", self.prefix)
+        self.layout.session_key(client_id)
     }
 
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    /// The sorted set indexing the deployment's sessions for its bound:
-    /// `{prefix}sessions`, client ids scored by their key's expiry (Unix
-    /// milliseconds on Redis's clock).
+    /// The sorted set indexing the deployment's sessions for its bound, on
+    /// one Redis: `{prefix}sessions`, client ids scored by their key's
+    /// expiry (Unix milliseconds on Redis's clock). On a cluster, the
+    /// index of the first group (see [`index_key_of`](Self::index_key_of)).
     pub fn index_key(&self) -> &str {
-        &self.index_key
+        &self.layout.groups()[0].index_key
     }
 
-    /// The pub/sub channel carrying takeover notices: `{prefix}takeovers`.
+    /// The index `client_id` is counted in: [`index_key`](Self::index_key)
+    /// on one Redis, `{prefix}sessions:{<group tag>}` on a cluster.
+    pub fn index_key_of(&self, client_id: ClientId) -> &str {
+        &self.layout.group(client_id).index_key
+    }
+
+    /// Every index key of the deployment: one on one Redis, one per group
+    /// on a cluster.
+    pub fn index_keys(&self) -> Vec<&str> {
+        self.layout
+            .groups()
+            .iter()
+            .map(|group| group.index_key.as_str())
+            .collect()
+    }
+
+    /// Every takeover channel: one on one Redis, one shard channel per
+    /// group on a cluster.
+    pub fn takeover_channels(&self) -> Vec<&str> {
+        self.layout
+            .groups()
+            .iter()
+            .map(|group| group.channel.as_str())
+            .collect()
+    }
+
+    /// The pub/sub channel carrying takeover notices on one Redis:
+    /// `{prefix}takeovers`. On a cluster, the first group's shard channel.
     pub fn takeover_channel(&self) -> &str {
-        &self.takeover_channel
+        &self.layout.groups()[0].channel
     }
 
     /// Runs a per-session script on `client_id`'s key and, unless
@@ -298,11 +400,12 @@ impl RedisStore {
         replay: Replay,
     ) -> Result<Reply, StoreError> {
         let session_key = self.session_key(client_id);
+        let index_key = &self.layout.group(client_id).index_key;
         let value = self
             .bounded(replay, |mut connection| {
                 let mut invocation = script.key(&session_key);
                 if keys == Keys::SessionAndIndex {
-                    invocation.key(&*self.index_key);
+                    invocation.key(index_key);
                 }
                 for arg in args {
                     invocation.arg(arg.as_slice());
@@ -327,11 +430,80 @@ impl RedisStore {
             .expect_ok()
     }
 
+    /// `WAIT`s for [`RedisStoreConfig::wait_replicas`] replicas of
+    /// `client_id`'s master, if configured. Never fails the operation: a
+    /// write the master acknowledged stands whether or not it reached a
+    /// replica in time.
+    async fn wait_for_replicas(&self, client_id: ClientId) {
+        if self.config.wait_replicas == 0 {
+            return;
+        }
+        let wait_ms = u64::try_from(self.config.replica_wait.as_millis()).unwrap_or(u64::MAX);
+        let slot = self.layout.slot_of(client_id);
+        let replicas = self
+            .bounded(Replay::Idempotent, |mut connection| async move {
+                connection
+                    .wait_for_replicas(slot, self.config.wait_replicas, wait_ms)
+                    .await
+            })
+            .await;
+        match replicas {
+            Ok(Value::Int(count))
+                if usize::try_from(count).is_ok_and(|count| count >= self.config.wait_replicas) => {
+            }
+            other => tracing::debug!(?other, "a write reached fewer replicas than asked in time"),
+        }
+    }
+
+    /// Renews `renewals`, all of group `group`, in one script.
+    async fn renew_group(
+        &self,
+        group: usize,
+        renewals: &[(ClientId, u64)],
+        lease: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let index_key = &self.layout.groups()[group].index_key;
+        let keys: Vec<String> = renewals
+            .iter()
+            .map(|&(client_id, _)| self.session_key(client_id))
+            .collect();
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 2 * renewals.len());
+        args.push(expiry_ms(lease));
+        for &(client_id, generation) in renewals {
+            args.push(decimal(generation));
+            args.push(member(client_id));
+        }
+        let replies = self
+            .bounded(Replay::Idempotent, |mut connection| {
+                let mut invocation = self.scripts.renew_many.prepare_invoke();
+                invocation.key(index_key);
+                for key in &keys {
+                    invocation.key(key);
+                }
+                for arg in &args {
+                    invocation.arg(arg.as_slice());
+                }
+                async move { invocation.invoke_async::<Value>(&mut connection).await }
+            })
+            .await;
+        match replies {
+            Ok(Value::Array(replies)) if replies.len() == renewals.len() => replies
+                .into_iter()
+                .map(|reply| Reply::decode(reply)?.expect_ok().map(drop))
+                .collect(),
+            Ok(_) => {
+                let error = reply::corrupt("renewals replied something else than one reply each");
+                vec![Err(error); renewals.len()]
+            }
+            Err(error) => vec![Err(error); renewals.len()],
+        }
+    }
+
     /// Runs `attempt` on the shared connection, once more if `replay`
     /// allows, all within the operation timeout.
     async fn bounded<F, Fut>(&self, replay: Replay, attempt: F) -> Result<Value, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: Future<Output = Result<Value, RedisError>>,
     {
         let attempts = async {
@@ -418,6 +590,7 @@ impl SessionStore for RedisStore {
             decimal(session.checksum),
             expiry_ms(lease),
             member(session.client_id),
+            decimal(self.layout.group_bound(self.config.max_sessions)),
             decimal(self.config.max_sessions),
         ];
         self.eval_indexed(
@@ -427,6 +600,7 @@ impl SessionStore for RedisStore {
             Replay::IfUnsent,
         )
         .await?;
+        self.wait_for_replicas(session.client_id).await;
         Ok(Attachment {
             client_id: session.client_id,
             seed: session.seed,
@@ -446,12 +620,14 @@ impl SessionStore for RedisStore {
         let args = [
             token_digest(token),
             expiry_ms(lease),
-            self.takeover_channel.as_bytes().to_vec(),
+            self.layout.group(client_id).channel.as_bytes().to_vec(),
             member(client_id),
+            self.layout.publish_command().as_bytes().to_vec(),
         ];
         let mut reply = self
             .eval_indexed(&self.scripts.attach, client_id, &args, Replay::IfUnsent)
             .await?;
+        self.wait_for_replicas(client_id).await;
         let seed = reply.bytes("seed")?;
         let seed =
             SessionSeed(seed.try_into().map_err(|seed: Vec<u8>| {
@@ -494,43 +670,33 @@ impl SessionStore for RedisStore {
         renewals: &[(ClientId, u64)],
         lease: Duration,
     ) -> Vec<Result<(), StoreError>> {
-        if renewals.is_empty() {
-            return Vec::new();
+        // One script per group: a script's keys must share a slot on a
+        // cluster (one group on one Redis, so one script as before). The
+        // groups' scripts run concurrently over the multiplexed
+        // connections, so a renewal round costs one round trip per node.
+        let mut by_group: Vec<Vec<usize>> = vec![Vec::new(); self.layout.groups().len()];
+        for (position, &(client_id, _)) in renewals.iter().enumerate() {
+            by_group[self.layout.group_of(client_id)].push(position);
         }
-        let keys: Vec<String> = renewals
+        let batches = by_group
             .iter()
-            .map(|&(client_id, _)| self.session_key(client_id))
-            .collect();
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 2 * renewals.len());
-        args.push(expiry_ms(lease));
-        for &(client_id, generation) in renewals {
-            args.push(decimal(generation));
-            args.push(member(client_id));
-        }
-        let replies = self
-            .bounded(Replay::Idempotent, |mut connection| {
-                let mut invocation = self.scripts.renew_many.prepare_invoke();
-                invocation.key(&*self.index_key);
-                for key in &keys {
-                    invocation.key(key);
-                }
-                for arg in &args {
-                    invocation.arg(arg.as_slice());
-                }
-                async move { invocation.invoke_async::<Value>(&mut connection).await }
-            })
-            .await;
-        match replies {
-            Ok(Value::Array(replies)) if replies.len() == renewals.len() => replies
-                .into_iter()
-                .map(|reply| Reply::decode(reply)?.expect_ok().map(drop))
-                .collect(),
-            Ok(_) => {
-                let error = reply::corrupt("renewals replied something else than one reply each");
-                vec![Err(error); renewals.len()]
+            .enumerate()
+            .filter(|(_, positions)| !positions.is_empty())
+            .map(|(group, positions)| async move {
+                let batch: Vec<(ClientId, u64)> = positions
+                    .iter()
+                    .map(|&position| renewals[position])
+                    .collect();
+                (positions, self.renew_group(group, &batch, lease).await)
+            });
+        let mut results: Vec<Result<(), StoreError>> =
+            vec![Err(corrupt("renewal not answered")); renewals.len()];
+        for (positions, replies) in futures::future::join_all(batches).await {
+            for (&position, reply) in positions.iter().zip(replies) {
+                results[position] = reply;
             }
-            Err(error) => vec![Err(error); renewals.len()],
         }
+        results
     }
 
     async fn detach(
@@ -606,17 +772,24 @@ impl SessionStore for RedisStore {
     }
 
     async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
-        let live = self
-            .bounded(Replay::Idempotent, |mut connection| {
-                let invocation = self.scripts.occupancy.key(&*self.index_key);
-                async move { invocation.invoke_async::<Value>(&mut connection).await }
-            })
-            .await?;
-        let sessions = match live {
-            Value::Int(live) => usize::try_from(live)
-                .map_err(|_| corrupt(format!("the index counted {live} live sessions")))?,
-            _ => return Err(corrupt("the index count is not an integer")),
-        };
+        // One count per group (one group on one Redis), concurrently.
+        let counts = self.layout.groups().iter().map(|group| async move {
+            let live = self
+                .bounded(Replay::Idempotent, |mut connection| {
+                    let invocation = self.scripts.occupancy.key(&group.index_key);
+                    async move { invocation.invoke_async::<Value>(&mut connection).await }
+                })
+                .await?;
+            match live {
+                Value::Int(live) => usize::try_from(live)
+                    .map_err(|_| corrupt(format!("the index counted {live} live sessions"))),
+                _ => Err(corrupt("the index count is not an integer")),
+            }
+        });
+        let mut sessions = 0;
+        for count in futures::future::join_all(counts).await {
+            sessions += count?;
+        }
         Ok(Some(Occupancy {
             sessions,
             max: self.config.max_sessions,
@@ -624,11 +797,21 @@ impl SessionStore for RedisStore {
     }
 
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
-        Some(notices::subscribe(
-            self.client.clone(),
-            self.takeover_channel.clone(),
-            self.config.clone(),
-        ))
+        Some(match &self.endpoint {
+            Endpoint::Single { client, .. } => notices::subscribe(
+                client.clone(),
+                self.takeover_channel().into(),
+                self.config.clone(),
+            ),
+            Endpoint::Cluster { endpoint, .. } => cluster::subscribe(
+                endpoint.clone(),
+                self.layout
+                    .groups()
+                    .iter()
+                    .map(|group| group.channel.clone())
+                    .collect(),
+            ),
+        })
     }
 }
 

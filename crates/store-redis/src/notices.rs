@@ -31,7 +31,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Notices buffered for a consumer that is momentarily busy; past it the
 /// subscriber waits, and Redis buffers (then drops the connection, which is
 /// survived like any other drop).
-const BUFFER: usize = 4096;
+pub(crate) const BUFFER: usize = 4096;
 
 /// Starts the subscriber task and returns its notices.
 pub(crate) fn subscribe(
@@ -143,7 +143,7 @@ async fn session(
 }
 
 /// `"<client id> <generation>"`, as the attach script publishes it.
-fn parse(payload: &[u8]) -> Option<TakeoverNotice> {
+pub(crate) fn parse(payload: &[u8]) -> Option<TakeoverNotice> {
     let text = std::str::from_utf8(payload).ok()?;
     let (client_id, generation) = text.split_once(' ')?;
     Some(TakeoverNotice {

@@ -79,8 +79,10 @@ end
 }
 
 /// KEYS[1] session, KEYS[2] index; ARGV seed, count, token digest,
-/// checksum, lease ms, client id, the bound. Replies `ok`, `exists` or
-/// `full, <bound>`.
+/// checksum, lease ms, client id, the index's bound, the deployment's
+/// bound (for the reply). Replies `ok`, `exists` or `full, <bound>`. On one
+/// Redis both bounds are the same; on a cluster the index is the session's
+/// group's and its bound the group's share (see `layout`).
 ///
 /// An expired session's key is already gone, so "exists" means "alive".
 /// Index entries scored before now belong to sessions Redis no longer
@@ -96,7 +98,7 @@ end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ms_text(now))
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
-  return {'full', ARGV[7]}
+  return {'full', ARGV[8]}
 end
 redis.call('HSET', KEYS[1], 'seed', ARGV[1], 'count', ARGV[2], 'token_sha256', ARGV[3],
   'checksum', ARGV[4], 'generation', '1', 'attached', '1')
@@ -106,12 +108,15 @@ return {'ok'}
 );
 
 /// KEYS[1] session, KEYS[2] index; ARGV token digest, lease ms, takeover
-/// channel, client id. Replies `ok, seed, count, generation, checksum`
-/// (`checksum` empty for a record written before the field existed), and
-/// publishes `"<client id> <generation>"` on the takeover channel in the
-/// same atomic step, so every server learns of the new owner within the
-/// pub/sub latency (see `notices`). A channel is not a key: Redis Cluster
-/// broadcasts a PUBLISH to every node, whichever slot the script ran in.
+/// channel, client id, publishing command. Replies `ok, seed, count,
+/// generation, checksum` (`checksum` empty for a record written before the
+/// field existed), and publishes `"<client id> <generation>"` on the
+/// takeover channel in the same atomic step, so every server learns of the
+/// new owner within the pub/sub latency (see `notices`). The command is
+/// PUBLISH on one Redis and SPUBLISH on a cluster, where the channel is a
+/// shard channel in the session's slot: a PUBLISH would be broadcast over
+/// the cluster bus to every node, an SPUBLISH reaches only the slot's
+/// master and replicas (and their subscribers).
 ///
 /// The token check happens here rather than in Rust so that check and
 /// generation bump are one atomic step with one round trip: comparing in
@@ -152,7 +157,7 @@ end
 local next_generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HSET', KEYS[1], 'attached', '1')
 set_deadline(KEYS[2], KEYS[1], ARGV[4], now_ms(), ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. next_generation)
+redis.call(ARGV[5], ARGV[3], ARGV[4] .. ' ' .. next_generation)
 return {'ok', seed, count, next_generation, checksum or ''}
 "#
 );
@@ -203,8 +208,8 @@ return {'ok'}
 /// client id (ARGV[2i + 1]). Replies one RENEW reply per session, in
 /// order: a server renews all its leases due at once in one round trip.
 ///
-/// The keys may lie in different hash slots, so this runs on one Redis,
-/// not a Cluster (as does the rest of the store today).
+/// On a cluster every key must be in one slot: the store sends one call
+/// per group (see `layout`).
 const RENEW_MANY: &str = concat!(
     fenced_prelude!(),
     deadline_prelude!(),

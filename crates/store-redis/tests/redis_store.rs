@@ -5,10 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use numstream_protocol::{ClientId, SequenceChecksum};
-use numstream_store::conformance::{self, LONG, random_session};
+use numstream_store::conformance::{self, LONG, next_notice, random_session};
 use numstream_store::{Occupancy, SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 use numstream_testkit::redis::RedisServer;
@@ -679,13 +677,6 @@ async fn await_subscribers(server: &RedisServer, channel: &str, expected: usize)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn next_notice(notices: &mut BoxStream<'static, TakeoverNotice>) -> TakeoverNotice {
-    tokio::time::timeout(Duration::from_secs(2), notices.next())
-        .await
-        .expect("a notice within 2 s")
-        .expect("the notice stream does not end")
 }
 
 #[tokio::test]

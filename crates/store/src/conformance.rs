@@ -8,9 +8,11 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use numstream_protocol::{ClientId, ResumeToken, SessionSeed};
 
-use crate::{NewSession, Occupancy, SessionStore, StoreError};
+use crate::{NewSession, Occupancy, SessionStore, StoreError, TakeoverNotice};
 
 /// Disconnection TTL and lease used by timing checks: short enough for real
 /// time, long enough that a networked store's round trips fit well inside.
@@ -46,6 +48,15 @@ pub fn random_session() -> NewSession {
         500,
         ResumeToken(random()),
     )
+}
+
+/// The next takeover notice of a store's subscription, which must come
+/// within 2 s.
+pub async fn next_notice(notices: &mut BoxStream<'static, TakeoverNotice>) -> TakeoverNotice {
+    tokio::time::timeout(Duration::from_secs(2), notices.next())
+        .await
+        .expect("a notice within 2 s")
+        .expect("the notice stream does not end")
 }
 
 async fn wait_past(duration: Duration) {

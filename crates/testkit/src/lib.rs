@@ -2,11 +2,13 @@
 //! protocol client, from any loopback source address (`server`), a GET for
 //! the status endpoint (`http`), a TCP proxy that cuts connections on
 //! command (`proxy`), real external services started on free ports
-//! (`redis`), and real server processes to kill (`process`).
+//! (`redis`, and a local Redis Cluster of them in `redis_cluster`), and
+//! real server processes to kill (`process`).
 //! Never a dependency of production code.
 
 pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod server;

@@ -1,9 +1,12 @@
 //! `RedisServer`: a throwaway `redis-server` process for integration tests.
 //!
-//! Each server gets its own free port on 127.0.0.1, no persistence (so a
-//! restart loses every key, like a failover to an empty replica would) and
-//! is killed when dropped. A machine without `redis-server` makes `start`
-//! panic: a Redis test must never pass because it could not run.
+//! Each server gets its own free port on 127.0.0.1 and its own working
+//! directory, and is killed when dropped. By default it has no persistence
+//! (so a restart loses every key, like a failover to an empty replica
+//! would); [`RedisServer::start_persistent`] keeps an append-only file
+//! across restarts. A machine without `redis-server` makes `start` panic: a
+//! Redis test must never pass because it could not run. (`cluster` builds a
+//! Redis Cluster out of these.)
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -16,11 +19,13 @@ use std::time::{Duration, Instant};
 use crate::process::free_port;
 
 const BINARY: &str = "redis-server";
-const NOT_FOUND: &str = "redis-server not found on PATH: install it with \
+pub(crate) const NOT_FOUND: &str = "redis-server not found on PATH: install it with \
     `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`; \
-    the Redis store tests need a real server";
-/// How long a fresh server may take to answer PING before the test fails.
-const READY_WITHIN: Duration = Duration::from_secs(5);
+    the Redis store tests need a real server (Redis 7 or later for the cluster tests)";
+/// How long a fresh server may take to answer PING before the test fails:
+/// seconds when a test starts six cluster nodes at once on a busy 2-core
+/// machine.
+const READY_WITHIN: Duration = Duration::from_secs(20);
 /// Fresh ports tried by `start` when another process wins the race for the
 /// port between probing it and redis-server binding it.
 const PORT_ATTEMPTS: usize = 5;
@@ -30,7 +35,12 @@ const PORT_ATTEMPTS: usize = 5;
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
-    log: PathBuf,
+    /// The working directory: the log, and whatever Redis writes (the
+    /// append-only file, a cluster node's `nodes.conf`). Kept across
+    /// restarts, removed on drop.
+    dir: PathBuf,
+    /// Configuration after the defaults (which they override).
+    extra_args: Vec<String>,
 }
 
 /// Why one launch attempt failed; only `start` decides whether to retry.
@@ -47,13 +57,37 @@ impl RedisServer {
     /// # Panics
     /// If `redis-server` is not on `PATH`, or no server came up.
     pub fn start() -> Self {
+        Self::start_with(free_port, &[])
+    }
+
+    /// A server with an append-only file fsynced every second
+    /// (`appendonly yes`, `appendfsync everysec`), the setting the
+    /// operations guide recommends: [`restart`](Self::restart) keeps every
+    /// key written more than about a second before the stop.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_persistent() -> Self {
+        Self::start_with(
+            free_port,
+            &["--appendonly", "yes", "--appendfsync", "everysec"],
+        )
+    }
+
+    /// A server on a port from `pick_port` with `extra_args` after the
+    /// defaults, retried on fresh ports while the port turns out taken.
+    pub(crate) fn start_with(pick_port: impl Fn() -> u16, extra_args: &[&str]) -> Self {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_port();
+            let port = pick_port();
+            let dir = dir_path(port);
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|error| panic!("cannot create {}: {error}", dir.display()));
             let mut server = Self {
                 port,
                 child: None,
-                log: log_path(port),
+                dir,
+                extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
             };
             match server.launch() {
                 Ok(()) => return server,
@@ -83,8 +117,10 @@ impl RedisServer {
         }
     }
 
-    /// Stops the server if it runs, then starts a new one on the same port:
-    /// every key is gone, as after a crash without persistence.
+    /// Stops the server if it runs, then starts a new one on the same port
+    /// and directory: every key is gone, as after a crash without
+    /// persistence, unless the server was started with an append-only file
+    /// (then it reloads it before answering PING).
     ///
     /// # Panics
     /// If the port cannot be reused or the new server does not answer.
@@ -136,8 +172,11 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
             .arg("--logfile")
-            .arg(&self.log)
+            .arg(self.log())
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -177,8 +216,12 @@ impl RedisServer {
         }
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+    fn log(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
@@ -187,17 +230,17 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn log_path(port: u16) -> PathBuf {
-    std::env::temp_dir().join(format!("numstream-redis-{}-{port}.log", std::process::id()))
+fn dir_path(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("numstream-redis-{}-{port}", std::process::id()))
 }
 
 /// One inline PING, answered `+PONG` by a ready server (and `-LOADING` or a
 /// refused connection by one that is not).
-fn ping(port: u16) -> bool {
+pub(crate) fn ping(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let timeout = Duration::from_millis(200);
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {

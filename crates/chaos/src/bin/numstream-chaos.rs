@@ -18,7 +18,8 @@ use clap::Parser;
 use numstream_chaos::attack::AttackKind;
 use numstream_chaos::plan::FaultKind;
 use numstream_chaos::run::{ChaosConfig, StoreMode};
-use rand::RngExt;
+use numstream_testkit::redis_cluster::RedisCluster;
+use rand::{RngExt, SeedableRng};
 
 /// Puts real numstream servers and clients through seeded network faults and
 /// server kills, and checks every client against the fault-free reference.
@@ -53,6 +54,12 @@ struct Args {
     /// then a killed instance loses nothing and every client must pass.
     #[arg(long)]
     redis: bool,
+    /// Share sessions through a local Redis Cluster instead (three masters
+    /// with a replica each, started here), and kill one master at a random
+    /// moment of the kill window: its replica takes over, and every client
+    /// must still pass.
+    #[arg(long, conflicts_with = "redis")]
+    redis_cluster: bool,
     /// Never strike between a complete OPEN and its WELCOME. Faster: a lost
     /// first WELCOME makes the client wait about a session TTL for the
     /// orphaned session to expire.
@@ -176,7 +183,8 @@ async fn real_main() -> anyhow::Result<bool> {
 
     // Kept alive for the whole run when used.
     let mut _redis = None;
-    if args.redis {
+    let mut master_killer = None;
+    if args.redis || args.redis_cluster {
         if !numstream_chaos::servers::supports_store_flag(&config.server_bin) {
             bail!(
                 "{} has no --store flag yet: the Redis mode needs a server built with the \
@@ -191,9 +199,16 @@ async fn real_main() -> anyhow::Result<bool> {
         if !found {
             bail!("--redis needs redis-server on PATH (apt-get install -y redis-server)");
         }
+    }
+    if args.redis {
         let redis = numstream_testkit::redis::RedisServer::start();
         config.store = StoreMode::Redis(redis.url());
         _redis = Some(redis);
+    }
+    if args.redis_cluster {
+        let cluster = RedisCluster::start_with_replicas();
+        config.store = StoreMode::Redis(cluster.url());
+        master_killer = Some(kill_a_master_later(cluster, &config));
     }
 
     println!(
@@ -207,7 +222,49 @@ async fn real_main() -> anyhow::Result<bool> {
         signal = interrupted() => bail!("stopped by {signal}; servers killed"),
     };
     print!("{}", outcome.summary);
+    if let Some(killer) = master_killer {
+        // Its line says whether the kill happened within the run.
+        match killer.await {
+            Ok((_cluster, line)) => println!("{line}"),
+            Err(error) => bail!("the master killer failed: {error}"),
+        }
+    }
     Ok(outcome.failed == 0)
+}
+
+/// Kills one master of `cluster` at a moment of the kill window drawn from
+/// the run's seed (so a replay kills at the same moment), then waits for
+/// its replica to take over; keeps the cluster until the run is over.
+fn kill_a_master_later(
+    cluster: RedisCluster,
+    config: &numstream_chaos::run::ChaosConfig,
+) -> tokio::task::JoinHandle<(Option<RedisCluster>, String)> {
+    let (from, to) = config.kill_window;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6d61_7374_6572);
+    let at = from + (to.saturating_sub(from)).mul_f64(rng.random::<f64>());
+    tokio::spawn(async move {
+        tokio::time::sleep(at).await;
+        tokio::task::spawn_blocking(move || {
+            let mut cluster = cluster;
+            let Some(&victim) = cluster.masters().first() else {
+                return (Some(cluster), "master kill: no master found".to_owned());
+            };
+            cluster.kill(victim);
+            let killed = std::time::Instant::now();
+            cluster.wait_until_ok();
+            let line = format!(
+                "master kill: redis-server {victim} killed {at:?} into the run; a replica took \
+                 over within {:?}",
+                killed.elapsed()
+            );
+            eprintln!("{line}");
+            // Handed back to be dropped (every node killed) when the run
+            // no longer needs it: the caller awaits this after the run.
+            (Some(cluster), line)
+        })
+        .await
+        .unwrap_or_else(|error| (None, format!("master kill: the killer panicked: {error}")))
+    })
 }
 
 /// Raises the soft open-file limit to the hard one: the proxies hold three
