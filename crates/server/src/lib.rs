@@ -51,7 +51,9 @@ mod renewals;
 mod server;
 mod socket;
 mod status;
+pub mod store_url;
 pub mod telemetry;
+mod tls;
 #[cfg(test)]
 mod test_store;
 
@@ -67,3 +69,4 @@ pub use status::{
     STATUS_CONNECTIONS_PER_ADDRESS, Status, prometheus_recorder, serve_status,
 };
 pub use telemetry::Telemetry;
+pub use tls::{ALPN_NUMSTREAM, ServerTls, TlsError, TlsFiles};
