@@ -2,7 +2,8 @@
 //! protocol client, from any loopback source address (`server`), a GET for
 //! the status endpoint (`http`), a TCP proxy that cuts connections on
 //! command (`proxy`), real external services started on free ports
-//! (`redis`), and real server processes to kill (`process`).
+//! (`redis`), real server processes to kill (`process`), and certificates
+//! made at run time for the TLS tests (`tls`).
 //! Never a dependency of production code.
 
 pub mod http;
@@ -10,3 +11,4 @@ pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod server;
+pub mod tls;
