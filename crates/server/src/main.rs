@@ -237,7 +237,7 @@ struct Args {
     store: Option<SecretText>,
 
     /// Read the --store URL from this file (one line), keeping a password
-    /// out of the command line
+    /// out of the command line [default: none]
     ///
     /// Example: --store-file /run/secrets/numstream-store
     #[arg(long, value_name = "PATH")]
@@ -255,7 +255,8 @@ struct Args {
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
 
-    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1) [default:
+    /// none]
     ///
     /// Example: --tls-key /etc/numstream/server.key
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
@@ -433,7 +434,14 @@ async fn main() -> anyhow::Result<()> {
                 key: key.clone(),
                 client_ca: args.tls_client_ca.clone(),
             })
-            .context("cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca)")?,
+            .unwrap_or_else(|error| {
+                Args::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!("cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): {error}"),
+                    )
+                    .exit()
+            }),
         )),
         _ => None,
     };
