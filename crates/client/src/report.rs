@@ -253,11 +253,16 @@ mod tests {
         let text = forged.render_human();
         assert_eq!(text.lines().count(), 8, "{text}");
         assert_eq!(
-            text.lines().filter(|line| line.starts_with("result")).count(),
+            text.lines()
+                .filter(|line| line.starts_with("result"))
+                .count(),
             1
         );
         assert!(!text.lines().any(|line| line.ends_with("OK")), "{text}");
-        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
         assert!(text.contains("no\\nresult"), "{text}");
         assert!(text.contains("\\x1b]0;pwned\\x07"), "{text}");
     }

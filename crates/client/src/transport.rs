@@ -150,9 +150,7 @@ impl ClientTls {
             return Ok(ServerName::IpAddress(ip.into()));
         }
         ServerName::try_from(host.to_owned()).map_err(|_| {
-            format!(
-                "{host:?} cannot be checked against a certificate; give --tls-server-name"
-            )
+            format!("{host:?} cannot be checked against a certificate; give --tls-server-name")
         })
     }
 }
@@ -223,7 +221,11 @@ pub(crate) async fn handshake(
     let name = tls.name_for(host).map_err(HandshakeFailure::Mismatch)?;
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     let recorded = FirstBytes::new(stream);
-    let stream = match connector.connect(name.clone(), recorded).into_fallible().await {
+    let stream = match connector
+        .connect(name.clone(), recorded)
+        .into_fallible()
+        .await
+    {
         Ok(stream) => stream,
         Err((error, recorded)) => {
             return Err(diagnose_handshake(error, &recorded.first, &name));

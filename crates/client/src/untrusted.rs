@@ -47,8 +47,13 @@ pub fn escape(text: &str) -> String {
             c if (c as u32) < 0x100 && c.is_control() => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
-            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}'
-            | '\u{2066}'..='\u{2069}' | '\u{feff}' => {
+            '\u{2028}'
+            | '\u{2029}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}' => {
                 let _ = write!(out, "\\u{{{:04x}}}", c as u32);
             }
             c => out.push(c),
@@ -72,16 +77,26 @@ mod tests {
             escape("\u{1b}]0;owned\u{7}\u{1b}[2K\u{1b}[1A\r\t\u{0}\u{7f}\u{85}"),
             "\\x1b]0;owned\\x07\\x1b[2K\\x1b[1A\\r\\t\\x00\\x7f\\x85"
         );
-        assert_eq!(escape("a\u{2028}b\u{202e}c\u{2066}"), "a\\u{2028}b\\u{202e}c\\u{2066}");
+        assert_eq!(
+            escape("a\u{2028}b\u{202e}c\u{2066}"),
+            "a\\u{2028}b\\u{202e}c\\u{2066}"
+        );
         assert_eq!(escape("naïve — ok ✓"), "naïve — ok ✓");
         let once = escape("x\ny\\n");
         assert_eq!(escape(&once), once, "idempotent");
-        assert!(!escape(&"\u{1b}\n".repeat(100)).chars().any(char::is_control));
+        assert!(
+            !escape(&"\u{1b}\n".repeat(100))
+                .chars()
+                .any(char::is_control)
+        );
     }
 
     #[test]
     fn timing_terms_are_clamped() {
-        assert_eq!(clamp_ttl(Duration::from_millis(u64::from(u32::MAX))), MAX_TRUSTED_TTL);
+        assert_eq!(
+            clamp_ttl(Duration::from_millis(u64::from(u32::MAX))),
+            MAX_TRUSTED_TTL
+        );
         assert_eq!(clamp_ttl(Duration::ZERO), MIN_TRUSTED_TTL);
         assert_eq!(clamp_ttl(Duration::from_secs(30)), Duration::from_secs(30));
         assert_eq!(

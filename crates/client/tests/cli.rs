@@ -289,19 +289,42 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
     std::fs::write(&not_pem, "not a certificate").expect("write a temp file");
     let not_pem = not_pem.to_str().expect("utf-8 temp path").to_owned();
     for (flags, expected) in [
-        (vec!["--tls", "--tls-ca", "/nonexistent/ca.pem"], "cannot read /nonexistent/ca.pem"),
-        (vec!["--tls", "--tls-ca", &not_pem], "holds no PEM certificate"),
         (
-            vec!["--tls", "--tls-client-cert", &not_pem, "--tls-client-key", &not_pem],
+            vec!["--tls", "--tls-ca", "/nonexistent/ca.pem"],
+            "cannot read /nonexistent/ca.pem",
+        ),
+        (
+            vec!["--tls", "--tls-ca", &not_pem],
+            "holds no PEM certificate",
+        ),
+        (
+            vec![
+                "--tls",
+                "--tls-client-cert",
+                &not_pem,
+                "--tls-client-key",
+                &not_pem,
+            ],
             "holds no PEM certificate",
         ),
         (vec!["--tls-ca", &not_pem], "--tls"),
         (vec!["--tls-server-name", "localhost"], "--tls"),
-        (vec!["--tls", "--tls-client-cert", &not_pem], "--tls-client-key"),
-        (vec!["--tls", "--tls-client-key", &not_pem], "--tls-client-cert"),
+        (
+            vec!["--tls", "--tls-client-cert", &not_pem],
+            "--tls-client-key",
+        ),
+        (
+            vec!["--tls", "--tls-client-key", &not_pem],
+            "--tls-client-cert",
+        ),
     ] {
         let mut args: Vec<String> = flags.iter().map(|flag| (*flag).to_owned()).collect();
-        args.extend(["--port".to_owned(), port.clone(), "--open-timeout".to_owned(), "1s".to_owned()]);
+        args.extend([
+            "--port".to_owned(),
+            port.clone(),
+            "--open-timeout".to_owned(),
+            "1s".to_owned(),
+        ]);
         cases.push((args, expected));
     }
     for (switch, expected) in switches {
@@ -420,8 +443,8 @@ async fn a_hostile_servers_message_cannot_forge_the_summary_or_reach_the_termina
         for disposition in [Disposition::Retry, Disposition::Final] {
             let mut conn = accept(&listener).await;
             recv(&mut conn).await;
-            let error = ErrorFrame::new(ErrorCode::SessionUnknown, FORGED)
-                .with_disposition(disposition);
+            let error =
+                ErrorFrame::new(ErrorCode::SessionUnknown, FORGED).with_disposition(disposition);
             send(&mut conn, Frame::Error(error)).await;
             closed_by_client(&mut conn).await;
         }
@@ -453,7 +476,10 @@ async fn a_hostile_servers_message_cannot_forge_the_summary_or_reach_the_termina
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 8, "{stdout}");
     assert!(lines[7].starts_with("result           FAILED:"), "{stdout}");
-    assert!(lines[7].contains("bye\\nresult           OK\\n\\x1b]0;owned\\x07"), "{stdout}");
+    assert!(
+        lines[7].contains("bye\\nresult           OK\\n\\x1b]0;owned\\x07"),
+        "{stdout}"
+    );
 }
 
 /// A server that announces a TTL of 49.7 days and then drops the session

@@ -80,7 +80,12 @@ async fn tls_sessions_verify_and_every_mismatch_exits_at_once_with_its_cause() {
 
     let ok = client(&pki, args(server.port(), &[tls, tls_ca, ca])).await;
     let stdout = String::from_utf8_lossy(&ok.stdout);
-    assert_eq!(ok.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(stdout.contains("result           OK"), "{stdout}");
 
     let name = std::ffi::OsStr::new("--tls-server-name");

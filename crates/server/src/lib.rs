@@ -53,9 +53,9 @@ mod socket;
 mod status;
 pub mod store_url;
 pub mod telemetry;
-mod tls;
 #[cfg(test)]
 mod test_store;
+mod tls;
 
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
 pub use instrumented::InstrumentedStore;

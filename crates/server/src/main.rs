@@ -438,7 +438,9 @@ async fn main() -> anyhow::Result<()> {
                 Args::command()
                     .error(
                         clap::error::ErrorKind::ValueValidation,
-                        format!("cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): {error}"),
+                        format!(
+                            "cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): {error}"
+                        ),
                     )
                     .exit()
             }),
@@ -508,7 +510,9 @@ async fn main() -> anyhow::Result<()> {
             );
             memory
         }
-        (StoreUrl::Redis(_), _) => redis_store(&store_url, &args.redis_prefix, max_sessions).await?,
+        (StoreUrl::Redis(_), _) => {
+            redis_store(&store_url, &args.redis_prefix, max_sessions).await?
+        }
         (StoreUrl::Memory, None) => unreachable!("the in-memory store was created above"),
     };
     let store = InstrumentedStore::wrap(store, &telemetry);

@@ -234,8 +234,8 @@ pub async fn run_with_telemetry(
 /// them from the listener.
 fn configure_socket(stream: &tokio::net::TcpStream, peer: std::net::SocketAddr, shared: &Shared) {
     let options = shared.socket_options;
-    let inherited =
-        shared.socket_options_inherited && crate::socket::has_inherited(SockRef::from(stream), options);
+    let inherited = shared.socket_options_inherited
+        && crate::socket::has_inherited(SockRef::from(stream), options);
     if inherited {
         return;
     }

@@ -97,7 +97,9 @@ pub enum StoreUrlError {
          `rediss://[USER:PASSWORD@]HOST:PORT/DB` (the value is not shown: it may hold a password)"
     )]
     UnknownScheme { origin: Source },
-    #[error("{origin}: the Redis URL does not parse: {reason} (the value is not shown: it may hold a password)")]
+    #[error(
+        "{origin}: the Redis URL does not parse: {reason} (the value is not shown: it may hold a password)"
+    )]
     Invalid { origin: Source, reason: String },
     #[error(
         "{origin}: `#insecure` would turn off the verification of the Redis server's \
@@ -230,7 +232,10 @@ mod tests {
             "the flag comes first"
         );
         let tls = StoreUrl::Redis("rediss://127.0.0.1:6380/0".to_owned());
-        assert_eq!(parse("rediss://127.0.0.1:6380/0", Source::Env), Ok(tls.clone()));
+        assert_eq!(
+            parse("rediss://127.0.0.1:6380/0", Source::Env),
+            Ok(tls.clone())
+        );
         assert!(tls.is_tls());
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
@@ -262,7 +267,7 @@ mod tests {
             format!("redis://:{SECRET}@host:99999999/0"),
             format!("redis://:{SECRET}@host:6379/notadb"),
             format!("rediss://:{SECRET}@host:6379/0#insecure"),
-            format!("{SECRET}"),
+            SECRET.to_owned(),
         ] {
             std::fs::write(&file, &bad).expect("write");
             for (result, source) in [

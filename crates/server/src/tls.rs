@@ -59,7 +59,10 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {}: {error}", path.display())]
-    Read { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{} holds no PEM certificate", path.display())]
     NoCertificate { path: PathBuf },
     #[error("{} is not a PEM file of certificates: {reason}", path.display())]
@@ -270,7 +273,11 @@ async fn handshake(
         Ok(_) => {}
         Err(error) => return Err(Refusal::Failed(error)),
     }
-    let stream = tls.acceptor().accept(stream).await.map_err(Refusal::Failed)?;
+    let stream = tls
+        .acceptor()
+        .accept(stream)
+        .await
+        .map_err(Refusal::Failed)?;
     if stream.get_ref().1.alpn_protocol() != Some(ALPN_NUMSTREAM) {
         return Err(Refusal::Failed(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

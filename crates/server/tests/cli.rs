@@ -153,9 +153,19 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         ),
         (&["--port", "7000", "--tls-cert", "/x.pem"], "--tls-key"),
         (&["--port", "7000", "--tls-key", "/x.key"], "--tls-cert"),
-        (&["--port", "7000", "--tls-client-ca", "/ca.pem"], "--tls-cert"),
         (
-            &["--port", "7000", "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/k"],
+            &["--port", "7000", "--tls-client-ca", "/ca.pem"],
+            "--tls-cert",
+        ),
+        (
+            &[
+                "--port",
+                "7000",
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                "/k",
+            ],
             "cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): cannot read /nonexistent/c.pem",
         ),
         (

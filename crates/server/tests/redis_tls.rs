@@ -36,7 +36,14 @@ fn start_tls_redis(pki: &TestPki, port: u16) -> TlsRedis {
         .args(["--tls-cert-file", &path(&pki.server.cert)])
         .args(["--tls-key-file", &path(&pki.server.key)])
         .args(["--tls-ca-cert-file", &path(&pki.ca)])
-        .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .args(["--bind", "127.0.0.1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -65,7 +72,10 @@ async fn sessions_live_in_a_redis_reached_over_tls() {
     let server = ServerProcess::start_with_env(
         BIN.as_ref(),
         &["--interval", "1ms"],
-        &[("NUMSTREAM_STORE", url.as_str()), ("SSL_CERT_FILE", ca.as_str())],
+        &[
+            ("NUMSTREAM_STORE", url.as_str()),
+            ("SSL_CERT_FILE", ca.as_str()),
+        ],
     );
     let config = ClientConfig {
         ports: vec![server.port()],
@@ -104,5 +114,8 @@ async fn sessions_live_in_a_redis_reached_over_tls() {
     });
     let log = untrusting.log();
     assert!(told_unavailable, "{events:?}\n{log}");
-    assert!(log.contains("UnknownIssuer"), "the reason is in the server's log: {log}");
+    assert!(
+        log.contains("UnknownIssuer"),
+        "the reason is in the server's log: {log}"
+    );
 }

@@ -61,8 +61,14 @@ fn a_bad_store_url_is_refused_without_showing_its_password() {
         ] {
             let (code, text) = output_of(&args, &env);
             assert_eq!(code, Some(2), "{source} {bad}: {text}");
-            assert!(!text.contains(SECRET), "{source} leaked the password: {text}");
-            assert!(text.contains(source), "{source}: the error must name it: {text}");
+            assert!(
+                !text.contains(SECRET),
+                "{source} leaked the password: {text}"
+            );
+            assert!(
+                text.contains(source),
+                "{source}: the error must name it: {text}"
+            );
         }
     }
     // Help and version never show the environment's URL either.
@@ -142,15 +148,26 @@ async fn a_password_from_the_environment_or_a_file_appears_nowhere() {
     ] {
         let server = ServerProcess::start_with_env(BIN.as_ref(), &args, &env);
         let report = numstream_client::run(client(server.port(), 50), &mut ()).await;
-        assert!(report.ok, "{source}: {}\n{}", report.render_human(), server.log());
+        assert!(
+            report.ok,
+            "{source}: {}\n{}",
+            report.render_human(),
+            server.log()
+        );
         let metrics = metrics(&server).await;
-        assert!(metrics.contains("numstream_sessions_completed_total"), "{metrics}");
+        assert!(
+            metrics.contains("numstream_sessions_completed_total"),
+            "{metrics}"
+        );
         for (what, text) in [
             ("the command line", cmdline(server.pid())),
             ("the log", server.log()),
             ("/metrics", metrics),
         ] {
-            assert!(!text.contains(SECRET), "{source}: the password is in {what}: {text}");
+            assert!(
+                !text.contains(SECRET),
+                "{source}: the password is in {what}: {text}"
+            );
         }
         assert!(
             server.log().contains("redis://***@127.0.0.1"),
@@ -162,17 +179,17 @@ async fn a_password_from_the_environment_or_a_file_appears_nowhere() {
     // The wrong password: Redis says WRONGPASS; the client hears only
     // `store unavailable`.
     let wrong = format!("redis://:not-{SECRET}@127.0.0.1:{}/0", redis.port());
-    let server = ServerProcess::start_with_env(
-        BIN.as_ref(),
-        &[],
-        &[("NUMSTREAM_STORE", wrong.as_str())],
-    );
+    let server =
+        ServerProcess::start_with_env(BIN.as_ref(), &[], &[("NUMSTREAM_STORE", wrong.as_str())]);
     let report = numstream_client::run(client(server.port(), 5), &mut ()).await;
     match &report.error {
         Some(ClientError::CannotConnect { last_error, .. }) => {
             assert!(last_error.contains("store unavailable"), "{last_error}");
             for detail in ["WRONGPASS", "AUTH", "redis", "Redis"] {
-                assert!(!last_error.contains(detail), "{detail} told to the client: {last_error}");
+                assert!(
+                    !last_error.contains(detail),
+                    "{detail} told to the client: {last_error}"
+                );
             }
         }
         other => panic!("expected CannotConnect after store_unavailable, got {other:?}"),

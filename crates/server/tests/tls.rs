@@ -61,10 +61,8 @@ fn connections(events: &[Event]) -> usize {
 
 fn assert_undisturbed(report: &Report) {
     assert!(report.ok, "{}", report.render_human());
-    let expected = SequenceChecksum::of_session(
-        &SessionSeed::derive(SEED, report.client_id),
-        report.count,
-    );
+    let expected =
+        SequenceChecksum::of_session(&SessionSeed::derive(SEED, report.client_id), report.count);
     assert_eq!(report.received, report.count);
     assert_eq!(report.sum, expected.sum());
     assert_eq!(report.server_checksum, Some(expected.checksum()));
@@ -141,7 +139,11 @@ async fn every_mismatch_fails_on_the_first_connection_naming_its_cause() {
     ];
     for (case, config, cause) in cases {
         let (report, events) = run(config).await;
-        let error = report.error.as_ref().map(ToString::to_string).unwrap_or_default();
+        let error = report
+            .error
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         assert!(!report.ok, "{case}: {}", report.render_human());
         assert!(error.contains(cause), "{case}: {error}");
         assert_eq!(connections(&events), 1, "{case}: retried: {events:?}");
@@ -163,8 +165,14 @@ async fn every_mismatch_fails_on_the_first_connection_naming_its_cause() {
         .expect("settings"),
     );
     let (report, events) = run(named).await;
-    let error = report.error.map(|error| error.to_string()).unwrap_or_default();
-    assert!(error.contains("not valid for the name elsewhere.invalid"), "{error}");
+    let error = report
+        .error
+        .map(|error| error.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("not valid for the name elsewhere.invalid"),
+        "{error}"
+    );
     assert_eq!(connections(&events), 1);
 }
 
@@ -174,7 +182,12 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_client_ca() 
     let server = TestServer::start(tls_server_config(&pki, true)).await;
     let port = server.port();
 
-    let (report, _) = run(client(vec![port], 20, Some(pki.client_tls(Some(&pki.client))))).await;
+    let (report, _) = run(client(
+        vec![port],
+        20,
+        Some(pki.client_tls(Some(&pki.client))),
+    ))
+    .await;
     assert_undisturbed(&report);
 
     for (identity, cause) in [
@@ -250,10 +263,13 @@ async fn a_busy_answer_before_tls_is_retried_by_a_tls_client() {
     let (report, events) = run(config).await;
     drop(staller);
     assert_undisturbed(&report);
-    let busy = events.iter().any(|event| {
-        matches!(event, Event::Reconnecting { cause, .. } if cause.contains("server_busy"))
-    });
-    assert!(busy, "the first attempt must have met server_busy: {events:?}");
+    let busy = events.iter().any(
+        |event| matches!(event, Event::Reconnecting { cause, .. } if cause.contains("server_busy")),
+    );
+    assert!(
+        busy,
+        "the first attempt must have met server_busy: {events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +292,11 @@ async fn a_session_resumes_on_another_instance_over_tls_with_the_redis_store() {
     let first = instance(&pki).await;
     let second = instance(&pki).await;
     let (first_port, second_port) = (first.port(), second.port());
-    let config = client(vec![first_port, second_port], 400, Some(pki.client_tls(None)));
+    let config = client(
+        vec![first_port, second_port],
+        400,
+        Some(pki.client_tls(None)),
+    );
     let (events_in, mut events_out) = tokio::sync::mpsc::unbounded_channel();
     let run = tokio::spawn(async move {
         let mut observer = Forward(events_in);
@@ -340,9 +360,8 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     // A session of about 3 s, started before the reload.
     let config = client(vec![server.port()], 300, Some(old.client_tls(None)));
     let (events_in, mut events_out) = tokio::sync::mpsc::unbounded_channel();
-    let streaming = tokio::spawn(async move {
-        numstream_client::run(config, &mut Forward(events_in)).await
-    });
+    let streaming =
+        tokio::spawn(async move { numstream_client::run(config, &mut Forward(events_in)).await });
     loop {
         match tokio::time::timeout(RUN_LIMIT, events_out.recv()).await {
             Ok(Some(Event::Number { .. })) => break,
@@ -364,7 +383,9 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        peer_certificate(addr, &new.ca).await.expect("handshake after the reload"),
+        peer_certificate(addr, &new.ca)
+            .await
+            .expect("handshake after the reload"),
         new.server.der,
         "a new connection must get the new certificate"
     );
@@ -384,11 +405,17 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     signal(server.pid(), "HUP");
     let failed = Instant::now();
     while !server.log().contains("TLS reload failed") {
-        assert!(failed.elapsed() < RUN_LIMIT, "no failure logged:\n{}", server.log());
+        assert!(
+            failed.elapsed() < RUN_LIMIT,
+            "no failure logged:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        peer_certificate(addr, &new.ca).await.expect("still serving"),
+        peer_certificate(addr, &new.ca)
+            .await
+            .expect("still serving"),
         new.server.der
     );
     server.terminate();

@@ -73,7 +73,14 @@ impl TestPki {
             false,
         );
         let untrusted = leaf(&dir, "untrusted", &other_ca, &local, Usage::Server, false);
-        let client = leaf(&dir, "client", &client_ca, &["client"], Usage::Client, false);
+        let client = leaf(
+            &dir,
+            "client",
+            &client_ca,
+            &["client"],
+            Usage::Client,
+            false,
+        );
         let stranger = leaf(&dir, "stranger", &ca, &["stranger"], Usage::Client, false);
         let ca_path = write(&dir, "ca.pem", &ca.pem());
         let client_ca_path = write(&dir, "client-ca.pem", &client_ca.pem());
@@ -202,7 +209,8 @@ pub async fn peer_certificate(addr: SocketAddr, ca: &Path) -> std::io::Result<Ve
     config.alpn_protocols = vec![numstream_server::ALPN_NUMSTREAM.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
     let stream = connector.connect(name, tcp).await?;
     stream
         .get_ref()

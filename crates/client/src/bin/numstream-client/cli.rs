@@ -153,7 +153,12 @@ pub(crate) struct Cli {
     /// The name the server's certificate must carry [default: --host]
     ///
     /// Example: --tls-server-name stream.example.com
-    #[arg(long, value_name = "NAME", requires = "tls", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "tls",
+        allow_hyphen_values = true
+    )]
     pub(crate) tls_server_name: Option<String>,
 
     /// Present this PEM certificate chain to the server (mutual TLS)
@@ -385,17 +390,21 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         assert!(
-            parse(&["--tls", "--tls-client-cert", "c.pem", "--tls-client-key", "k.pem"]).is_ok()
+            parse(&[
+                "--tls",
+                "--tls-client-cert",
+                "c.pem",
+                "--tls-client-key",
+                "k.pem"
+            ])
+            .is_ok()
         );
     }
 
     #[test]
     fn max_duration_accepts_exactly_its_range() {
         assert_eq!(parse_max_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(
-            parse_max_duration("100000h"),
-            Ok(*MAX_DURATION_RANGE.end())
-        );
+        assert_eq!(parse_max_duration("100000h"), Ok(*MAX_DURATION_RANGE.end()));
         for bad in ["0s", "999ms", "100000h 1s", "-1s", "", "forever"] {
             let error = parse_max_duration(bad).expect_err(bad);
             assert!(error.contains("between 1s and 100000h"), "{error}");

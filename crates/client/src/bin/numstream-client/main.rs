@@ -24,7 +24,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
-use numstream_client::{ClientConfig, ClientTls, EXIT_CANNOT_CONNECT, EXIT_USAGE, Report, TlsOptions};
+use numstream_client::{
+    ClientConfig, ClientTls, EXIT_CANNOT_CONNECT, EXIT_USAGE, Report, TlsOptions,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::Cli;
