@@ -34,7 +34,7 @@ use crate::telemetry::HandshakeFailure;
 pub const ALPN_NUMSTREAM: &[u8] = b"numstream/1";
 
 /// A TLS record of type handshake starts with this byte. A numstream
-/// frame starts with its length's high byte, at most 0x02 (frames are at
+/// frame starts with the high byte of its u32 length, 0x00 (frames are at
 /// most 512 bytes), so one byte tells TLS from plaintext numstream.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
