@@ -330,6 +330,20 @@ impl numstream_client::Observer for Forward {
     }
 }
 
+/// Waits until the server's log says `what` (bounded: past [`RUN_LIMIT`]
+/// the test fails with the log).
+async fn logged(server: &ServerProcess, what: &str) {
+    let since = Instant::now();
+    while !server.log().contains(what) {
+        assert!(
+            since.elapsed() < RUN_LIMIT,
+            "{what:?} not logged:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SIGHUP: a connection made before keeps streaming to the end; a new one
 /// is served the new certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,15 +387,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     std::fs::copy(&new.server.cert, &cert).expect("replace the certificate");
     std::fs::copy(&new.server.key, &key).expect("replace the key");
     signal(server.pid(), "HUP");
-    let reloaded = Instant::now();
-    while !server.log().contains("TLS certificate and key reloaded") {
-        assert!(
-            reloaded.elapsed() < RUN_LIMIT,
-            "no reload logged:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    logged(&server, "TLS certificate and key reloaded").await;
     assert_eq!(
         peer_certificate(addr, &new.ca)
             .await
@@ -403,15 +409,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     // A broken file on the next SIGHUP keeps the current certificate.
     std::fs::write(&cert, "not a certificate").expect("break the file");
     signal(server.pid(), "HUP");
-    let failed = Instant::now();
-    while !server.log().contains("TLS reload failed") {
-        assert!(
-            failed.elapsed() < RUN_LIMIT,
-            "no failure logged:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    logged(&server, "TLS reload failed").await;
     assert_eq!(
         peer_certificate(addr, &new.ca)
             .await
