@@ -80,14 +80,15 @@ async fn sessions_live_in_a_redis_reached_over_tls() {
     let config = ClientConfig {
         ports: vec![server.port()],
         count: 100,
-        open_timeout: Duration::from_secs(10),
+        // Generous: a loaded machine makes the first TLS round trips to
+        // Redis slow; this bounds the run, it measures nothing.
+        open_timeout: Duration::from_secs(60),
         ..ClientConfig::default()
     };
     let report = numstream_client::run(config, &mut ()).await;
     assert!(report.ok, "{}\n{}", report.render_human(), server.log());
     let log = server.log();
-    assert!(log.contains("connected to Redis"), "{log}");
-    assert!(log.contains("rediss://localhost"), "{log}");
+    assert!(log.contains("store=rediss://localhost"), "{log}");
 
     // Not trusting the CA, the same server cannot use that Redis: it
     // starts, and answers store_unavailable.
