@@ -23,6 +23,14 @@ pub struct ClientConfig {
     pub client_id: uuid::Uuid,
     /// Delay policy between failed connection attempts.
     pub backoff: Backoff,
+    /// Delay policy after a `server_busy` refusal of the OPEN: the server
+    /// is full and frees room only as its sessions end, so the client
+    /// comes back later than after a failure. Default: a first delay of
+    /// up to 1 s, doubling, capped at 10 s, full jitter; a client waiting
+    /// out a full server then tries about every 5 s, and thousands of
+    /// them cost that server a fifth of the refusals the failure backoff
+    /// would.
+    pub busy_backoff: Backoff,
     /// Bound on each TCP connect. Default 3 s.
     pub connect_timeout: Duration,
     /// Local address to connect from, the port left to the kernel. Default
@@ -63,6 +71,11 @@ impl Default for ClientConfig {
             count: 1,
             client_id: uuid::Uuid::new_v4(),
             backoff: Backoff::default(),
+            busy_backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(10),
+                multiplier: 2.0,
+            },
             connect_timeout: Duration::from_secs(3),
             local_addr: None,
             handshake_timeout: Duration::from_secs(5),

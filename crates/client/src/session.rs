@@ -131,6 +131,8 @@ struct Retry {
     /// An earlier OPEN of this run created the session but its WELCOME
     /// was lost; only time (the orphan's expiry) helps.
     awaits_orphan: bool,
+    /// The server said `server_busy`: it is full, not failing.
+    busy: bool,
 }
 
 struct Driver<'a> {
@@ -197,6 +199,7 @@ impl Driver<'_> {
                     cause,
                     immediate: false,
                     awaits_orphan: false,
+                    busy: false,
                 },
                 Ending::ServerError(error) => self.classify(error, away)?,
             };
@@ -209,6 +212,11 @@ impl Driver<'_> {
             let immediate = retry.immediate && attempt as usize <= ports.len();
             let mut delay = if immediate {
                 Duration::ZERO
+            } else if retry.busy && self.terms.is_none() {
+                // A full server refuses new sessions until some of its
+                // sessions end, seconds at best: coming back within
+                // 100 ms only adds to the load that made it refuse.
+                self.config.busy_backoff.delay_for(attempt)
             } else {
                 self.config.backoff.delay_for(attempt)
             };
@@ -284,6 +292,7 @@ impl Driver<'_> {
                 ),
                 immediate: false,
                 awaits_orphan: false,
+                busy: false,
             });
         }
         match error.disposition {
@@ -291,11 +300,13 @@ impl Driver<'_> {
                 cause: format!("server asked to resume elsewhere: {error}"),
                 immediate: true,
                 awaits_orphan: false,
+                busy: false,
             }),
             Disposition::Retry => Ok(Retry {
                 cause: format!("server error {error}"),
                 immediate: false,
                 awaits_orphan: false,
+                busy: error.code == ErrorCode::ServerBusy,
             }),
             // Our own earlier OPEN created this session and the connection
             // died before its WELCOME (and token) reached us. Nobody can
@@ -312,6 +323,7 @@ impl Driver<'_> {
                     ),
                     immediate: false,
                     awaits_orphan: true,
+                    busy: false,
                 })
             }
             Disposition::Final => Err(match (error.code, self.terms) {

@@ -501,8 +501,8 @@ async fn server_busy_is_retried_with_a_fresh_open() {
     assert_eq!(reconnects.len(), 1);
     assert!(reconnects[0].0.contains("server_busy"), "{reconnects:?}");
     assert!(
-        reconnects[0].1 <= Duration::from_millis(5),
-        "first delay within backoff.initial"
+        reconnects[0].1 <= Duration::from_millis(20),
+        "first delay within busy_backoff.initial"
     );
 }
 
@@ -719,7 +719,8 @@ async fn a_server_busy_for_longer_than_a_session_ttl_is_outlasted() {
         count: 3,
         ..ClientConfig::default()
     };
-    let backoff_cap = config.backoff.max;
+    // Refusals of an OPEN with server_busy use the longer busy backoff.
+    let backoff_cap = config.busy_backoff.max;
     let started = tokio::time::Instant::now();
     let (report, events) = run_client_within(config, VIRTUAL_PATIENCE).await;
     let refused = join_within(server, VIRTUAL_PATIENCE).await;
@@ -727,8 +728,9 @@ async fn a_server_busy_for_longer_than_a_session_ttl_is_outlasted() {
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.received, 3);
     assert!(started.elapsed() >= busy_for, "{:?}", started.elapsed());
+    // At most 10 s apart, so at least 5 in 45 s.
     assert!(
-        refused > 10,
+        refused >= 5,
         "only {refused} refusals: the test proves nothing"
     );
     let reconnects = reconnect_events(&events);
@@ -738,7 +740,7 @@ async fn a_server_busy_for_longer_than_a_session_ttl_is_outlasted() {
         assert!(*delay <= backoff_cap, "{delay:?} exceeds the cap");
     }
     // Full jitter: the delays at the cap are not all the same.
-    let capped: std::collections::HashSet<_> = reconnects[8..].iter().map(|(_, d)| d).collect();
+    let capped: std::collections::HashSet<_> = reconnects[4..].iter().map(|(_, d)| d).collect();
     assert!(capped.len() > 1, "{reconnects:?}");
 }
 

@@ -442,23 +442,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync> Connection<S> {
         }
         check_client_id(open.client_id)?;
         // After the cheap checks, before anything costs the store a write:
-        // whether the server has room at all, then the address's session
-        // quota and its rate of new sessions. Resumes skip all of these:
-        // sessions already admitted keep priority.
+        // the address's session quota and its rate of new sessions, then
+        // whether the server has room (where an OPEN may wait a moment,
+        // so an address over its quota must not get that far). Resumes
+        // skip all of these: sessions already admitted keep priority.
         let peer = self.admission.ticket.peer();
-        if let Err(overloaded) = self.shared.overload.admit() {
-            debug!(%peer, %overloaded, "OPEN refused: overloaded");
-            self.shared
-                .admission_refused(AdmissionRefusal::Overload, peer);
-            return Err(ErrorFrame::new(
-                ErrorCode::ServerBusy,
-                format!("server is {overloaded}; try again shortly or on another instance"),
-            ));
-        }
         let reservation = self.shared.peers.admit_session(peer).map_err(|refusal| {
             debug!(%peer, ?refusal, "OPEN refused: the address is over its quota");
             self.shared.admission_refused(refusal.into(), peer);
             refusal.error_frame(peer)
+        })?;
+        let telemetry = &self.shared.telemetry;
+        let _opening = Box::pin(
+            self.shared
+                .overload
+                .admit(|| telemetry.streaming_now(), crate::overload::OPEN_HOLD),
+        )
+        .await
+        .map_err(|overloaded| {
+            debug!(%peer, %overloaded, "OPEN refused: overloaded");
+            self.shared
+                .admission_refused(AdmissionRefusal::Overload, peer);
+            ErrorFrame::new(
+                ErrorCode::ServerBusy,
+                format!("server is {overloaded}; try again shortly or on another instance"),
+            )
         })?;
         let config = &self.shared.config;
         // One getrandom call for both the seed and the token.

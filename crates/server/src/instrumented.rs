@@ -138,6 +138,10 @@ impl SessionStore for InstrumentedStore {
         self.inner.occupancy().await
     }
 
+    fn batches_renewals(&self) -> bool {
+        self.inner.batches_renewals()
+    }
+
     fn latency(&self) -> Option<Duration> {
         self.inner.latency()
     }

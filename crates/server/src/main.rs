@@ -167,17 +167,18 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = numstream_server::DEFAULT_SESSION_RATE.burst, allow_hyphen_values = true, value_parser = integer_in(1u32, 1_000_000))]
     per_address_session_burst: u32,
 
-    /// Refuse new sessions while the runtime runs this late [0s: never]
+    /// Scheduling lag to stay under; past it, stop admitting [0s: off]
     ///
-    /// 0s to 1h. The server's scheduling lag (how much later than asked a
-    /// timer's task runs, smoothed over about a second) past which new
-    /// sessions (OPEN) get server_busy: a share growing with how far past
-    /// it the lag is, all of them at twice it. A server short of CPU keeps
-    /// serving the sessions it has, and their resumes, instead of failing
-    /// all of them. Reported in /metrics and /readyz.
+    /// 0s to 1h. How much later than asked the runtime runs a timer's task
+    /// (smoothed). Past it the server caps the sessions it streams at 90%
+    /// of those streaming then and refuses new sessions (OPEN) beyond the
+    /// cap with server_busy, growing the cap again by 2% a second once the
+    /// lag is back under; past five times it, a share of all new sessions
+    /// is refused too. Resumes are always served. Reported in /metrics and
+    /// /readyz.
     ///
-    /// Example: --overload-lag 1s
-    #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
+    /// Example: --overload-lag 250ms
+    #[arg(long, value_name = "DURATION", default_value = "100ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     overload_lag: Duration,
 
     /// Refuse new sessions while the store answers this slowly [0s: never]

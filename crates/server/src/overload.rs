@@ -1,58 +1,91 @@
 //! Admission control before overload turns into failure: the server
 //! watches how late its own runtime runs tasks (scheduling lag) and how
-//! long the session store takes to answer, and while either is past its
-//! threshold it turns new sessions away (`server_busy`, retry) early and
-//! cheaply, before they cost a store write, so that the sessions it has
-//! already admitted, and their resumes, keep what capacity there is.
+//! long the session store takes to answer, learns from the lag how many
+//! sessions it can stream at once, and turns new sessions away
+//! (`server_busy`, retry) early and cheaply past that, before they cost a
+//! store write, so that the sessions it has already admitted, and their
+//! resumes, keep what capacity there is.
 //!
 //! A server short of CPU that keeps admitting does not slow down evenly:
 //! every admitted stream makes every other one later, store replies are
 //! read after their timeouts, streams are shed, and each shed stream comes
-//! back as a resume that costs more work still. Refusing new work while
-//! the signs are there keeps the load at what the machine can carry.
+//! back as a resume that costs more work still. And an admitted session
+//! is a promise for its whole length (40 numbers are 40 seconds): once
+//! the core is past its capacity, nothing but time takes load off it, so
+//! refusing late is too late. Hence two mechanisms:
 //!
-//! Both signals are smoothed (an exponentially weighted moving average of
-//! samples every [`PROBE_EVERY`]), and shedding is proportional: past its
-//! threshold a signal turns away a growing share of new sessions, all of
-//! them at twice the threshold. A server slightly over refuses a few and
-//! still admits most, so it settles where the load it admits is the load
-//! it can carry; an on/off gate instead refused every newcomer for as
-//! long as the server hovered near its threshold (a debug build under
-//! attack did, for minutes, in the chaos run), and clients gave up. Which
-//! OPENs are turned away is decided by a low-discrepancy sequence over all
-//! OPENs, not by anything a client sends, so none can pick its way in.
+//! - **A stream limit, found like TCP's congestion window** ([`StreamLimit`]):
+//!   none until the lag first passes its target (`--overload-lag`); then
+//!   at most 90% of the sessions streaming at that moment, following them
+//!   down while the lag stays high, and growing by 2% a second while the
+//!   lag is healthy and the limit is what holds admissions back. New
+//!   sessions past it are refused; resumes never are. So the server
+//!   settles at what its core carries, whatever that is (a container's
+//!   CPU quota, a noisy neighbour, a slower machine), without an operator
+//!   guessing a number.
+//! - **Proportional shedding** on either signal far past its threshold
+//!   (the lag at five times its target, the store latency at its
+//!   threshold): a share of new sessions growing with how far past it is,
+//!   all of them at twice that. This covers load that is not streams (a
+//!   flood of handshakes, a slow store), below the limit's floor. Which
+//!   OPENs are turned away is decided by a low-discrepancy sequence over
+//!   all OPENs, not by anything a client sends, so none can pick its way
+//!   in; and a share rather than all, because an on/off gate refused every
+//!   newcomer for as long as a server hovered near its threshold (a debug
+//!   build under attack did, for minutes, in the chaos run), and clients
+//!   gave up.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use numstream_store::SessionStore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::Telemetry;
+
 /// How often the scheduling-lag probe runs.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// Weight of a new lag sample in its moving average: about the last ten
-/// samples (a second of probes) count.
+/// Weight of a new lag sample in the moving average that is reported and
+/// shed on: about the last ten samples (a second of probes) count.
 const LAG_SMOOTHING: f64 = 0.2;
+/// Weight of a new lag sample in the average the stream limit reacts to:
+/// about the last two or three samples, so that the limit stops growing
+/// within a few hundred milliseconds of the core running out (every
+/// session admitted meanwhile is a stream for its whole length), while
+/// one late sample alone does not pass the target.
+const LIMIT_SMOOTHING: f64 = 0.5;
+/// Longest an OPEN waits for a place under the stream limit before it is
+/// refused (see [`Overload::admit`]): well inside the 5 s a client waits
+/// for its answer, with room for an overloaded server's lag.
+pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
+/// Proportional shedding on the lag starts at this many times its target.
+const SHED_FROM_TARGETS: u32 = 5;
 
 /// When to refuse new sessions; `None` turns a signal off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverloadLimits {
-    /// Smoothed lateness of the runtime's timers past which new sessions
-    /// are refused.
+    /// The scheduling lag the server keeps under: past it, the stream
+    /// limit stops growing and is cut; past five times it, a share of new
+    /// sessions is refused too.
     pub scheduling_lag: Option<Duration>,
-    /// Smoothed store round trip past which new sessions are refused.
+    /// Smoothed store round trip past which a share of new sessions is
+    /// refused.
     pub store_latency: Option<Duration>,
 }
 
 impl Default for OverloadLimits {
-    /// 500 ms of either: far above a healthy server (microseconds of lag,
-    /// a millisecond to Redis), well below where streams start to fail
-    /// (lateness in seconds, store operations at their 2 s timeout).
+    /// Lag target 100 ms: well above a healthy server's (a millisecond or
+    /// two; the kernel's time slices add tens of milliseconds when several
+    /// busy processes share a core), far below where streams fail (a
+    /// client gives a connection 5 s of silence), and low enough that a
+    /// core past its capacity passes it within a second or two. Shedding
+    /// on the lag then starts at 500 ms; on the store at 500 ms (a
+    /// millisecond to Redis normally, operations time out at 2 s).
     fn default() -> Self {
         Self {
-            scheduling_lag: Some(Duration::from_millis(500)),
+            scheduling_lag: Some(Duration::from_millis(100)),
             store_latency: Some(Duration::from_millis(500)),
         }
     }
@@ -65,29 +98,161 @@ impl OverloadLimits {
     };
 }
 
+/// The most sessions a server streams at once before it refuses new ones,
+/// learned from its scheduling lag; pure, so that it is tested without a
+/// runtime (time and the stream count are passed in).
+///
+/// Additive increase, multiplicative decrease, as in TCP congestion
+/// control, with one difference that matters: a cut does not take load
+/// off (the admitted sessions stream to their end), so a cut is taken
+/// from the streams now, `min(limit, 90% of streams)`, and a lag that
+/// stays high while the count stays put does not cut again and again
+/// down to nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamLimit {
+    target: Duration,
+    /// `None` until the lag first passes the target: a server that has
+    /// never run short has no reason to guess its capacity.
+    limit: Option<usize>,
+    /// The lag the limit reacts to (smoothed over a few samples).
+    lag: Duration,
+}
+
+impl StreamLimit {
+    /// Never cut below this many streams: a thousand streams cost a few
+    /// percent of a core, so lag with fewer is caused by something else,
+    /// which refusing sessions would not fix (proportional shedding is
+    /// there for that).
+    pub(crate) const FLOOR: usize = 1_000;
+    /// A cut keeps this share of the streams running when the lag passed.
+    const CUT_TO: f64 = 0.9;
+    /// Growth per second while the lag is healthy and the limit holds
+    /// admissions back: slow enough that the lag, a second or two behind
+    /// the load, catches an overshoot while it is a few percent.
+    const GROWTH_PER_SECOND: f64 = 0.02;
+    /// Growth per second while the lag is under a fifth of its target: the
+    /// load that made the server cut has gone (a burst of handshakes, a
+    /// storm of refused clients), and at 2% a second a limit cut to half
+    /// would take 35 s to come back while capacity sat idle (measured: a
+    /// server held at 1,913 streams with 1 ms of lag while clients gave
+    /// up).
+    const FAST_GROWTH_PER_SECOND: f64 = 0.10;
+    /// The limit counts as holding admissions back once the streams are
+    /// within this share of it; further below, growing it would only let
+    /// a later burst through unchecked.
+    const BINDING: f64 = 0.95;
+
+    pub(crate) fn new(target: Duration) -> Self {
+        Self {
+            target,
+            limit: None,
+            lag: Duration::ZERO,
+        }
+    }
+
+    #[cfg(test)]
+    fn limit(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// Folds in one lag sample taken `elapsed` after the previous one,
+    /// with `streams` sessions streaming now; returns the new limit.
+    pub(crate) fn on_sample(
+        &mut self,
+        lag: Duration,
+        elapsed: Duration,
+        streams: usize,
+    ) -> Option<usize> {
+        let old = self.lag.as_secs_f64();
+        self.lag = Duration::from_secs_f64(old + LIMIT_SMOOTHING * (lag.as_secs_f64() - old));
+        if self.lag > self.target {
+            if streams > Self::FLOOR {
+                let cut = ((streams as f64 * Self::CUT_TO) as usize).max(Self::FLOOR);
+                self.limit = Some(self.limit.map_or(cut, |limit| limit.min(cut)));
+            }
+        } else if let Some(limit) = self.limit
+            && streams as f64 >= limit as f64 * Self::BINDING
+        {
+            let rate = if self.lag < self.target / 5 {
+                Self::FAST_GROWTH_PER_SECOND
+            } else {
+                Self::GROWTH_PER_SECOND
+            };
+            let growth = limit as f64 * rate * elapsed.as_secs_f64();
+            self.limit = Some(limit.saturating_add((growth as usize).max(1)));
+        }
+        self.limit
+    }
+}
+
+/// The stream limit's log lines: when it is first set and then whenever it
+/// has moved by a twentieth since the last line, at most once a second,
+/// so an operator sees the capacity the server found without a line per
+/// probe.
+#[derive(Debug, Default)]
+struct LimitReport {
+    logged: Option<(Instant, usize)>,
+}
+
+impl LimitReport {
+    fn maybe_log(&mut self, now: Instant, limit: Option<usize>, streams: usize, lag: Duration) {
+        let Some(limit) = limit else { return };
+        let due = match self.logged {
+            None => true,
+            Some((at, last)) => {
+                now.saturating_duration_since(at) >= Duration::from_secs(1)
+                    && limit.abs_diff(last) * 20 >= last
+            }
+        };
+        if due {
+            tracing::info!(
+                stream_limit = limit,
+                streams,
+                scheduling_lag_ms = lag.as_millis() as u64,
+                "stream limit moved: new sessions past it get server_busy"
+            );
+            self.logged = Some((now, limit));
+        }
+    }
+}
+
 /// Why the server turns new sessions away right now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overloaded {
     pub scheduling_lag: Duration,
     pub store_latency: Duration,
-    /// Share of new sessions turned away, in (0, 1].
+    /// `Some((streams, limit))` when the server streams as many sessions
+    /// as it has learned it can carry: every new session is refused.
+    pub at_stream_limit: Option<(usize, usize)>,
+    /// Share of new sessions turned away by proportional shedding, in
+    /// [0, 1].
     pub shedding: f64,
 }
 
 impl std::fmt::Display for Overloaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "overloaded (scheduling lag {} ms, store latency {} ms; turning away {:.0}% of new sessions)",
+        let (lag, store) = (
             self.scheduling_lag.as_millis(),
             self.store_latency.as_millis(),
-            self.shedding * 100.0
-        )
+        );
+        match self.at_stream_limit {
+            Some((streams, limit)) => write!(
+                f,
+                "overloaded (streaming {streams} sessions, at the {limit} its CPU was found to carry; \
+                 scheduling lag {lag} ms, store latency {store} ms)"
+            ),
+            None => write!(
+                f,
+                "overloaded (scheduling lag {lag} ms, store latency {store} ms; turning away {:.0}% \
+                 of new sessions)",
+                self.shedding * 100.0
+            ),
+        }
     }
 }
 
-/// The two signals and the admission state, shared by the probe, the
-/// store wrapper that times operations, the connections and `/readyz`.
+/// The signals and the admission state, shared by the probe, the store
+/// wrapper that times operations, the connections and `/readyz`.
 #[derive(Debug)]
 pub struct Overload {
     limits: OverloadLimits,
@@ -95,11 +260,25 @@ pub struct Overload {
     /// whole nanoseconds are plenty).
     lag_ns: AtomicU64,
     store_ns: AtomicU64,
-    /// Whether the last sample shed anything (for the log lines when that
-    /// changes).
-    shedding: AtomicBool,
+    /// The stream limit the probe last computed; `usize::MAX` for none.
+    stream_limit: AtomicUsize,
+    /// Streams at the last probe, for `/readyz` and the gauges (the
+    /// connections pass the exact count to [`Overload::admit`]).
+    streams_sampled: AtomicUsize,
+    /// OPENs admitted whose stream has not started yet: they count against
+    /// the limit too, or a burst of OPENs would all pass it while their
+    /// store writes are in flight.
+    opening: AtomicUsize,
+    /// Whether the server refused anything at the last sample (for the log
+    /// lines when that changes).
+    refusing: AtomicBool,
     /// OPENs decided so far: the index into the low-discrepancy sequence.
     decided: AtomicU64,
+    /// OPENs waiting for room under the stream limit, and how they are
+    /// woken: the probe hands out one wake-up per free place, first come
+    /// first served.
+    waiting: AtomicUsize,
+    room: tokio::sync::Notify,
 }
 
 fn to_ns(duration: Duration) -> u64 {
@@ -117,14 +296,30 @@ pub(crate) fn smooth(average: &AtomicU64, sample: Duration, weight: f64) {
     average.store(new as u64, Ordering::Relaxed);
 }
 
+/// An admitted OPEN on its way to streaming; counts against the stream
+/// limit until dropped (by then the stream counts itself).
+#[derive(Debug)]
+pub(crate) struct Opening<'a>(&'a AtomicUsize);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Overload {
     pub fn new(limits: OverloadLimits) -> Self {
         Self {
             limits,
             lag_ns: AtomicU64::new(0),
             store_ns: AtomicU64::new(0),
-            shedding: AtomicBool::new(false),
+            stream_limit: AtomicUsize::new(usize::MAX),
+            streams_sampled: AtomicUsize::new(0),
+            opening: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
             decided: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -134,6 +329,15 @@ impl Overload {
 
     pub fn store_latency(&self) -> Duration {
         Duration::from_nanos(self.store_ns.load(Ordering::Relaxed))
+    }
+
+    /// The stream limit learned so far; `None` while the server has never
+    /// run short.
+    pub fn stream_limit(&self) -> Option<usize> {
+        match self.stream_limit.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            limit => Some(limit),
+        }
     }
 
     /// One lateness sample of the runtime.
@@ -149,95 +353,198 @@ impl Overload {
         self.update();
     }
 
-    /// Share of new sessions to turn away now: for each signal, how far
-    /// past its threshold it is, as a fraction of the threshold (all of
-    /// them at twice it); the larger of the two.
+    fn set_stream_limit(&self, limit: Option<usize>, streams: usize) {
+        self.stream_limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+        self.streams_sampled.store(streams, Ordering::Relaxed);
+        self.update();
+    }
+
+    /// Share of new sessions to turn away by proportional shedding now: for
+    /// each signal, how far past where shedding starts it is, as a
+    /// fraction of that (all of them at twice it); the larger of the two.
     pub fn shedding(&self) -> f64 {
-        let past = |value: Duration, limit: Option<Duration>| match limit {
-            Some(limit) if !limit.is_zero() => {
-                (value.as_secs_f64() / limit.as_secs_f64() - 1.0).clamp(0.0, 1.0)
+        let past = |value: Duration, from: Option<Duration>| match from {
+            Some(from) if !from.is_zero() => {
+                (value.as_secs_f64() / from.as_secs_f64() - 1.0).clamp(0.0, 1.0)
             }
             _ => 0.0,
         };
-        past(self.scheduling_lag(), self.limits.scheduling_lag)
+        let lag_from = self
+            .limits
+            .scheduling_lag
+            .map(|target| target.saturating_mul(SHED_FROM_TARGETS));
+        past(self.scheduling_lag(), lag_from)
             .max(past(self.store_latency(), self.limits.store_latency))
     }
 
+    fn state(&self, streams: usize) -> Overloaded {
+        Overloaded {
+            scheduling_lag: self.scheduling_lag(),
+            store_latency: self.store_latency(),
+            at_stream_limit: self
+                .stream_limit()
+                .filter(|&limit| streams >= limit)
+                .map(|limit| (streams, limit)),
+            shedding: self.shedding(),
+        }
+    }
+
     fn update(&self) {
-        let now = self.shedding() > 0.0;
-        if self.shedding.swap(now, Ordering::Relaxed) != now {
-            let (lag, store) = (self.scheduling_lag(), self.store_latency());
+        let state = self.state(self.streams_sampled.load(Ordering::Relaxed));
+        let now = state.at_stream_limit.is_some() || state.shedding > 0.0;
+        if self.refusing.swap(now, Ordering::Relaxed) != now {
             if now {
                 tracing::warn!(
-                    scheduling_lag_ms = lag.as_millis() as u64,
-                    store_latency_ms = store.as_millis() as u64,
-                    "overloaded: turning away a share of new sessions until it passes \
-                     (resumes are still served)"
+                    scheduling_lag_ms = state.scheduling_lag.as_millis() as u64,
+                    store_latency_ms = state.store_latency.as_millis() as u64,
+                    stream_limit = self.stream_limit(),
+                    "{state}: turning new sessions away until it passes (resumes are still served)"
                 );
             } else {
                 tracing::info!(
-                    scheduling_lag_ms = lag.as_millis() as u64,
-                    store_latency_ms = store.as_millis() as u64,
-                    "no longer overloaded: admitting every new session again"
+                    scheduling_lag_ms = state.scheduling_lag.as_millis() as u64,
+                    store_latency_ms = state.store_latency.as_millis() as u64,
+                    stream_limit = self.stream_limit(),
+                    "no longer overloaded: admitting new sessions again"
                 );
             }
         }
     }
 
-    /// `Some` while a share of new sessions is turned away.
+    /// `Some` while new sessions are turned away (all of them at the
+    /// stream limit, a share while shedding), as of the last probe.
     pub fn overloaded(&self) -> Option<Overloaded> {
-        let shedding = self.shedding();
-        (shedding > 0.0).then(|| Overloaded {
-            scheduling_lag: self.scheduling_lag(),
-            store_latency: self.store_latency(),
-            shedding,
-        })
+        let state = self.state(self.streams_sampled.load(Ordering::Relaxed));
+        (state.at_stream_limit.is_some() || state.shedding > 0.0).then_some(state)
     }
 
-    /// Whether to admit one new session, or why not. Over successive calls
-    /// the share turned away is [`Overload::shedding`], spread evenly (the
-    /// golden-ratio sequence), whoever asks.
-    pub(crate) fn admit(&self) -> Result<(), Overloaded> {
-        let Some(overloaded) = self.overloaded() else {
-            return Ok(());
+    /// Whether to admit one new session while `streams` sessions stream
+    /// here, or why not, at once. The admitted OPEN counts against the
+    /// limit until the returned guard goes, when its stream has started
+    /// (or failed to). Past the limit every OPEN is refused; otherwise,
+    /// over successive calls, the share refused is
+    /// [`Overload::shedding`], spread evenly (the golden-ratio sequence),
+    /// whoever asks.
+    pub(crate) fn try_admit(&self, streams: usize) -> Result<Opening<'_>, Overloaded> {
+        let opening = self.opening.fetch_add(1, Ordering::Relaxed);
+        let admitted = Opening(&self.opening);
+        let state = self.state(streams.saturating_add(opening));
+        if state.at_stream_limit.is_some() {
+            return Err(state);
+        }
+        if state.shedding > 0.0 {
+            const GOLDEN: f64 = 0.618_033_988_749_894_9;
+            let n = self.decided.fetch_add(1, Ordering::Relaxed);
+            if (n as f64 * GOLDEN).fract() < state.shedding {
+                return Err(state);
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// [`Overload::try_admit`], but an OPEN that finds the server at its
+    /// stream limit waits up to `hold` for a place (streams end all the
+    /// time) before it is refused, behind at most as many others as the
+    /// limit. `streams` counts the streams now.
+    ///
+    /// Why wait rather than refuse at once: a refused client comes back,
+    /// and an overloaded server has many of them. Each attempt costs a
+    /// connection, a hello and an ERROR, so at twice its capacity a server
+    /// that refused at once spent more of its core on refusals than on
+    /// streams, and went under anyway (measured: the lag passed a second
+    /// with the stream limit holding). A waiting OPEN costs a parked task
+    /// and a socket, no CPU, takes a freed place within a probe interval,
+    /// and its client comes back at most once per `hold` plus its backoff.
+    /// `hold` stays well below the 5 s a client waits for its answer.
+    pub(crate) async fn admit(
+        &self,
+        streams: impl Fn() -> usize,
+        hold: Duration,
+    ) -> Result<Opening<'_>, Overloaded> {
+        let refused = match self.try_admit(streams()) {
+            Ok(admitted) => return Ok(admitted),
+            Err(state) if state.at_stream_limit.is_none() || hold.is_zero() => return Err(state),
+            Err(state) => state,
         };
-        const GOLDEN: f64 = 0.618_033_988_749_894_9;
-        let n = self.decided.fetch_add(1, Ordering::Relaxed);
-        let position = (n as f64 * GOLDEN).fract();
-        if position < overloaded.shedding {
-            Err(overloaded)
-        } else {
-            Ok(())
+        let limit = self.stream_limit().unwrap_or(usize::MAX);
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(refused);
+        }
+        let _waiting = Opening(&self.waiting);
+        let deadline = Instant::now() + hold;
+        loop {
+            if tokio::time::timeout_at(deadline, self.room.notified())
+                .await
+                .is_err()
+            {
+                // A place freed since the last probe is still a place.
+                return self.try_admit(streams());
+            }
+            match self.try_admit(streams()) {
+                Ok(admitted) => return Ok(admitted),
+                Err(state) if state.at_stream_limit.is_none() => return Err(state),
+                // Someone else took the place (a resume, a racing OPEN).
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Wakes one waiting OPEN per free place under the stream limit.
+    fn hand_out_room(&self, streams: usize) {
+        let Some(limit) = self.stream_limit() else {
+            // No limit (any more): everyone may go.
+            self.room.notify_waiters();
+            return;
+        };
+        let taken = streams.saturating_add(self.opening.load(Ordering::Relaxed));
+        let free = limit.saturating_sub(taken);
+        for _ in 0..free.min(self.waiting.load(Ordering::Relaxed)) {
+            self.room.notify_one();
         }
     }
 
     /// Every [`PROBE_EVERY`] until `stop` (the server's shutdown): measures
     /// the runtime's scheduling lag (how much later than asked a timer's
-    /// task got to run, which is how late every other task runs too) and
-    /// reads the store's latency, if the store measures it. (Not until the
-    /// last `Arc` goes: `/readyz` keeps one for as long as the process
-    /// serves it.)
+    /// task got to run, which is how late every other task runs too),
+    /// moves the stream limit, and reads the store's latency, if the store
+    /// measures it. (Not until the last `Arc` goes: `/readyz` keeps one for
+    /// as long as the process serves it.)
     pub(crate) fn spawn_probe(
         self: &Arc<Self>,
         store: Arc<dyn SessionStore>,
+        telemetry: Telemetry,
         stop: CancellationToken,
     ) {
         if self.limits == OverloadLimits::OFF {
             return;
         }
         let overload = self.clone();
+        let mut limit = self.limits.scheduling_lag.map(StreamLimit::new);
         tokio::spawn(async move {
+            let mut last = Instant::now();
+            let mut reported = LimitReport::default();
             loop {
                 let asked = Instant::now() + PROBE_EVERY;
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep_until(asked) => {}
                 }
-                let lag = Instant::now().saturating_duration_since(asked);
+                let now = Instant::now();
+                let lag = now.saturating_duration_since(asked);
                 if let Some(latency) = store.latency() {
                     overload.set_store_latency(latency);
                 }
                 overload.record_lag(lag);
+                let streams = telemetry.streaming_now();
+                let learned = limit
+                    .as_mut()
+                    .and_then(|limit| limit.on_sample(lag, now - last, streams));
+                overload.set_stream_limit(learned, streams);
+                overload.hand_out_room(streams);
+                reported.maybe_log(now, learned, streams, overload.scheduling_lag());
+                last = now;
             }
         });
     }
@@ -251,30 +558,33 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    const TICK: Duration = PROBE_EVERY;
+
     #[test]
     fn sheds_in_proportion_to_how_far_past_its_threshold_it_is() {
+        // Lag target 100 ms: shedding from 500 ms, everyone at 1 s.
         let overload = Overload::new(OverloadLimits {
-            scheduling_lag: Some(ms(500)),
+            scheduling_lag: Some(ms(100)),
             store_latency: Some(ms(500)),
         });
         for _ in 0..50 {
             overload.record_lag(ms(10));
         }
         assert_eq!(overload.overloaded(), None);
-        assert!((0..1000).all(|_| overload.admit().is_ok()));
+        assert!((0..1000).all(|_| overload.try_admit(0).is_ok()));
         // Smoothed to about 750 ms: half past the threshold, half turned away.
         for _ in 0..100 {
             overload.record_lag(ms(750));
         }
         let why = overload.overloaded().expect("overloaded");
         assert!((why.shedding - 0.5).abs() < 0.01, "{why}");
-        let refused = (0..1000).filter(|_| overload.admit().is_err()).count();
+        let refused = (0..1000).filter(|_| overload.try_admit(0).is_err()).count();
         assert!((490..=510).contains(&refused), "{refused} of 1000 refused");
         // Twice the threshold or more: everyone.
         for _ in 0..100 {
             overload.record_lag(ms(5_000));
         }
-        assert!((0..100).all(|_| overload.admit().is_err()));
+        assert!((0..100).all(|_| overload.try_admit(0).is_err()));
         // Back under: everyone again.
         for _ in 0..100 {
             overload.record_lag(ms(100));
@@ -297,6 +607,8 @@ mod tests {
             "lag {:?}",
             overload.scheduling_lag()
         );
+        let mut limit = StreamLimit::new(ms(100));
+        assert_eq!(limit.on_sample(ms(150), TICK, 50_000), None);
     }
 
     #[test]
@@ -309,6 +621,146 @@ mod tests {
         assert_eq!(overload.overloaded(), None);
     }
 
+    #[test]
+    fn a_healthy_server_has_no_stream_limit() {
+        let mut limit = StreamLimit::new(ms(100));
+        for streams in (0..200_000).step_by(1_000) {
+            assert_eq!(limit.on_sample(ms(30), TICK, streams), None);
+        }
+    }
+
+    #[test]
+    fn the_stream_limit_is_cut_from_the_streams_and_does_not_compound() {
+        let mut limit = StreamLimit::new(ms(100));
+        assert_eq!(limit.on_sample(ms(5), TICK, 20_000), None);
+        // The lag passes its target (smoothed over a few samples): 90% of
+        // the streams running then.
+        limit.on_sample(ms(400), TICK, 20_000);
+        assert_eq!(limit.on_sample(ms(400), TICK, 20_000), Some(18_000));
+        // Still late, same streams: no further cut (a cut takes no load
+        // off; only the sessions ending do).
+        for _ in 0..100 {
+            assert_eq!(limit.on_sample(ms(900), TICK, 20_000), Some(18_000));
+        }
+        // Still late while sessions end: the limit follows them down.
+        assert_eq!(limit.on_sample(ms(900), TICK, 15_000), Some(13_500));
+        // Never below the floor, however late.
+        assert_eq!(
+            limit.on_sample(ms(900), TICK, 1_100),
+            Some(StreamLimit::FLOOR)
+        );
+        assert_eq!(limit.on_sample(ms(900), TICK, 10), Some(StreamLimit::FLOOR));
+    }
+
+    #[test]
+    fn the_stream_limit_grows_only_while_healthy_and_holding_admissions_back() {
+        let mut limit = StreamLimit::new(ms(100));
+        for _ in 0..3 {
+            limit.on_sample(ms(500), TICK, 10_000);
+        }
+        assert_eq!(limit.limit(), Some(9_000));
+        // The lag falls back (over a few samples, the streams unchanged).
+        for _ in 0..5 {
+            limit.on_sample(ms(1), TICK, 10_000);
+        }
+        assert!(limit.limit() > Some(9_000), "{:?}", limit.limit());
+        let mut limit = StreamLimit {
+            limit: Some(9_000),
+            ..limit
+        };
+        // Healthy but far below the limit: no growth.
+        for _ in 0..50 {
+            limit.on_sample(ms(1), TICK, 5_000);
+        }
+        assert_eq!(limit.limit(), Some(9_000));
+        // Healthy and at the limit: about 2% a second while the lag is
+        // near its target...
+        let mut near = StreamLimit {
+            limit: Some(9_000),
+            lag: ms(50),
+            ..limit.clone()
+        };
+        for _ in 0..10 {
+            near.on_sample(ms(50), TICK, 9_000);
+        }
+        let grown = near.limit().expect("a limit");
+        assert!(
+            (9_170..=9_190).contains(&grown),
+            "grew to {grown} in a second"
+        );
+        // ... and about 10% a second while it is far below (the streams
+        // filling each new place at once).
+        for _ in 0..10 {
+            let streams = limit.limit().expect("a limit");
+            limit.on_sample(ms(1), TICK, streams);
+        }
+        let grown = limit.limit().expect("a limit");
+        assert!(
+            (9_900..=9_950).contains(&grown),
+            "grew to {grown} in a second"
+        );
+    }
+
+    #[test]
+    fn admission_stops_at_the_stream_limit_counting_opens_in_flight() {
+        let overload = Overload::new(OverloadLimits::default());
+        overload.set_stream_limit(Some(2_000), 1_998);
+        let first = overload.try_admit(1_998).expect("room for two");
+        let second = overload.try_admit(1_998).expect("room for one more");
+        let why = overload
+            .try_admit(1_998)
+            .expect_err("two OPENs in flight fill the last two places");
+        assert_eq!(why.at_stream_limit, Some((2_000, 2_000)), "{why}");
+        assert!(why.to_string().contains("streaming 2000 sessions"), "{why}");
+        drop((first, second));
+        // Their streams started (or failed): the count passed in is exact.
+        assert!(overload.try_admit(1_999).is_ok());
+        assert!(overload.try_admit(2_000).is_err());
+        // /readyz and the gauge see the limit from the last probe.
+        overload.set_stream_limit(Some(2_000), 2_000);
+        assert!(overload.overloaded().is_some());
+        overload.set_stream_limit(Some(2_000), 1_500);
+        assert_eq!(overload.overloaded(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_at_the_limit_waits_for_a_place_then_is_refused() {
+        use std::sync::atomic::AtomicUsize;
+        let overload = Arc::new(Overload::new(OverloadLimits::default()));
+        let streams = Arc::new(AtomicUsize::new(2_000));
+        overload.set_stream_limit(Some(2_000), 2_000);
+        let waiter = |overload: Arc<Overload>, streams: Arc<AtomicUsize>| {
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let admitted = overload
+                    .admit(|| streams.load(Ordering::Relaxed), OPEN_HOLD)
+                    .await
+                    .is_ok();
+                (admitted, started.elapsed())
+            })
+        };
+        let first = waiter(overload.clone(), streams.clone());
+        let second = waiter(overload.clone(), streams.clone());
+        tokio::time::sleep(ms(500)).await;
+        // One stream ends: the probe hands its place to the first waiter.
+        streams.store(1_999, Ordering::Relaxed);
+        overload.hand_out_room(1_999);
+        let (admitted, waited) = first.await.expect("task");
+        assert!(admitted, "the first waiter got the freed place");
+        assert_eq!(waited, ms(500));
+        // The place is taken again (its stream started); nothing else frees.
+        streams.store(2_000, Ordering::Relaxed);
+        let (admitted, waited) = second.await.expect("task");
+        assert!(!admitted, "no place freed for the second waiter");
+        assert_eq!(waited, OPEN_HOLD);
+        // Without a hold, refused at once.
+        let refused = overload
+            .admit(|| 2_000, Duration::ZERO)
+            .await
+            .expect_err("at the limit");
+        assert_eq!(refused.at_stream_limit, Some((2_000, 2_000)));
+    }
+
     /// A runtime whose only thread is kept busy runs timers late: the
     /// probe sees it and the server turns new sessions away.
     #[test]
@@ -318,12 +770,14 @@ mod tests {
             .build()
             .expect("runtime");
         runtime.block_on(async {
+            // Target 20 ms: shedding from 100 ms.
             let overload = Arc::new(Overload::new(OverloadLimits {
-                scheduling_lag: Some(ms(100)),
+                scheduling_lag: Some(ms(20)),
                 store_latency: None,
             }));
             overload.spawn_probe(
                 Arc::new(numstream_store::InMemoryStore::new(1)),
+                Telemetry::disabled(),
                 CancellationToken::new(),
             );
             // Hog the thread: each turn blocks it for 300 ms before yielding.

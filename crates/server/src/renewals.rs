@@ -166,6 +166,10 @@ impl SessionStore for BatchedRenewals {
         self.inner.latency()
     }
 
+    fn batches_renewals(&self) -> bool {
+        true
+    }
+
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         self.inner.takeover_notices()
     }

@@ -92,13 +92,13 @@ pub async fn run_with_telemetry(
         };
     // With a shared store, lease renewals are a round trip each; batch
     // them (see `renewals`). In memory they cost nanoseconds as they are.
-    let store = if store.is_shared() {
+    let store = if store.is_shared() && !store.batches_renewals() {
         crate::renewals::BatchedRenewals::wrap(store)
     } else {
         store
     };
     let overload = Arc::new(Overload::new(config.overload));
-    overload.spawn_probe(store.clone(), shutdown.clone());
+    overload.spawn_probe(store.clone(), telemetry.clone(), shutdown.clone());
     telemetry.set_overload(overload.clone());
     let peers = Arc::new(Peers::new(config.per_address));
     peers.spawn_sweeper();

@@ -29,6 +29,7 @@ pub mod names {
     pub const SCHEDULING_LAG: &str = "numstream_scheduling_lag_seconds";
     pub const STORE_LATENCY: &str = "numstream_store_latency_seconds";
     pub const OVERLOADED: &str = "numstream_overloaded";
+    pub const STREAM_LIMIT: &str = "numstream_stream_limit";
     pub const HANDSHAKE_FAILURES: &str = "numstream_handshake_failures_total";
     pub const REJECTIONS: &str = "numstream_rejections_total";
     pub const SESSIONS_OPEN: &str = "numstream_sessions_open";
@@ -286,6 +287,7 @@ struct OverloadGauges {
     scheduling_lag: Gauge,
     store_latency: Gauge,
     overloaded: Gauge,
+    stream_limit: Gauge,
 }
 
 /// `numstream_sessions_open` and `_detached`, sampled from a counter.
@@ -309,7 +311,10 @@ impl Telemetry {
         Self::build(Some(recorder), store_kind, session_count)
     }
 
-    /// No metrics, no bookkeeping; always "accepting" once `run` starts.
+    /// No metrics and no per-session bookkeeping; always "accepting" once
+    /// `run` starts. It still counts open connections and streaming
+    /// sessions: admission control needs those counts with or without
+    /// metrics.
     pub fn disabled() -> Self {
         Self::build(None, "", None)
     }
@@ -352,6 +357,11 @@ impl Telemetry {
                     names::OVERLOADED,
                     vec![],
                     "1 while new sessions are refused because the server is overloaded, else 0.",
+                ),
+                stream_limit: r.gauge_or_noop(
+                    names::STREAM_LIMIT,
+                    vec![],
+                    "Sessions this server streams at most before it refuses new ones, learned from its scheduling lag; +Inf until it first runs short.",
                 ),
             }),
             session_gauges: session_count.and_then(|count| {
@@ -515,6 +525,11 @@ impl Telemetry {
             } else {
                 0.0
             });
+            gauges.stream_limit.set(
+                overload
+                    .stream_limit()
+                    .map_or(f64::INFINITY, |limit| limit as f64),
+            );
         }
         if let Some(gauges) = &self.inner.session_gauges {
             let open = (gauges.count)();
@@ -536,9 +551,7 @@ impl Telemetry {
     pub(crate) fn connection_open(&self) -> GaugeGuard {
         GaugeGuard::new(
             self.inner.connections.clone(),
-            self.inner
-                .enabled
-                .then(|| (self.inner.clone(), Tally::Connections)),
+            (self.inner.clone(), Tally::Connections),
         )
     }
 
@@ -546,10 +559,14 @@ impl Telemetry {
     pub(crate) fn session_attached(&self) -> GaugeGuard {
         GaugeGuard::new(
             self.inner.sessions_attached.clone(),
-            self.inner
-                .enabled
-                .then(|| (self.inner.clone(), Tally::Attached)),
+            (self.inner.clone(), Tally::Attached),
         )
+    }
+
+    /// Sessions this process streams right now (what admission control
+    /// limits).
+    pub fn streaming_now(&self) -> usize {
+        self.inner.attached_now.load(Ordering::Relaxed)
     }
 
     /// The overload state `/readyz` and the scrapes report.
@@ -726,15 +743,13 @@ impl Inner {
 #[derive(Debug)]
 pub(crate) struct GaugeGuard {
     gauge: Gauge,
-    tally: Option<(Arc<Inner>, Tally)>,
+    tally: (Arc<Inner>, Tally),
 }
 
 impl GaugeGuard {
-    fn new(gauge: Gauge, tally: Option<(Arc<Inner>, Tally)>) -> Self {
+    fn new(gauge: Gauge, tally: (Arc<Inner>, Tally)) -> Self {
         gauge.increment(1.0);
-        if let Some((inner, which)) = &tally {
-            inner.tally(*which).fetch_add(1, Ordering::Relaxed);
-        }
+        tally.0.tally(tally.1).fetch_add(1, Ordering::Relaxed);
         Self { gauge, tally }
     }
 }
@@ -742,9 +757,8 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
-        if let Some((inner, which)) = &self.tally {
-            inner.tally(*which).fetch_sub(1, Ordering::Relaxed);
-        }
+        let (inner, which) = &self.tally;
+        inner.tally(*which).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -878,11 +892,13 @@ mod tests {
     }
 
     #[test]
-    fn disabled_telemetry_keeps_no_state() {
+    fn disabled_telemetry_keeps_no_per_session_state_but_counts_streams() {
         let telemetry = Telemetry::disabled();
         telemetry.departed(ClientId::from_u128(1), 1, 10, true, Duration::from_secs(30));
         assert!(lock(&telemetry.inner.departures).map.is_empty());
-        let _attached = telemetry.session_attached();
-        assert_eq!(telemetry.inner.attached_now.load(Ordering::Relaxed), 0);
+        let attached = telemetry.session_attached();
+        assert_eq!(telemetry.streaming_now(), 1);
+        drop(attached);
+        assert_eq!(telemetry.streaming_now(), 0);
     }
 }

@@ -488,6 +488,11 @@ async fn readyz_fails_while_the_server_is_saturated() {
     }
     assert_eq!(counts.value("numstream_overloaded", &[]), 0.0);
     assert!(counts.has("numstream_scheduling_lag_seconds"));
+    assert_eq!(
+        counts.value("numstream_stream_limit", &[]),
+        f64::INFINITY,
+        "no stream limit until the server first runs short"
+    );
 }
 
 /// Runs a session with a drop and a resume (and a forged resume) against a

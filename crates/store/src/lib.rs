@@ -237,6 +237,13 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
         None
     }
 
+    /// Whether [`SessionStore::renew`] already gathers concurrent calls
+    /// into [`SessionStore::renew_many`] batches, so that a caller must not
+    /// batch them again. `false` by default.
+    fn batches_renewals(&self) -> bool {
+        false
+    }
+
     /// A stream of takeover notices from every process sharing the store,
     /// this one included, or `None` when every takeover is local (the
     /// in-memory store) and the server's own registry already fences it.

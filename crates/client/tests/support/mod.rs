@@ -138,6 +138,13 @@ pub(crate) fn config(ports: Vec<u16>, count: u16) -> ClientConfig {
             max: Duration::from_millis(50),
             multiplier: 2.0,
         },
+        // Scaled down like `backoff`, but distinct, so a test sees which
+        // one a refusal used.
+        busy_backoff: Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            multiplier: 2.0,
+        },
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(2),
         ..ClientConfig::default()
