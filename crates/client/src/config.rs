@@ -26,10 +26,13 @@ pub struct ClientConfig {
     /// Delay policy after a `server_busy` refusal of the OPEN: the server
     /// is full and frees room only as its sessions end, so the client
     /// comes back later than after a failure. Default: a first delay of
-    /// up to 1 s, doubling, capped at 10 s, full jitter; a client waiting
-    /// out a full server then tries about every 5 s, and thousands of
-    /// them cost that server a fifth of the refusals the failure backoff
-    /// would.
+    /// up to 1 s, doubling, capped at 20 s, full jitter; a client waiting
+    /// out a full server then tries about every 10 s (plus the up to 2 s
+    /// the server may hold its OPEN). Why that long: a server at twice its
+    /// capacity has tens of thousands of clients waiting, and each attempt
+    /// costs it a connection, a hello and an ERROR; at one attempt every
+    /// 2.5 s (the failure backoff's cap of 5 s) their refusals took more
+    /// of its core than its streams did, and it went under.
     pub busy_backoff: Backoff,
     /// Bound on each TCP connect. Default 3 s.
     pub connect_timeout: Duration,
@@ -73,7 +76,7 @@ impl Default for ClientConfig {
             backoff: Backoff::default(),
             busy_backoff: Backoff {
                 initial: Duration::from_secs(1),
-                max: Duration::from_secs(10),
+                max: Duration::from_secs(20),
                 multiplier: 2.0,
             },
             connect_timeout: Duration::from_secs(3),

@@ -57,8 +57,11 @@ const LAG_SMOOTHING: f64 = 0.2;
 /// one late sample alone does not pass the target.
 const LIMIT_SMOOTHING: f64 = 0.5;
 /// Longest an OPEN waits for a place under the stream limit before it is
-/// refused (see [`Overload::admit`]): well inside the 5 s a client waits
-/// for its answer, with room for an overloaded server's lag.
+/// refused (see [`Overload::admit`]). The client waits 5 s for its answer,
+/// and an OPEN admitted at the end of its hold still needs a store write
+/// and a WELCOME on a server running late: with 3 s, some WELCOMEs came
+/// after their client had given up, leaving sessions nobody could resume
+/// until they expired (measured: 84 of 50,000).
 pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;

@@ -85,7 +85,7 @@ pub(crate) struct Cli {
     /// Until a server welcomes the session, every refusal that says "retry"
     /// (server_busy, store_unavailable, shutting_down while draining) and
     /// every failed connection is retried, with jittered backoff capped at
-    /// 5 s (10 s after server_busy), however many attempts that takes; the run gives up (exit 4)
+    /// 5 s (20 s after server_busy), however many attempts that takes; the run gives up (exit 4)
     /// within this time (no attempt starts in its last second, or last
     /// tenth if shorter: it could not be answered in time). The default is
     /// twice the server's default 30 s session TTL: a server at its
