@@ -94,6 +94,9 @@ pub struct ChaosConfig {
     pub attack: AttackConfig,
     /// Passed on to every server instance after the harness's own flags.
     pub server_args: Vec<String>,
+    /// Clients speak TLS with these settings (the servers then get
+    /// `--tls-cert`/`--tls-key` through `server_args`); `None`: plain TCP.
+    pub tls: Option<numstream_client::ClientTls>,
 }
 
 impl ChaosConfig {
@@ -130,6 +133,7 @@ impl ChaosConfig {
             client_addresses: None,
             attack: AttackConfig::default(),
             server_args: Vec::new(),
+            tls: None,
         };
         match name {
             "short" => Some(base),
@@ -564,6 +568,7 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
         // Patient before the first WELCOME: an instance may be down for a
         // restart, and faults may hit the first connections.
         open_timeout: Duration::from_secs(120),
+        tls: config.tls.clone(),
         ..ClientConfig::default()
     };
     let started = Instant::now();
@@ -689,6 +694,7 @@ async fn reference_runs(
             ports: vec![server.addr().port()],
             count: result.spec.count,
             client_id: result.spec.client_id,
+            tls: config.tls.clone(),
             ..ClientConfig::default()
         };
         let clean = tokio::time::timeout(
@@ -770,6 +776,9 @@ fn replay_flags(config: &ChaosConfig) -> String {
             flags.push_str(" --redis");
         }
     }
+    if config.tls.is_some() {
+        flags.push_str(" --tls");
+    }
     let profile_attack = ChaosConfig::profile(&config.profile_name, 0, PathBuf::new())
         .map(|profile| profile.attack.kinds)
         .unwrap_or_default();
@@ -783,6 +792,10 @@ fn replay_flags(config: &ChaosConfig) -> String {
         flags.push_str(&format!(" --client-addresses {addresses}"));
     }
     for arg in &config.server_args {
+        // --tls makes its own certificates again.
+        if config.tls.is_some() && arg.starts_with("--tls-") {
+            continue;
+        }
         flags.push_str(&format!(" --server-arg={arg}"));
     }
     flags

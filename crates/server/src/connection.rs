@@ -14,10 +14,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -112,6 +110,9 @@ pub(crate) struct Admission {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _open: GaugeGuard,
     ticket: PeerTicket,
+    /// When the hello must be in: the handshake timeout counts from
+    /// accept, so a TLS handshake before it spends the same allowance.
+    pub(crate) handshake_deadline: Instant,
 }
 
 impl Admission {
@@ -119,11 +120,13 @@ impl Admission {
         permit: tokio::sync::OwnedSemaphorePermit,
         open: GaugeGuard,
         ticket: PeerTicket,
+        handshake_deadline: Instant,
     ) -> Self {
         Self {
             _permit: permit,
             _open: open,
             ticket,
+            handshake_deadline,
         }
     }
 }
@@ -143,19 +146,24 @@ impl Shared {
     }
 }
 
-/// Serves one accepted connection to the end.
+/// Serves one accepted connection to the end, over any byte stream (plain
+/// TCP, or TLS once `transport` has done its handshake; socket options are
+/// set there too).
 ///
 /// Not an `async fn`: the connection is built here, so the returned future
 /// captures it once. An async fn's arguments, and anything they are moved
 /// into, would each keep their own slot for the task's whole life, and
 /// this future is what every connection costs in memory.
-pub(crate) fn serve(
-    stream: TcpStream,
+pub(crate) fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     admission: Admission,
-) -> impl Future<Output = ()> + Send {
-    let (read, write) = stream.into_split();
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
     let mut connection = Connection {
         // Handshake frames are tiny; a small initial buffer keeps idle
         // connections cheap.
@@ -169,16 +177,6 @@ pub(crate) fn serve(
         admission,
     };
     async move {
-        let options = connection.shared.socket_options;
-        let socket = socket2::SockRef::from(connection.writer.half.as_ref());
-        let inherited = connection.shared.socket_options_inherited
-            && crate::socket::has_inherited(socket, options);
-        if !inherited {
-            let socket = socket2::SockRef::from(connection.writer.half.as_ref());
-            if let Err(error) = crate::socket::configure(socket, options) {
-                debug!(%peer, %error, "could not set socket options");
-            }
-        }
         let span = info_span!(
             "conn",
             %peer,
@@ -190,39 +188,49 @@ pub(crate) fn serve(
 }
 
 /// Writes that first accumulate encoded frames, then go out in one syscall.
-struct Writer {
-    half: OwnedWriteHalf,
+struct Writer<S> {
+    half: WriteHalf<S>,
     buf: BytesMut,
 }
 
-impl Writer {
+impl<S: AsyncWrite> Writer<S> {
     fn push(&mut self, frame: &Frame) {
         encode_frame(frame, &mut self.buf);
     }
 
-    /// Writes what the socket takes without waiting; true once the buffer
-    /// is empty.
+    /// Writes what the stream takes without waiting; true once the buffer
+    /// is empty and flushed (TLS holds written records until flushed).
     fn try_flush(&mut self) -> io::Result<bool> {
         use bytes::Buf;
+        use std::task::{Context, Poll};
+        // One poll with a waker that does nothing: the stream's
+        // non-blocking write. A later `flush` registers the real waker.
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let mut half = std::pin::Pin::new(&mut self.half);
         while !self.buf.is_empty() {
-            match self.half.try_write(&self.buf) {
-                Ok(written) => self.buf.advance(written),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(error) => return Err(error),
+            match half.as_mut().poll_write(&mut context, &self.buf) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(written)) => self.buf.advance(written),
+                Poll::Ready(Err(error)) => return Err(error),
+                Poll::Pending => return Ok(false),
             }
         }
-        Ok(true)
+        match half.poll_flush(&mut context) {
+            Poll::Ready(result) => result.map(|()| true),
+            Poll::Pending => Ok(false),
+        }
     }
 
     /// Cancel-safe: bytes already written are removed from the buffer.
     async fn flush(&mut self) -> io::Result<()> {
-        self.half.write_all_buf(&mut self.buf).await
+        self.half.write_all_buf(&mut self.buf).await?;
+        self.half.flush().await
     }
 }
 
-struct Connection {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: Writer,
+struct Connection<S> {
+    reader: FramedRead<ReadHalf<S>, FrameCodec>,
+    writer: Writer<S>,
     shared: Arc<Shared>,
     /// Index after the last number this connection wrote.
     sent_up_to: u16,
@@ -239,7 +247,7 @@ struct Accepted {
     requested: Instant,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync> Connection<S> {
     async fn run(&mut self) {
         let Accepted {
             attachment,
@@ -328,10 +336,11 @@ impl Connection {
     async fn handshake(&mut self) -> Result<Accepted, Option<ErrorFrame>> {
         let handshake_timeout = self.shared.config.handshake_timeout;
         let shutdown = self.shared.shutdown.clone();
+        let deadline = self.admission.handshake_deadline;
         let hello = tokio::select! {
             biased;
             _ = shutdown.cancelled() => None,
-            hello = timeout(handshake_timeout, self.reader.next()) => Some(hello),
+            hello = timeout_at(deadline, self.reader.next()) => Some(hello),
         };
         // Whatever came, the connection no longer holds a handshake slot.
         self.admission.ticket.handshake_done();
@@ -812,10 +821,7 @@ impl Connection {
                 let ttl = humantime::format_duration(self.shared.config.session_ttl);
                 let error = ErrorFrame::new(
                     ErrorCode::StoreUnavailable,
-                    format!(
-                        "the session store stopped answering ({why}); resume within {ttl} \
-                         to continue"
-                    ),
+                    format!("store unavailable; resume within {ttl} to continue"),
                 );
                 // The client first: it can resume elsewhere while the
                 // detach waits for the store.
@@ -857,13 +863,15 @@ impl Connection {
                 ErrorCode::ServerBusy,
                 format!("the session store is full ({max} sessions); try again later"),
             ),
-            StoreError::Unavailable(reason) => ErrorFrame::new(
-                ErrorCode::StoreUnavailable,
-                format!("the session store is unavailable ({reason}); try again"),
-            ),
+            // The detail (Redis's own words, addresses, script names) is
+            // for the operator's log, not for unauthenticated peers.
+            StoreError::Unavailable(reason) => {
+                warn!(%reason, "session store unavailable");
+                ErrorFrame::new(ErrorCode::StoreUnavailable, "store unavailable")
+            }
             StoreError::Corrupt(reason) => {
                 warn!(%reason, "corrupt session record");
-                ErrorFrame::new(ErrorCode::Internal, "the session record is unreadable")
+                ErrorFrame::new(ErrorCode::Internal, "internal")
             }
         }
     }
@@ -963,7 +971,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|error| {
         warn!(%error, "the OS random number generator failed");
-        ErrorFrame::new(ErrorCode::Internal, "could not generate randomness")
+        ErrorFrame::new(ErrorCode::Internal, "internal")
     })?;
     Ok(bytes)
 }
@@ -1004,6 +1012,7 @@ fn shutting_down(store: &dyn SessionStore, attached: bool) -> ErrorFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     /// Largest acceptable connection task future, in bytes. Every
     /// connection's task is this future, held for the whole session, so
@@ -1047,6 +1056,7 @@ mod tests {
                 .peers
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
+            Instant::now() + shared.config.handshake_timeout,
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);

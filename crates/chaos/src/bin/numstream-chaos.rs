@@ -99,6 +99,12 @@ struct Args {
     /// `--server-arg=--max-connections=50`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// Everything over TLS: certificates made for this run, the servers
+    /// started with --tls-cert/--tls-key, the clients with TLS (the faults
+    /// then strike TLS records; the attacker, which speaks plaintext, is
+    /// refused at the door)
+    #[arg(long)]
+    tls: bool,
 }
 
 /// Attack kinds as `--attack` takes them (an empty list is `none`).
@@ -179,6 +185,17 @@ async fn real_main() -> anyhow::Result<bool> {
     }
     config.client_addresses = args.client_addresses.map(|n| n as usize);
     config.server_args = args.server_arg;
+    // Kept alive (its files on disk) for the whole run when used.
+    let _pki = args.tls.then(|| {
+        let pki = numstream_testkit::tls::TestPki::generate();
+        let path = |path: &std::path::Path| path.display().to_string();
+        config.server_args.extend([
+            format!("--tls-cert={}", path(&pki.server.cert)),
+            format!("--tls-key={}", path(&pki.server.key)),
+        ]);
+        config.tls = Some(pki.client_tls(None));
+        pki
+    });
     raise_open_file_limit();
 
     // Kept alive for the whole run when used.
