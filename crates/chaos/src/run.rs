@@ -160,9 +160,12 @@ impl ChaosConfig {
                 kills: 8,
                 kill_window: (Duration::from_secs(10), Duration::from_secs(400)),
                 downtime: (Duration::from_millis(500), Duration::from_secs(3)),
+                // Within the first 150 s: a release build's run is over in
+                // about three minutes, and starvations planned later never
+                // happened (4 of 8 at seed 2026).
                 starve: StarveProfile {
                     count: 8,
-                    window: (Duration::from_secs(5), Duration::from_secs(400)),
+                    window: (Duration::from_secs(5), Duration::from_secs(150)),
                     length: (Duration::from_secs(3), Duration::from_secs(10)),
                 },
                 client_time_limit: Duration::from_secs(300),
