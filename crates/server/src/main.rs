@@ -465,6 +465,7 @@ async fn main() -> anyhow::Result<()> {
         overload: OverloadLimits {
             scheduling_lag: (!args.overload_lag.is_zero()).then_some(args.overload_lag),
             store_latency: (!args.overload_store.is_zero()).then_some(args.overload_store),
+            ..OverloadLimits::default()
         },
         max_connections,
         handshake_timeout: args.handshake_timeout,

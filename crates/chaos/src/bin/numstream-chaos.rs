@@ -21,8 +21,8 @@ use numstream_chaos::run::{ChaosConfig, StoreMode};
 use numstream_testkit::redis_cluster::RedisCluster;
 use rand::{RngExt, SeedableRng};
 
-/// Puts real numstream servers and clients through seeded network faults and
-/// server kills, and checks every client against the fault-free reference.
+/// Puts real numstream servers and clients through seeded network faults,
+/// server kills and CPU starvation, and checks every client against the fault-free reference.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -44,6 +44,10 @@ struct Args {
     /// Override how many times a server is killed and restarted.
     #[arg(long)]
     kills: Option<usize>,
+    /// Override how many times a server is starved of CPU (SIGSTOP/SIGCONT
+    /// duty cycles for a few seconds); 0 for none.
+    #[arg(long)]
+    starves: Option<usize>,
     /// Override the most faults one client's connections get.
     #[arg(long)]
     max_faults: Option<u32>,
@@ -161,6 +165,9 @@ async fn real_main() -> anyhow::Result<bool> {
     }
     if let Some(kills) = args.kills {
         config.kills = kills;
+    }
+    if let Some(starves) = args.starves {
+        config.starve.count = starves;
     }
     if let Some(max_faults) = args.max_faults {
         config.faults.max_faults = max_faults;
