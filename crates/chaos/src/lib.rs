@@ -8,8 +8,10 @@
 //! - [`attack`]: [`attack::Attacker`], an abusive client (connection hog,
 //!   open-and-drop churn, handshake slowloris) from source addresses of its
 //!   own, run beside the honest clients.
+//! - [`starve`]: the starve fault, a live server throttled by SIGSTOP/SIGCONT
+//!   duty cycles (a CPU quota, a noisy neighbour).
 //! - [`run`]: the chaos run: real `numstream-server` processes, killed and
-//!   restarted, clients in-process behind proxies (each from its own source
+//!   restarted and starved, clients in-process behind proxies (each from its own source
 //!   address), an attacker beside them, every client's result checked
 //!   against the fault-free reference.
 //!
@@ -21,6 +23,7 @@ pub mod plan;
 pub mod proxy;
 pub mod run;
 pub mod servers;
+pub mod starve;
 
 pub use attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker};
 pub use plan::{ConnectionPlan, Fault, FaultKind, FaultProfile, Schedule};

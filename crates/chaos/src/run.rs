@@ -1,6 +1,7 @@
 //! The chaos run: K real server processes, M clients (the client library,
 //! in-process) each behind its own fault-injecting proxies, server
-//! instances killed and restarted along the way, optionally an attacker
+//! instances killed and restarted along the way and starved of CPU
+//! (`crate::starve`) for a few seconds at a time, optionally an attacker
 //! beside the clients (`crate::attack`), and every client's result checked
 //! against the fault-free reference.
 //!
@@ -23,6 +24,8 @@
 //!   It must never hang, report a protocol violation or a checksum mismatch,
 //!   or print OK with a wrong result.
 //! - With a shared store (Redis), nothing is lost: every client must pass.
+//! - Starving a server loses nothing either: it is not a kill, and a
+//!   client on a starved instance is judged like any other.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -45,6 +48,7 @@ use crate::attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker
 use crate::plan::{FaultKind, FaultProfile, NUMBER_LEN, Schedule, WELCOME_LEN};
 use crate::proxy::{ChaosProxy, ConnectionRecord, ProxyStats};
 use crate::servers::{ServerProcess, ServerSpec, Signal};
+use crate::starve::{StarveEvent, StarveProfile, Starved, starve, starve_plan};
 
 /// Where sessions live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +79,8 @@ pub struct ChaosConfig {
     pub kill_window: (Duration, Duration),
     /// How long a killed instance stays down.
     pub downtime: (Duration, Duration),
+    /// Servers starved of CPU by SIGSTOP/SIGCONT duty cycles.
+    pub starve: StarveProfile,
     pub store: StoreMode,
     pub server_bin: PathBuf,
     /// Run only this client (by index), e.g. to replay one failure.
@@ -94,6 +100,9 @@ pub struct ChaosConfig {
     pub attack: AttackConfig,
     /// Passed on to every server instance after the harness's own flags.
     pub server_args: Vec<String>,
+    /// Clients speak TLS with these settings (the servers then get
+    /// `--tls-cert`/`--tls-key` through `server_args`); `None`: plain TCP.
+    pub tls: Option<numstream_client::ClientTls>,
 }
 
 impl ChaosConfig {
@@ -118,6 +127,12 @@ impl ChaosConfig {
             kills: 2,
             kill_window: (Duration::from_secs(2), Duration::from_secs(10)),
             downtime: (Duration::from_millis(500), Duration::from_secs(2)),
+            // A light dose for CI: one server starved for about 3 s.
+            starve: StarveProfile {
+                count: 1,
+                window: (Duration::from_secs(1), Duration::from_secs(6)),
+                length: (Duration::from_secs(3), Duration::from_secs(3)),
+            },
             store: StoreMode::Memory,
             server_bin,
             only_client: None,
@@ -130,6 +145,7 @@ impl ChaosConfig {
             client_addresses: None,
             attack: AttackConfig::default(),
             server_args: Vec::new(),
+            tls: None,
         };
         match name {
             "short" => Some(base),
@@ -148,6 +164,14 @@ impl ChaosConfig {
                 kills: 8,
                 kill_window: (Duration::from_secs(10), Duration::from_secs(400)),
                 downtime: (Duration::from_millis(500), Duration::from_secs(3)),
+                // Within the first 150 s: a release build's run is over in
+                // about three minutes, and starvations planned later never
+                // happened (4 of 8 at seed 2026).
+                starve: StarveProfile {
+                    count: 8,
+                    window: (Duration::from_secs(5), Duration::from_secs(150)),
+                    length: (Duration::from_secs(3), Duration::from_secs(10)),
+                },
                 client_time_limit: Duration::from_secs(300),
                 reference_runs: 10,
                 attack: AttackConfig {
@@ -423,14 +447,17 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         .collect();
     let total = specs.len();
 
-    // Kills and restarts, one at a time, until the clients are done.
-    let kills: Arc<Mutex<Vec<Kill>>> = Arc::default();
+    // Kills, restarts and starvations, one at a time, until the clients
+    // are done.
+    let kills: Record<Kill> = Arc::default();
+    let starved: Record<Starved> = Arc::default();
     let clients_done = CancellationToken::new();
-    let killer = tokio::spawn(kill_and_restart(
+    let killer = tokio::spawn(disrupt_servers(
         servers,
-        kill_plan(&config),
+        server_events(&config),
         started,
         kills.clone(),
+        starved.clone(),
         clients_done.clone(),
     ));
 
@@ -474,6 +501,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
     let (servers, kill_error) = killer.await?;
 
     let kills = kills.lock().map(|k| k.clone()).unwrap_or_default();
+    let starved = starved.lock().map(|s| s.clone()).unwrap_or_default();
     let memory = config.store == StoreMode::Memory;
     let verdicts: Vec<Verdict> = results
         .iter()
@@ -496,6 +524,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<RunOutcome> {
         &results,
         &verdicts,
         &kills,
+        &starved,
         kill_error,
         &reference_lines,
         attack.as_ref(),
@@ -564,6 +593,7 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
         // Patient before the first WELCOME: an instance may be down for a
         // restart, and faults may hit the first connections.
         open_timeout: Duration::from_secs(120),
+        tls: config.tls.clone(),
         ..ClientConfig::default()
     };
     let started = Instant::now();
@@ -592,20 +622,86 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
     }
 }
 
-type KillerResult = (Vec<ServerProcess>, Option<String>);
+/// Something done to a server process along the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    Kill(KillEvent),
+    Starve(StarveEvent),
+}
 
-async fn kill_and_restart(
+impl ServerEvent {
+    fn at(&self) -> Duration {
+        match self {
+            Self::Kill(kill) => kill.at,
+            Self::Starve(starve) => starve.at,
+        }
+    }
+}
+
+/// The kills and starvations of a run, in order of time. They happen one
+/// at a time: one that comes due while another is under way waits for it.
+pub fn server_events(config: &ChaosConfig) -> Vec<ServerEvent> {
+    let mut events: Vec<ServerEvent> = kill_plan(config)
+        .into_iter()
+        .map(ServerEvent::Kill)
+        .chain(
+            starve_plan(&config.starve, config.seed, config.servers)
+                .into_iter()
+                .map(ServerEvent::Starve),
+        )
+        .collect();
+    events.sort_by_key(ServerEvent::at);
+    events
+}
+
+type KillerResult = (Vec<ServerProcess>, Option<String>);
+/// What happened to the servers, as it happens.
+type Record<T> = Arc<Mutex<Vec<T>>>;
+
+async fn disrupt_servers(
     mut servers: Vec<ServerProcess>,
-    events: Vec<KillEvent>,
+    events: Vec<ServerEvent>,
     started: Instant,
-    kills: Arc<Mutex<Vec<Kill>>>,
+    kills: Record<Kill>,
+    starved: Record<Starved>,
     done: CancellationToken,
 ) -> KillerResult {
     for event in events {
         tokio::select! {
             _ = done.cancelled() => break,
-            _ = tokio::time::sleep_until(started + event.at) => {}
+            _ = tokio::time::sleep_until(started + event.at()) => {}
         }
+        let event = match event {
+            ServerEvent::Kill(kill) => kill,
+            ServerEvent::Starve(event) => {
+                let Some(server) = servers.get(event.server) else {
+                    continue;
+                };
+                eprintln!(
+                    "[{:>5.1}s] starving server {} ({}) for {:.1} s: stopped {:.0}% of each {} ms",
+                    started.elapsed().as_secs_f64(),
+                    event.server,
+                    server.addr(),
+                    event.length().as_secs_f64(),
+                    event.stopped_share() * 100.0,
+                    crate::starve::CYCLE.as_millis()
+                );
+                match starve(server, &event, &done).await {
+                    Ok(record) => {
+                        if let Ok(mut starved) = starved.lock() {
+                            starved.push(record);
+                        }
+                    }
+                    Err(error) => {
+                        return (
+                            servers,
+                            Some(format!("cannot starve server {}: {error}", event.server)),
+                        );
+                    }
+                }
+                continue;
+            }
+        };
         let Some(server) = servers.get_mut(event.server) else {
             continue;
         };
@@ -689,6 +785,7 @@ async fn reference_runs(
             ports: vec![server.addr().port()],
             count: result.spec.count,
             client_id: result.spec.client_id,
+            tls: config.tls.clone(),
             ..ClientConfig::default()
         };
         let clean = tokio::time::timeout(
@@ -770,6 +867,9 @@ fn replay_flags(config: &ChaosConfig) -> String {
             flags.push_str(" --redis");
         }
     }
+    if config.tls.is_some() {
+        flags.push_str(" --tls");
+    }
     let profile_attack = ChaosConfig::profile(&config.profile_name, 0, PathBuf::new())
         .map(|profile| profile.attack.kinds)
         .unwrap_or_default();
@@ -783,9 +883,23 @@ fn replay_flags(config: &ChaosConfig) -> String {
         flags.push_str(&format!(" --client-addresses {addresses}"));
     }
     for arg in &config.server_args {
+        // --tls makes its own certificates again.
+        if config.tls.is_some() && arg.starts_with("--tls-") {
+            continue;
+        }
         flags.push_str(&format!(" --server-arg={arg}"));
     }
     flags
+}
+
+/// `3 (a, b, c)`, or `0`.
+fn counted_list(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.is_empty() {
+        "0".to_owned()
+    } else {
+        format!("{} ({})", items.len(), items.join(", "))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -794,6 +908,7 @@ fn summarize(
     results: &[ClientResult],
     verdicts: &[Verdict],
     kills: &[Kill],
+    starved: &[Starved],
     kill_error: Option<String>,
     reference_lines: &[(bool, String)],
     attack: Option<&(String, AttackReport)>,
@@ -821,28 +936,30 @@ fn summarize(
         humantime::format_duration(config.interval),
         config.concurrency
     ));
-    let kill_text: Vec<String> = kills
-        .iter()
-        .map(|kill| {
-            format!(
-                "{} server {} at {:.1}s",
-                kill.signal.name(),
-                kill.server,
-                kill.from.duration_since(started).as_secs_f64()
-            )
-        })
-        .collect();
+    let kill_text = kills.iter().map(|kill| {
+        format!(
+            "{} server {} at {:.1}s",
+            kill.signal.name(),
+            kill.server,
+            kill.from.duration_since(started).as_secs_f64()
+        )
+    });
+    out.push_str(&format!("server kills: {}\n", counted_list(kill_text)));
+    let starve_text = starved.iter().map(|starved| {
+        format!(
+            "server {} at {:.1}s, stopped {:.1} s of {:.1} s",
+            starved.server,
+            starved.from.duration_since(started).as_secs_f64(),
+            starved.stopped.as_secs_f64(),
+            starved.until.duration_since(starved.from).as_secs_f64()
+        )
+    });
     out.push_str(&format!(
-        "server kills: {}{}\n",
-        kills.len(),
-        if kill_text.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", kill_text.join(", "))
-        }
+        "servers starved (SIGSTOP/SIGCONT): {}\n",
+        counted_list(starve_text)
     ));
     if let Some(error) = &kill_error {
-        out.push_str(&format!("RESTART FAILED: {error}\n"));
+        out.push_str(&format!("SERVER FAULT FAILED: {error}\n"));
     }
     let faults: Vec<String> = FaultKind::ALL
         .iter()
@@ -1180,6 +1297,26 @@ mod tests {
                 .all(|c| config.counts.contains(&c.count))
         );
         assert_eq!(kill_plan(&config).len(), config.kills);
+        assert_eq!(server_events(&config), server_events(&config));
+        let starves = |config: &ChaosConfig| {
+            server_events(config)
+                .iter()
+                .filter(|e| matches!(e, ServerEvent::Starve(_)))
+                .count()
+        };
+        assert_eq!(
+            starves(&config),
+            1,
+            "the short profile starves a server once"
+        );
+        let long = ChaosConfig::profile("long", 5, PathBuf::from("x")).expect("profile");
+        assert_eq!(starves(&long), 8);
+        assert_eq!(server_events(&long).len(), long.kills + 8);
+        assert!(
+            server_events(&long)
+                .windows(2)
+                .all(|w| w[0].at() <= w[1].at())
+        );
         assert!(ChaosConfig::profile("medium", 5, PathBuf::from("x")).is_none());
     }
 }

@@ -1,5 +1,6 @@
 //! Real `numstream-server` processes on loopback ports: started, killed
-//! (SIGKILL, or SIGTERM for a graceful drain) and restarted on the same port.
+//! (SIGKILL, or SIGTERM for a graceful drain), restarted on the same port,
+//! and frozen and thawed (SIGSTOP/SIGCONT) for the starve fault.
 
 use std::fs::{File, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -8,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rustix::process::{Pid, Signal as PosixSignal, kill_process};
 use tokio::time::Instant;
 
 /// How long a fresh server may take to accept connections.
@@ -107,9 +109,7 @@ impl ServerProcess {
             return;
         };
         if signal == Signal::Term {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = kill_process(Pid::from_child(&child), PosixSignal::TERM);
             let deadline = Instant::now() + TERM_GRACE;
             while Instant::now() < deadline {
                 if matches!(child.try_wait(), Ok(Some(_))) {
@@ -120,6 +120,26 @@ impl ServerProcess {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Freezes the process (SIGSTOP): it gets no CPU at all until
+    /// [`ServerProcess::thaw`], while the kernel keeps accepting and
+    /// buffering on its sockets, as for a process whose CPU quota ran out.
+    /// No-op while it is down.
+    pub fn freeze(&self) -> std::io::Result<()> {
+        self.send(PosixSignal::STOP)
+    }
+
+    /// Lets a frozen process run again (SIGCONT); harmless on one that runs.
+    pub fn thaw(&self) -> std::io::Result<()> {
+        self.send(PosixSignal::CONT)
+    }
+
+    fn send(&self, signal: PosixSignal) -> std::io::Result<()> {
+        match &self.child {
+            Some(child) => Ok(kill_process(Pid::from_child(child), signal)?),
+            None => Ok(()),
+        }
     }
 
     /// Starts the process again on the same port.

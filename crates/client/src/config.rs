@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::Backoff;
+use crate::{Backoff, ClientTls};
 
 /// Everything [`crate::run`] needs. Build it with struct update syntax over
 /// [`ClientConfig::default`]; `ports` has no sensible default and must be
@@ -58,6 +58,12 @@ pub struct ClientConfig {
     /// session TTL (30 s by default) while the sessions that fill it
     /// expire, and an honest client must outlast that with room to spare.
     pub open_timeout: Duration,
+    /// TLS settings; `None` (the default) speaks plain TCP.
+    pub tls: Option<ClientTls>,
+    /// Bound on the whole run, whatever the server announces or does:
+    /// past it the run ends with `MaxDuration`. Default `None`: the run
+    /// is bounded by the open timeout, the session TTL and the count.
+    pub max_duration: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -77,6 +83,8 @@ impl Default for ClientConfig {
             local_addr: None,
             handshake_timeout: Duration::from_secs(5),
             open_timeout: Duration::from_secs(60),
+            tls: None,
+            max_duration: None,
         }
     }
 }
@@ -102,6 +110,9 @@ impl ClientConfig {
         }
         if self.open_timeout.is_zero() {
             return Err("open_timeout must be more than zero".to_owned());
+        }
+        if self.max_duration.is_some_and(|limit| limit.is_zero()) {
+            return Err("max_duration must be more than zero".to_owned());
         }
         Ok(())
     }

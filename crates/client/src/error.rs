@@ -77,6 +77,17 @@ pub enum ClientError {
     /// The [`crate::ClientConfig`] cannot run.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+
+    /// TLS could not be established, for a reason no retry changes: the
+    /// server does not speak TLS on that port (or speaks it without
+    /// numstream/1), its certificate is untrusted, expired or for another
+    /// name, or it refused this client's certificate.
+    #[error("secure connection failed: {message}")]
+    Tls { message: String },
+
+    /// The run went on longer than [`crate::ClientConfig::max_duration`].
+    #[error("gave up: the run took longer than its maximum duration of {}", human(*limit))]
+    MaxDuration { limit: Duration },
 }
 
 impl ClientError {
@@ -89,7 +100,10 @@ impl ClientError {
             | Self::SessionExpired { .. }
             | Self::TakenOver { .. }
             | Self::ServerShuttingDown { .. } => crate::EXIT_REJECTED,
-            Self::CannotConnect { .. } | Self::GaveUp { .. } => crate::EXIT_CANNOT_CONNECT,
+            Self::CannotConnect { .. } | Self::GaveUp { .. } | Self::MaxDuration { .. } => {
+                crate::EXIT_CANNOT_CONNECT
+            }
+            Self::Tls { .. } => crate::EXIT_TLS,
             Self::ProtocolViolation(_) => crate::EXIT_PROTOCOL_VIOLATION,
             Self::InvalidConfig(_) => crate::EXIT_USAGE,
         }
@@ -161,6 +175,18 @@ mod tests {
                 4,
             ),
             (ClientError::InvalidConfig("x".into()), 2),
+            (
+                ClientError::Tls {
+                    message: "x".into(),
+                },
+                6,
+            ),
+            (
+                ClientError::MaxDuration {
+                    limit: Duration::from_secs(1),
+                },
+                4,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(error.exit_code(), code, "{error}");

@@ -30,6 +30,8 @@ mod event;
 mod report;
 mod retry;
 mod session;
+mod transport;
+mod untrusted;
 
 pub use backoff::Backoff;
 pub use config::ClientConfig;
@@ -37,6 +39,8 @@ pub use error::ClientError;
 pub use event::{Event, NoopObserver, Observer};
 pub use report::Report;
 pub use session::run;
+pub use transport::{ALPN_NUMSTREAM, ClientStream, ClientTls, TlsOptions, TlsSetupError};
+pub use untrusted::{MAX_TRUSTED_INTERVAL, MAX_TRUSTED_TTL, MIN_TRUSTED_TTL, escape};
 
 /// Process exit code: the sequence was received completely and the
 /// checksums matched.
@@ -56,3 +60,8 @@ pub const EXIT_CANNOT_CONNECT: u8 = 4;
 /// Process exit code: the server broke the protocol (undecodable bytes, a
 /// wrong, duplicate or missing index, a mismatched WELCOME, ...).
 pub const EXIT_PROTOCOL_VIOLATION: u8 = 5;
+/// Process exit code: TLS could not be established and retrying would not
+/// help: no TLS (or no numstream/1) on the server's port, an untrusted,
+/// expired or misnamed server certificate, or our client certificate
+/// refused.
+pub const EXIT_TLS: u8 = 6;

@@ -71,6 +71,10 @@ impl Report {
 
     /// The report as aligned `label  value` lines, one per field, ending
     /// with `result  OK` or `result  FAILED: <reason>` and a newline.
+    ///
+    /// Every value is escaped ([`crate::escape`]): a reason quoting a
+    /// server can neither start a line of its own (forging `result  OK`)
+    /// nor send escape sequences to the terminal.
     pub fn render_human(&self) -> String {
         let server_checksum = self
             .server_checksum
@@ -92,6 +96,7 @@ impl Report {
         ];
         let mut out = String::new();
         for (label, value) in rows {
+            let value = crate::escape(&value);
             out.push_str(&format!("{label:<LABEL_WIDTH$}{value}\n"));
         }
         out
@@ -234,6 +239,32 @@ mod tests {
              reconnects       2\n\
              result           OK\n"
         );
+    }
+
+    #[test]
+    fn a_server_message_cannot_forge_a_line_or_reach_the_terminal() {
+        let forged = report(
+            false,
+            Some(ClientError::Rejected {
+                code: numstream_protocol::ErrorCode::Malformed,
+                message: "no\nresult           OK\u{1b}]0;pwned\u{7}\u{1b}[1A\u{1b}[2K".into(),
+            }),
+        );
+        let text = forged.render_human();
+        assert_eq!(text.lines().count(), 8, "{text}");
+        assert_eq!(
+            text.lines()
+                .filter(|line| line.starts_with("result"))
+                .count(),
+            1
+        );
+        assert!(!text.lines().any(|line| line.ends_with("OK")), "{text}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(text.contains("no\\nresult"), "{text}");
+        assert!(text.contains("\\x1b]0;pwned\\x07"), "{text}");
     }
 
     #[test]

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec, decode_frame};
-use numstream_protocol::{Frame, Progress, SequenceReceiver, client_silence_timeout};
+use numstream_protocol::{ErrorFrame, Frame, Progress, SequenceReceiver, client_silence_timeout};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::Framed;
 
 use crate::error::human;
 use crate::retry::{Decision, Ending, RetryPolicy, Seen, Terms};
+use crate::transport::{self, ClientStream, HandshakeFailure};
+use crate::untrusted::{clamp_interval, clamp_ttl, escape};
 use crate::{ClientConfig, ClientError, Event, Observer, Report};
 
 /// Sending ACK is a courtesy (the server deletes the session sooner); a
@@ -47,9 +49,13 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
         slow_handshakes: 0,
         terms: None,
     };
-    let result = match config.validate() {
-        Ok(()) => driver.drive().await,
-        Err(problem) => Err(ClientError::InvalidConfig(problem)),
+    let result = match (config.validate(), config.max_duration) {
+        (Err(problem), _) => Err(ClientError::InvalidConfig(problem)),
+        (Ok(()), None) => driver.drive().await,
+        // Whatever the server announces or does, the run ends by then.
+        (Ok(()), Some(limit)) => timeout(limit, driver.drive())
+            .await
+            .unwrap_or(Err(ClientError::MaxDuration { limit })),
     };
     if let Err(error) = &result {
         tracing::debug!(%error, "run failed");
@@ -144,7 +150,7 @@ impl Driver<'_> {
         let host = self.config.host.as_str();
         let connect = connect_from(host, port, self.config.local_addr);
         let connect_wait = within_open(self.config.connect_timeout);
-        let stream = match timeout_at(deadline_after(connect_wait), connect).await {
+        let tcp = match timeout_at(deadline_after(connect_wait), connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 return Ending::Lost(format!("cannot connect to {host}:{port}: {error}"));
@@ -157,10 +163,10 @@ impl Driver<'_> {
             }
         };
         // Frames are tiny and latency-sensitive (a NUMBER is 11 bytes).
-        if let Err(error) = stream.set_nodelay(true) {
+        if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let addr = match stream.peer_addr() {
+        let addr = match tcp.peer_addr() {
             Ok(addr) => addr,
             Err(error) => {
                 return Ending::Lost(format!("connection to {host}:{port} lost: {error}"));
@@ -168,6 +174,39 @@ impl Driver<'_> {
         };
         tracing::debug!(%addr, "connected");
         self.observer.event(&Event::Connected { addr });
+
+        let handshake_wait = self
+            .config
+            .handshake_timeout
+            .saturating_mul(1 << self.slow_handshakes.min(MAX_HANDSHAKE_DOUBLINGS));
+        let handshake_wait = within_open(handshake_wait);
+        // The server counts its handshake timeout from accept, TLS
+        // included; so does the client.
+        let deadline = deadline_after(handshake_wait);
+        let stream = match &self.config.tls {
+            None => ClientStream::plain(tcp),
+            Some(tls) => match timeout_at(deadline, transport::handshake(tls, tcp, host)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(HandshakeFailure::Mismatch(why))) => {
+                    return Ending::Fatal(ClientError::Tls {
+                        message: format!("{addr}: {why}"),
+                    });
+                }
+                Ok(Err(HandshakeFailure::PlaintextRetry(error))) => {
+                    return Ending::ServerError(untrusted_error(error));
+                }
+                Ok(Err(HandshakeFailure::Broken(error))) => {
+                    return Ending::Lost(format!("TLS handshake with {addr}: {error}"));
+                }
+                Err(_) => {
+                    self.slow_handshakes = self.slow_handshakes.saturating_add(1);
+                    return Ending::Lost(format!(
+                        "no TLS handshake with {addr} within {}",
+                        human(handshake_wait)
+                    ));
+                }
+            },
+        };
         let mut framed = Framed::new(stream, FrameCodec);
 
         let hello = self.receiver.hello();
@@ -175,14 +214,11 @@ impl Driver<'_> {
             self.opens_sent = self.opens_sent.saturating_add(1);
         }
         let hello_name = hello.name();
-        let handshake_wait = self
-            .config
-            .handshake_timeout
-            .saturating_mul(1 << self.slow_handshakes.min(MAX_HANDSHAKE_DOUBLINGS));
-        let handshake_wait = within_open(handshake_wait);
-        let deadline = deadline_after(handshake_wait);
         match timeout_at(deadline, framed.send(hello)).await {
             Ok(Ok(())) => {}
+            Ok(Err(CodecError::Io(error))) => {
+                return lost_or_mismatch(error, format!("sending {hello_name} to {addr}"));
+            }
             Ok(Err(error)) => {
                 return Ending::Lost(format!("sending {hello_name} to {addr}: {error}"));
             }
@@ -201,9 +237,11 @@ impl Driver<'_> {
         };
         let terms = match self.receiver.accept(frame) {
             Ok(Progress::Welcomed(welcome)) => {
+                // Believed only within sane bounds: they decide how long
+                // this client waits and retries.
                 let terms = Terms {
-                    interval: Duration::from_micros(u64::from(welcome.interval_us)),
-                    ttl: Duration::from_millis(u64::from(welcome.session_ttl_ms)),
+                    interval: clamp_interval(Duration::from_micros(u64::from(welcome.interval_us))),
+                    ttl: clamp_ttl(Duration::from_millis(u64::from(welcome.session_ttl_ms))),
                 };
                 self.welcomes = self.welcomes.saturating_add(1);
                 self.slow_handshakes = 0;
@@ -222,7 +260,7 @@ impl Driver<'_> {
                 });
                 terms
             }
-            Ok(Progress::ServerError(error)) => return Ending::ServerError(error),
+            Ok(Progress::ServerError(error)) => return Ending::ServerError(untrusted_error(error)),
             Ok(other) => {
                 // The receiver only accepts WELCOME or ERROR here; kept as
                 // a violation rather than a panic in case that ever changes.
@@ -300,7 +338,9 @@ impl Driver<'_> {
                     self.observer.event(&Event::Completed);
                     return Ending::Completed(outcome);
                 }
-                Ok(Progress::ServerError(error)) => return Ending::ServerError(error),
+                Ok(Progress::ServerError(error)) => {
+                    return Ending::ServerError(untrusted_error(error));
+                }
                 Ok(Progress::Welcomed(_)) => {
                     return Ending::Fatal(ClientError::ProtocolViolation(
                         "a second WELCOME on one connection".to_owned(),
@@ -345,7 +385,7 @@ async fn connect_from(host: &str, port: u16, local: Option<IpAddr>) -> std::io::
 
 /// Sends ACK and closes, best effort: the sequence is already complete, so
 /// a failure here changes nothing for the client.
-async fn send_ack(mut framed: Framed<TcpStream, FrameCodec>, ack: Frame, addr: SocketAddr) {
+async fn send_ack(mut framed: Framed<ClientStream, FrameCodec>, ack: Frame, addr: SocketAddr) {
     match timeout(ACK_TIMEOUT, async {
         framed.send(ack).await?;
         SinkExt::<Frame>::close(&mut framed).await
@@ -356,6 +396,25 @@ async fn send_ack(mut framed: Framed<TcpStream, FrameCodec>, ack: Frame, addr: S
         Ok(Err(error)) => tracing::debug!(%addr, %error, "could not send ACK"),
         Err(_) => tracing::debug!(%addr, "sending ACK timed out"),
     }
+}
+
+/// A broken connection (retry), or a TLS verdict that no retry changes: in
+/// TLS 1.3 a server refuses a client certificate only after the
+/// handshake, with an alert the first read or write meets.
+fn lost_or_mismatch(error: std::io::Error, doing: String) -> Ending {
+    match transport::tls_mismatch(&error, None) {
+        Some(why) => Ending::Fatal(ClientError::Tls {
+            message: format!("{doing}: {why}"),
+        }),
+        None => Ending::Lost(format!("{doing}: {error}")),
+    }
+}
+
+/// A server's ERROR with its message made harmless for terminals and log
+/// lines, before anything else sees it.
+fn untrusted_error(mut error: ErrorFrame) -> ErrorFrame {
+    error.message = escape(&error.message);
+    error
 }
 
 /// `now + wait`, saturating (see [`deadline_from`]).
@@ -388,15 +447,16 @@ fn undecodable(error: DecodeError, addr: SocketAddr) -> Ending {
 
 /// Reads the next frame, or says why there is none by `deadline`.
 async fn read_before(
-    framed: &mut Framed<TcpStream, FrameCodec>,
+    framed: &mut Framed<ClientStream, FrameCodec>,
     deadline: Instant,
     addr: SocketAddr,
 ) -> Result<Frame, ReadError> {
     match timeout_at(deadline, framed.next()).await {
         Ok(Some(Ok(frame))) => Ok(frame),
-        Ok(Some(Err(CodecError::Io(error)))) => Err(ReadError::Ended(Ending::Lost(format!(
-            "reading from {addr}: {error}"
-        )))),
+        Ok(Some(Err(CodecError::Io(error)))) => Err(ReadError::Ended(lost_or_mismatch(
+            error,
+            format!("reading from {addr}"),
+        ))),
         Ok(Some(Err(CodecError::Decode(error)))) => Err(ReadError::Ended(undecodable(error, addr))),
         Ok(None) => Err(ReadError::Ended(Ending::Lost(format!(
             "{addr} closed the connection"

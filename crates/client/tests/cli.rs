@@ -157,7 +157,7 @@ fn output_within(args: &[&std::ffi::OsStr], limit: std::time::Duration) -> Outpu
 fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
     const U64_MAX: &str = "18446744073709551615";
     let long_host = "a".repeat(300);
-    let ranges: [(&str, &str, Vec<&str>); 6] = [
+    let ranges: [(&str, &str, Vec<&str>); 8] = [
         (
             "--port",
             "must be between 1 and 65535",
@@ -226,6 +226,27 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
             "[possible values: man, bash",
             vec!["", "tcsh", "-1", U64_MAX],
         ),
+        (
+            "--max-duration",
+            "must be a duration between 1s and 100000h",
+            vec![
+                "0s",
+                "999ms",
+                "100001h",
+                "-1s",
+                "18446744073709551615s",
+                U64_MAX,
+                "",
+                "forever",
+            ],
+        ),
+        (
+            // Checked with --tls (added below): a name no certificate can
+            // carry is refused before any connection.
+            "--tls-server-name",
+            "is not a valid TLS server name",
+            vec!["", " ", "a b", "-1", "\u{7f}"],
+        ),
     ];
     // Flags that take no value: a value is refused (there is no range to
     // name, but it must still be a usage error, not a crash).
@@ -233,6 +254,7 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
         ("--json=yes", "unexpected value"),
         ("--quiet=1", "unexpected value"),
         ("--verbose=", "unexpected value"),
+        ("--tls=1", "unexpected value"),
         ("--no-such-flag", "unexpected argument"),
     ];
 
@@ -254,8 +276,56 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
             if *flag != "--open-timeout" {
                 args.extend(["--open-timeout".to_owned(), "1s".to_owned()]);
             }
+            if flag.starts_with("--tls") {
+                args.push("--tls".to_owned());
+            }
             cases.push((args, expected));
         }
+    }
+    // The TLS files: read before any connection, so a missing or unusable
+    // one is a usage error naming it; and the flags that need --tls or
+    // each other.
+    let not_pem = std::env::temp_dir().join(format!("numstream-not-pem-{}", std::process::id()));
+    std::fs::write(&not_pem, "not a certificate").expect("write a temp file");
+    let not_pem = not_pem.to_str().expect("utf-8 temp path").to_owned();
+    for (flags, expected) in [
+        (
+            vec!["--tls", "--tls-ca", "/nonexistent/ca.pem"],
+            "cannot read /nonexistent/ca.pem",
+        ),
+        (
+            vec!["--tls", "--tls-ca", &not_pem],
+            "holds no PEM certificate",
+        ),
+        (
+            vec![
+                "--tls",
+                "--tls-client-cert",
+                &not_pem,
+                "--tls-client-key",
+                &not_pem,
+            ],
+            "holds no PEM certificate",
+        ),
+        (vec!["--tls-ca", &not_pem], "--tls"),
+        (vec!["--tls-server-name", "localhost"], "--tls"),
+        (
+            vec!["--tls", "--tls-client-cert", &not_pem],
+            "--tls-client-key",
+        ),
+        (
+            vec!["--tls", "--tls-client-key", &not_pem],
+            "--tls-client-cert",
+        ),
+    ] {
+        let mut args: Vec<String> = flags.iter().map(|flag| (*flag).to_owned()).collect();
+        args.extend([
+            "--port".to_owned(),
+            port.clone(),
+            "--open-timeout".to_owned(),
+            "1s".to_owned(),
+        ]);
+        cases.push((args, expected));
     }
     for (switch, expected) in switches {
         let args = [switch, "--port", &port, "--open-timeout", "1s"];
@@ -278,6 +348,7 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
             "--count",
             "--client-id",
             "--open-timeout",
+            "--max-duration",
         ] {
             let out = output_within(&[std::ffi::OsStr::new(flag), garbage], limit);
             assert_usage_error(&out, &[flag.to_owned()], "invalid UTF-8");
@@ -355,4 +426,95 @@ async fn a_server_busy_past_the_open_timeout_exits_4_after_logging_each_retry() 
         .count();
     assert_eq!(retries + 1, attempts, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A hostile server's ERROR message holds a newline, a forged `result OK`
+/// row and terminal escapes: the summary (stdout) and the log lines
+/// (stderr, with --verbose) show them escaped, on the lines they belong
+/// to, and nothing reaches the terminal raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_servers_message_cannot_forge_the_summary_or_reach_the_terminal() {
+    use numstream_protocol::{Disposition, ErrorCode, ErrorFrame};
+    const FORGED: &str =
+        "bye\nresult           OK\n\u{1b}]0;owned\u{7}\u{1b}[1A\u{1b}[2K\r\u{85}\u{202e}";
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        // First a retryable refusal (logged with --verbose), then a final one.
+        for disposition in [Disposition::Retry, Disposition::Final] {
+            let mut conn = accept(&listener).await;
+            recv(&mut conn).await;
+            let error =
+                ErrorFrame::new(ErrorCode::SessionUnknown, FORGED).with_disposition(disposition);
+            send(&mut conn, Frame::Error(error)).await;
+            closed_by_client(&mut conn).await;
+        }
+    });
+    let args = ["--port", &port.to_string(), "--count", "3", "--verbose"]
+        .map(str::to_owned)
+        .to_vec();
+    let out = output_async(args).await;
+    join(server).await;
+
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).expect("UTF-8 stdout");
+    let stderr = stderr(&out);
+    // The summary's own result line only; none in the logs.
+    for (stream, text, result_lines) in [("stdout", &stdout, 1), ("stderr", &stderr, 0)] {
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "a raw control character on {stream}: {text:?}"
+        );
+        assert!(!text.contains('\u{202e}'), "{stream}: {text:?}");
+        let results = text
+            .lines()
+            .filter(|line| line.trim_start().starts_with("result"))
+            .count();
+        assert_eq!(results, result_lines, "{stream} has a forged line: {text}");
+    }
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    assert!(stderr.contains("bye\\nresult"), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 8, "{stdout}");
+    assert!(lines[7].starts_with("result           FAILED:"), "{stdout}");
+    assert!(
+        lines[7].contains("bye\\nresult           OK\\n\\x1b]0;owned\\x07"),
+        "{stdout}"
+    );
+}
+
+/// A server that announces a TTL of 49.7 days and then drops the session
+/// cannot hold the client past --max-duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_ends_a_run_whatever_the_server_announced() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome_with(5, 0, 0, u32::MAX)).await;
+        send(&mut conn, number(5, 0)).await;
+        // Dropping the listener too: every resume is refused from now on.
+    });
+    let args = [
+        "--port".to_owned(),
+        port.to_string(),
+        "--count".to_owned(),
+        "5".to_owned(),
+        "--max-duration".to_owned(),
+        "2s".to_owned(),
+        "--quiet".to_owned(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let os_args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        output_within(&os_args, std::time::Duration::from_secs(60))
+    })
+    .await
+    .expect("client process");
+    join(server).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
+    assert!(stdout.contains("received         1"), "{stdout}");
+    assert!(
+        stdout.contains("FAILED: gave up: the run took longer than its maximum duration of 2s"),
+        "{stdout}"
+    );
 }

@@ -857,3 +857,61 @@ async fn absurd_timeouts_do_not_panic() {
     join(server).await;
     assert!(report.ok, "{}", report.render_human());
 }
+
+/// WELCOME announces a TTL of 2^32-1 ms (49.7 days) and the server then
+/// disappears: the client believes at most an hour of it, and gives up
+/// resuming after that hour (virtual time).
+#[tokio::test(start_paused = true)]
+async fn a_huge_ttl_in_welcome_is_clamped_to_an_hour() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome_with(5, 0, 0, u32::MAX)).await;
+        send_numbers(&mut conn, 5, 0..2).await;
+        // The listener goes with the script: every resume is refused.
+    });
+    let started = tokio::time::Instant::now();
+    let (report, _) = run_client_within(config(vec![port], 5), Duration::from_secs(3 * 3600)).await;
+    join_within(server, Duration::from_secs(3 * 3600)).await;
+    match &report.error {
+        Some(ClientError::GaveUp { ttl, away, .. }) => {
+            assert_eq!(*ttl, numstream_client::MAX_TRUSTED_TTL);
+            assert!(*away >= *ttl, "{away:?}");
+        }
+        other => panic!("expected GaveUp, got {other:?}"),
+    }
+    assert_eq!(report.received, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(2 * 3600),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A server that welcomes with an interval of 2^32-1 µs (71 minutes) and
+/// the largest TTL, then sends nothing: whatever the client makes of the
+/// silence and however long it would retry, max_duration ends the run
+/// (virtual time).
+#[tokio::test(start_paused = true)]
+async fn max_duration_ends_a_run_against_a_server_that_stalls() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut conn = accept(&listener).await;
+        recv(&mut conn).await;
+        send(&mut conn, welcome_with(5, 0, u32::MAX, u32::MAX)).await;
+        // Never a number; the connection stays open.
+        closed_by_client(&mut conn).await;
+    });
+    let limit = Duration::from_secs(600);
+    let config = ClientConfig {
+        max_duration: Some(limit),
+        ..config(vec![port], 5)
+    };
+    let started = tokio::time::Instant::now();
+    let (report, _) = run_client_within(config, Duration::from_secs(3 * 3600)).await;
+    assert_eq!(report.error, Some(ClientError::MaxDuration { limit }));
+    assert_eq!(report.exit_code(), numstream_client::EXIT_CANNOT_CONNECT);
+    assert!(started.elapsed() >= limit);
+    join_within(server, Duration::from_secs(3 * 3600)).await;
+}

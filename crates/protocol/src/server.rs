@@ -1001,14 +1001,13 @@ impl ServerSession {
                 };
                 (vec![Send(error), ReleaseClaim, Linger], true)
             }
-            EndReason::LeaseUnconfirmed(why) => {
+            EndReason::LeaseUnconfirmed(_) => {
+                // Why the store failed is for the operator's log: the
+                // peer is not authenticated.
                 let ttl = humantime::format_duration(self.config.session_ttl);
                 let error = ErrorFrame::new(
                     ErrorCode::StoreUnavailable,
-                    format!(
-                        "the session store stopped answering ({why}); resume within {ttl} \
-                         to continue"
-                    ),
+                    format!("store unavailable; resume within {ttl} to continue"),
                 );
                 // The client first: it can resume elsewhere while the
                 // detach waits for the store.
@@ -1103,13 +1102,12 @@ pub fn store_error(failure: &StoreFailure, session_ttl: Duration) -> ErrorFrame 
             ErrorCode::ServerBusy,
             format!("the session store is full ({max} sessions); try again later"),
         ),
-        StoreFailure::Unavailable(reason) => ErrorFrame::new(
-            ErrorCode::StoreUnavailable,
-            format!("the session store is unavailable ({reason}); try again"),
-        ),
-        StoreFailure::Corrupt(_) => {
-            ErrorFrame::new(ErrorCode::Internal, "the session record is unreadable")
+        // The detail (the store's own words, addresses, script names) is
+        // for the operator's log, not for unauthenticated peers.
+        StoreFailure::Unavailable(_) => {
+            ErrorFrame::new(ErrorCode::StoreUnavailable, "store unavailable")
         }
+        StoreFailure::Corrupt(_) => ErrorFrame::new(ErrorCode::Internal, "internal"),
     }
 }
 
@@ -1686,12 +1684,12 @@ mod tests {
                 Disposition::Retry,
             ),
             (
-                StoreFailure::Unavailable("down".into()),
+                StoreFailure::Unavailable("redis at 10.1.2.3:6379 refused".into()),
                 ErrorCode::StoreUnavailable,
                 Disposition::Retry,
             ),
             (
-                StoreFailure::Corrupt("x".into()),
+                StoreFailure::Corrupt("field seed of ns:s:1 is not hex".into()),
                 ErrorCode::Internal,
                 Disposition::Retry,
             ),
@@ -1710,6 +1708,15 @@ mod tests {
                 (code, disposition),
                 "{failure:?}"
             );
+            // The store's own words stay in the operator's log.
+            if let StoreFailure::Unavailable(detail) | StoreFailure::Corrupt(detail) = &failure {
+                assert!(
+                    !error.message.contains(detail.as_str()),
+                    "{}",
+                    error.message
+                );
+                assert!(!error.message.contains("ns:s:") && !error.message.contains("10.1.2.3"));
+            }
         }
         let t0 = Instant::now();
         let mut session = ServerSession::new(config(Duration::ZERO), t0);

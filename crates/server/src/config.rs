@@ -1,10 +1,12 @@
 //! Server tuning knobs and their defaults, independent of how they are set
 //! (CLI flags in the binary, struct literals in tests and benchmarks).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::overload::OverloadLimits;
 use crate::peers::PeerLimits;
+use crate::tls::ServerTls;
 
 /// Send buffer asked for in burst mode (the kernel doubles it for its own
 /// bookkeeping). Enough to keep a reading client's pipe full on a fast
@@ -56,6 +58,9 @@ pub struct ServerConfig {
     /// Scheduling lag and store latency past which new sessions are
     /// refused (see `overload`).
     pub overload: OverloadLimits,
+    /// TLS on the client port (`--tls-cert`, `--tls-key`): every
+    /// connection must then speak TLS. `None` is plain TCP.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl ServerConfig {
@@ -97,6 +102,7 @@ impl Default for ServerConfig {
             burst_send_buffer: Some(DEFAULT_BURST_SEND_BUFFER),
             log_digest_every: Duration::from_secs(60),
             overload: OverloadLimits::default(),
+            tls: None,
         }
     }
 }

@@ -14,7 +14,6 @@ use bytes::{Buf, BytesMut};
 use futures::FutureExt;
 use futures::future::{BoxFuture, OptionFuture};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -77,6 +76,9 @@ pub(crate) struct Admission {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _open: GaugeGuard,
     ticket: PeerTicket,
+    /// When the hello must be in: the handshake timeout counts from
+    /// accept, so a TLS handshake before it spends the same allowance.
+    pub(crate) handshake_deadline: Instant,
 }
 
 impl Admission {
@@ -84,11 +86,13 @@ impl Admission {
         permit: tokio::sync::OwnedSemaphorePermit,
         open: GaugeGuard,
         ticket: PeerTicket,
+        handshake_deadline: Instant,
     ) -> Self {
         Self {
             _permit: permit,
             _open: open,
             ticket,
+            handshake_deadline,
         }
     }
 }
@@ -120,26 +124,23 @@ pub(crate) fn session_config(config: &ServerConfig, store_shared: bool) -> Sessi
     }
 }
 
-/// Serves one accepted connection to the end.
+/// Serves one accepted connection to the end, over any byte stream (plain
+/// TCP, or TLS once `tls` has done its handshake; socket options are set
+/// in the accept loop).
 ///
 /// Not an `async fn`: the connection is built here, so the returned future
 /// captures it once. An async fn's arguments, and anything they are moved
 /// into, would each keep their own slot for the task's whole life, and
 /// this future is what every connection costs in memory.
-pub(crate) fn serve(
-    stream: TcpStream,
+pub(crate) fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     admission: Admission,
-) -> impl Future<Output = ()> + Send {
-    let options = shared.socket_options;
-    let inherited = shared.socket_options_inherited
-        && crate::socket::has_inherited(socket2::SockRef::from(&stream), options);
-    if !inherited
-        && let Err(error) = crate::socket::configure(socket2::SockRef::from(&stream), options)
-    {
-        debug!(%peer, %error, "could not set socket options");
-    }
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
     let mut connection = Connection::new(stream, shared, admission);
     let span = info_span!(
         "conn",
@@ -174,7 +175,13 @@ struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn new(stream: S, shared: Arc<Shared>, admission: Admission) -> Self {
-        let session = ServerSession::new(shared.session_config.clone(), now());
+        // The session counts its handshake timeout from accept, as the
+        // admission does: a TLS handshake already spent part of it.
+        let accepted = admission
+            .handshake_deadline
+            .checked_sub(shared.config.handshake_timeout)
+            .unwrap_or_else(Instant::now);
+        let session = ServerSession::new(shared.session_config.clone(), accepted.into_std());
         Self {
             stream,
             session,
@@ -445,9 +452,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
+    /// The detail of a store failure (Redis's own words, addresses,
+    /// script names) is for the operator's log, not for unauthenticated
+    /// peers: the session machine answers them generically.
     fn store_refusal(&self, error: StoreError) -> AttachFailure {
-        if let StoreError::Corrupt(reason) = &error {
-            warn!(%reason, "corrupt session record");
+        match &error {
+            StoreError::Unavailable(reason) => warn!(%reason, "session store unavailable"),
+            StoreError::Corrupt(reason) => warn!(%reason, "corrupt session record"),
+            _ => {}
         }
         AttachFailure::Store(error.into())
     }
@@ -466,7 +478,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         match self.stream.write(&self.out).now_or_never() {
             Some(Ok(written)) if written == self.out.len() => {
                 self.out.clear();
-                return Ok(());
+                // TLS holds written records until flushed; plain TCP's
+                // flush is ready at once.
+                match self.stream.flush().now_or_never() {
+                    Some(Ok(())) => return Ok(()),
+                    Some(Err(error)) => {
+                        return Err(Interrupted::Failed(format!("write failed: {error}")));
+                    }
+                    None => {}
+                }
             }
             Some(Ok(written)) => self.out.advance(written),
             Some(Err(error)) => return Err(Interrupted::Failed(format!("write failed: {error}"))),
@@ -484,7 +504,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         tokio::select! {
             biased;
             () = stop.cancelled() => Err(Interrupted::Stopped),
-            written = timeout(write_timeout, self.stream.write_all_buf(&mut self.out)) => match written {
+            written = timeout(write_timeout, write_out(&mut self.stream, &mut self.out)) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(Interrupted::Failed(format!("write failed: {error}"))),
                 Err(_elapsed) => Err(Interrupted::Failed(format!(
@@ -549,7 +569,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     encode_frame(&Frame::Error(error), &mut self.out);
                     let _ = timeout(
                         REJECT_WRITE_TIMEOUT,
-                        self.stream.write_all_buf(&mut self.out),
+                        write_out(&mut self.stream, &mut self.out),
                     )
                     .await;
                 }
@@ -656,6 +676,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     }
 }
 
+/// Writes all of `out` and flushes it (TLS holds written records until
+/// flushed). Cancel-safe: bytes already written are removed from `out`.
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
+    stream.write_all_buf(out).await?;
+    stream.flush().await
+}
+
 /// Why a write did not finish.
 enum Interrupted {
     /// The connection must stop (takeover or shutdown).
@@ -721,7 +751,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|error| {
         warn!(%error, "the OS random number generator failed");
-        ErrorFrame::new(ErrorCode::Internal, "could not generate randomness")
+        ErrorFrame::new(ErrorCode::Internal, "internal")
     })?;
     Ok(bytes)
 }
@@ -729,6 +759,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     /// Largest acceptable connection task future, in bytes. Every
     /// connection's task is this future, held for the whole session, so
@@ -774,6 +805,7 @@ mod tests {
                 .peers
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
+            Instant::now() + shared.config.handshake_timeout,
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);

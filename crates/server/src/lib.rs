@@ -50,9 +50,11 @@ mod renewals;
 mod server;
 mod socket;
 mod status;
+pub mod store_url;
 pub mod telemetry;
 #[cfg(test)]
 mod test_store;
+mod tls;
 
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
 pub use instrumented::InstrumentedStore;
@@ -66,3 +68,4 @@ pub use status::{
     STATUS_CONNECTIONS_PER_ADDRESS, Status, prometheus_recorder, serve_status,
 };
 pub use telemetry::Telemetry;
+pub use tls::{ALPN_NUMSTREAM, ServerTls, TlsError, TlsFiles};

@@ -4,6 +4,7 @@
 //! and turns SIGINT/SIGTERM into a graceful drain.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use numstream_cli_support::values::{duration_in, integer_in};
+use numstream_server::store_url::{self, STORE_ENV, StoreUrl};
 use numstream_server::{
-    InstrumentedStore, IsolatedStore, OverloadLimits, PeerLimits, ServerConfig, SessionRate,
-    Status, Telemetry,
+    InstrumentedStore, IsolatedStore, OverloadLimits, PeerLimits, ServerConfig, ServerTls,
+    SessionRate, Status, Telemetry, TlsFiles,
 };
 use numstream_store::{InMemoryStore, SessionStore};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
@@ -36,6 +38,8 @@ Examples:
   numstream-server --port 7000 --interval 50ms --session-ttl 10s
   numstream-server --port 7000 --seed 42   # reproducible sequences for tests
   numstream-server --port 7001 --store redis://127.0.0.1:6379/0   # sessions shared by every instance on this Redis
+  NUMSTREAM_STORE=rediss://:PASSWORD@redis.internal:6380/0 numstream-server --port 7001   # password kept out of argv
+  numstream-server --port 7000 --tls-cert server.pem --tls-key server.key   # TLS; SIGHUP reloads both
   numstream-server --port 7000 --metrics-addr 127.0.0.1:9100 --log-format json
 
 Status endpoint (with --metrics-addr): GET /metrics (Prometheus text), /healthz
@@ -217,19 +221,58 @@ struct Args {
     shutdown_grace: Duration,
 
     /// Where sessions live: memory, redis://[USER:PASSWORD@]HOST:PORT/DB,
-    /// or redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]
+    /// rediss://... (over TLS) or redis-cluster://HOST:PORT[,HOST:PORT…]
+    /// [default: $NUMSTREAM_STORE, else memory]
     ///
     /// memory keeps them in this process (they end with it). A Redis URL
     /// shares them with every instance pointed at the same Redis, so
     /// clients resume on any of them and a draining server sends them
     /// there. A redis-cluster URL lists seed nodes of a Redis Cluster (7
     /// or later); sessions spread over its masters. If Redis is down the
-    /// server starts anyway and answers store_unavailable until it is back.
+    /// server starts anyway and answers store_unavailable until it is
+    /// back. A URL with a password is seen
+    /// by every local user in the command line: give it in
+    /// NUMSTREAM_STORE or --store-file instead. rediss:// verifies the
+    /// Redis server against the system's trusted roots (SSL_CERT_FILE
+    /// names another bundle).
     ///
     /// Example: --store redis://127.0.0.1:6379/0
     /// Example: --store redis-cluster://10.0.0.1:7000,10.0.0.2:7000
-    #[arg(long, value_name = "URL", default_value = "memory", value_parser = parse_store)]
-    store: StoreUrl,
+    #[arg(long, value_name = "URL", value_parser = secret_text, conflicts_with = "store_file")]
+    store: Option<SecretText>,
+
+    /// Read the --store URL from this file (one line), keeping a password
+    /// out of the command line [default: none]
+    ///
+    /// Example: --store-file /run/secrets/numstream-store
+    #[arg(long, value_name = "PATH")]
+    store_file: Option<PathBuf>,
+
+    /// Serve clients over TLS with this PEM certificate chain (own
+    /// certificate first) [default: plain TCP]
+    ///
+    /// Requires --tls-key. Every client must then use TLS (ALPN
+    /// numstream/1, TLS 1.3); a plaintext client is told so and fails at
+    /// once. SIGHUP reloads the certificate, key and client CA from their
+    /// files without dropping a connection.
+    ///
+    /// Example: --tls-cert /etc/numstream/server.pem
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1) [default:
+    /// none]
+    ///
+    /// Example: --tls-key /etc/numstream/server.key
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require client certificates chaining to these PEM CA certificates
+    /// (mutual TLS) [default: no client certificates]
+    ///
+    /// Example: --tls-client-ca /etc/numstream/clients-ca.pem
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 
     /// Prefix of every Redis key and of the takeover channel
     ///
@@ -293,39 +336,20 @@ enum LogFormat {
     Json,
 }
 
-/// Where sessions live, as given by `--store`.
-#[derive(Debug, Clone)]
-enum StoreUrl {
-    Memory,
-    Redis(String),
-}
+/// A flag's value that may hold a secret: taken by clap as it is (a value
+/// parser that cannot fail, so clap never quotes it in an error), parsed by
+/// our own code afterwards, and never shown by `Debug`.
+#[derive(Clone)]
+struct SecretText(String);
 
-impl StoreUrl {
-    /// The `store` metrics label, as `SessionStore::kind` will say.
-    fn kind(&self) -> &'static str {
-        match self {
-            StoreUrl::Memory => "memory",
-            StoreUrl::Redis(_) => "redis",
-        }
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(<redacted>)")
     }
 }
 
-fn parse_store(text: &str) -> Result<StoreUrl, String> {
-    const EXPECTED: &str =
-        "expected `memory`, `redis://HOST:PORT/DB` or `redis-cluster://HOST:PORT[,HOST:PORT…]`";
-    if text == "memory" {
-        return Ok(StoreUrl::Memory);
-    }
-    if !text.starts_with("redis://") && !text.starts_with("redis-cluster://") {
-        return Err(EXPECTED.to_owned());
-    }
-    // Parsing does no I/O; the URL itself never goes into messages, as it
-    // may carry a password.
-    RedisStore::connect_lazy(text, RedisStoreConfig::default()).map_err(|error| match error {
-        numstream_store::StoreError::Unavailable(why) => format!("{why} ({EXPECTED})"),
-        other => format!("{other} ({EXPECTED})"),
-    })?;
-    Ok(StoreUrl::Redis(text.to_owned()))
+fn secret_text(text: &str) -> Result<SecretText, std::convert::Infallible> {
+    Ok(SecretText(text.to_owned()))
 }
 
 fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
@@ -396,7 +420,38 @@ async fn main() -> anyhow::Result<()> {
     let matches = numstream_cli_support::with_generate(Args::command()).get_matches();
     numstream_cli_support::generate_if_asked(&matches, Args::command());
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // Our own parse, after clap's: its errors never repeat the URL.
+    let store_url = store_url::resolve(
+        args.store.as_ref().map(|text| text.0.as_str()),
+        args.store_file.as_deref(),
+        std::env::var_os(STORE_ENV),
+    )
+    .unwrap_or_else(|error| {
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, error)
+            .exit()
+    });
     init_logging(args.log_format);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            ServerTls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })
+            .unwrap_or_else(|error| {
+                Args::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!(
+                            "cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): {error}"
+                        ),
+                    )
+                    .exit()
+            }),
+        )),
+        _ => None,
+    };
 
     let max_sessions = usize::try_from(args.max_sessions).unwrap_or(usize::MAX);
     let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
@@ -410,11 +465,13 @@ async fn main() -> anyhow::Result<()> {
         overload: OverloadLimits {
             scheduling_lag: (!args.overload_lag.is_zero()).then_some(args.overload_lag),
             store_latency: (!args.overload_store.is_zero()).then_some(args.overload_store),
+            ..OverloadLimits::default()
         },
         max_connections,
         handshake_timeout: args.handshake_timeout,
         ack_timeout: args.ack_timeout,
         shutdown_grace: args.shutdown_grace,
+        tls: tls.clone(),
         ..ServerConfig::default()
     };
 
@@ -429,7 +486,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // Created first: the metrics count its sessions at every scrape.
     let memory =
-        matches!(args.store, StoreUrl::Memory).then(|| Arc::new(InMemoryStore::new(max_sessions)));
+        matches!(store_url, StoreUrl::Memory).then(|| Arc::new(InMemoryStore::new(max_sessions)));
     let (telemetry, metrics) = match status_listener {
         Some(_) => {
             let recorder = numstream_server::prometheus_recorder();
@@ -437,7 +494,7 @@ async fn main() -> anyhow::Result<()> {
             let session_count = memory.clone().map(|memory| {
                 Box::new(move || memory.len()) as numstream_server::telemetry::SessionCounter
             });
-            let telemetry = Telemetry::new(&recorder, args.store.kind(), session_count);
+            let telemetry = Telemetry::new(&recorder, store_url.kind(), session_count);
             // Also the process-wide recorder, for any library that reports
             // through the `metrics` macros.
             let _ = metrics::set_global_recorder(recorder);
@@ -446,7 +503,7 @@ async fn main() -> anyhow::Result<()> {
         None => (Telemetry::disabled(), None),
     };
 
-    let store: Arc<dyn SessionStore> = match (&args.store, memory) {
+    let store: Arc<dyn SessionStore> = match (&store_url, memory) {
         (StoreUrl::Memory, Some(memory)) => {
             // Frees memory of sessions whose TTL passed; expiry itself is
             // decided on access, so the period only bounds how long dead
@@ -459,7 +516,9 @@ async fn main() -> anyhow::Result<()> {
             );
             memory
         }
-        (StoreUrl::Redis(url), _) => redis_store(url, &args.redis_prefix, max_sessions).await?,
+        (StoreUrl::Redis(_), _) => {
+            redis_store(&store_url, &args.redis_prefix, max_sessions).await?
+        }
         (StoreUrl::Memory, None) => unreachable!("the in-memory store was created above"),
     };
     let store = InstrumentedStore::wrap(store, &telemetry);
@@ -479,7 +538,7 @@ async fn main() -> anyhow::Result<()> {
             )
         }
     })?;
-    if args.reuse_port && matches!(args.store, StoreUrl::Memory) {
+    if args.reuse_port && matches!(store_url, StoreUrl::Memory) {
         tracing::warn!(
             "--reuse-port with the in-memory store: a client that reconnects may reach \
              another process, which does not know its session; share a --store redis://... \
@@ -506,8 +565,13 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    if let Some(tls) = tls {
+        tokio::spawn(reload_on_hangup(tls));
+    }
     tracing::info!(
-        store = store.kind(),
+        store = %store_url,
+        tls = config.tls.is_some(),
+        mutual_tls = args.tls_client_ca.is_some(),
         interval = %humantime::format_duration(config.interval),
         session_ttl = %humantime::format_duration(config.session_ttl),
         max_sessions,
@@ -560,7 +624,7 @@ fn init_logging(format: LogFormat) {
 /// is down serves `store_unavailable` (retryable) until Redis answers, then
 /// recovers by itself, as it does after any later outage.
 async fn redis_store(
-    url: &str,
+    url: &StoreUrl,
     prefix: &str,
     max_sessions: usize,
 ) -> anyhow::Result<Arc<dyn SessionStore>> {
@@ -569,7 +633,8 @@ async fn redis_store(
         max_sessions,
         ..RedisStoreConfig::default()
     };
-    let redis = RedisStore::connect_lazy(url, config).context("invalid --store URL")?;
+    let redis = RedisStore::connect_lazy(url.expose(), config)
+        .map_err(|error| anyhow::anyhow!("cannot use the store {url}: {error}"))?;
     // All Redis I/O on a thread of its own, made before the first
     // operation so that the connection is made there (see IsolatedStore).
     let redis = IsolatedStore::wrap(Arc::new(redis)).context("cannot start the store's thread")?;
@@ -581,6 +646,35 @@ async fn redis_store(
         ),
     }
     Ok(redis)
+}
+
+/// On every SIGHUP, reads the TLS certificate, key and client CA again;
+/// new handshakes use them, established connections keep streaming. A
+/// failed reload keeps the previous certificate in force.
+async fn reload_on_hangup(tls: Arc<ServerTls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGHUP; the TLS certificate is not reloadable");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            let cert = tls.files().cert.display().to_string();
+            match tls.reload() {
+                Ok(()) => tracing::info!(%cert, "SIGHUP: TLS certificate and key reloaded"),
+                Err(error) => tracing::error!(
+                    %error,
+                    "SIGHUP: TLS reload failed; still serving the previous certificate"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

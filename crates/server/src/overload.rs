@@ -76,6 +76,14 @@ pub struct OverloadLimits {
     /// Smoothed store round trip past which a share of new sessions is
     /// refused.
     pub store_latency: Option<Duration>,
+    /// The stream limit is never cut below this many streams
+    /// ([`StreamLimit::FLOOR`] by default: lag with fewer streams is not
+    /// caused by streaming). Not a flag: no operator has a reason to move
+    /// it. It is a field so that a test can reach the limit with a few
+    /// dozen sessions on a deliberately starved runtime, where the lag
+    /// comes from a hog rather than the streams, exactly the case the
+    /// floor exists for.
+    pub stream_floor: usize,
 }
 
 impl Default for OverloadLimits {
@@ -90,6 +98,7 @@ impl Default for OverloadLimits {
         Self {
             scheduling_lag: Some(Duration::from_millis(100)),
             store_latency: Some(Duration::from_millis(500)),
+            stream_floor: StreamLimit::FLOOR,
         }
     }
 }
@@ -98,6 +107,7 @@ impl OverloadLimits {
     pub const OFF: OverloadLimits = OverloadLimits {
         scheduling_lag: None,
         store_latency: None,
+        stream_floor: StreamLimit::FLOOR,
     };
 }
 
@@ -114,6 +124,8 @@ impl OverloadLimits {
 #[derive(Debug, Clone)]
 pub(crate) struct StreamLimit {
     target: Duration,
+    /// Never cut below this ([`StreamLimit::FLOOR`] but in tests).
+    floor: usize,
     /// `None` until the lag first passes the target: a server that has
     /// never run short has no reason to guess its capacity.
     limit: Option<usize>,
@@ -122,7 +134,8 @@ pub(crate) struct StreamLimit {
 }
 
 impl StreamLimit {
-    /// Never cut below this many streams: a thousand streams cost a few
+    /// Never cut below this many streams (by default; see
+    /// [`OverloadLimits::stream_floor`]): a thousand streams cost a few
     /// percent of a core, so lag with fewer is caused by something else,
     /// which refusing sessions would not fix (proportional shedding is
     /// there for that).
@@ -145,9 +158,10 @@ impl StreamLimit {
     /// a later burst through unchecked.
     const BINDING: f64 = 0.95;
 
-    pub(crate) fn new(target: Duration) -> Self {
+    pub(crate) fn new(target: Duration, floor: usize) -> Self {
         Self {
             target,
+            floor,
             limit: None,
             lag: Duration::ZERO,
         }
@@ -169,8 +183,8 @@ impl StreamLimit {
         let old = self.lag.as_secs_f64();
         self.lag = Duration::from_secs_f64(old + LIMIT_SMOOTHING * (lag.as_secs_f64() - old));
         if self.lag > self.target {
-            if streams > Self::FLOOR {
-                let cut = ((streams as f64 * Self::CUT_TO) as usize).max(Self::FLOOR);
+            if streams > self.floor {
+                let cut = ((streams as f64 * Self::CUT_TO) as usize).max(self.floor);
                 self.limit = Some(self.limit.map_or(cut, |limit| limit.min(cut)));
             }
         } else if let Some(limit) = self.limit
@@ -524,7 +538,11 @@ impl Overload {
             return;
         }
         let overload = self.clone();
-        let mut limit = self.limits.scheduling_lag.map(StreamLimit::new);
+        let floor = self.limits.stream_floor;
+        let mut limit = self
+            .limits
+            .scheduling_lag
+            .map(|target| StreamLimit::new(target, floor));
         tokio::spawn(async move {
             let mut last = Instant::now();
             let mut reported = LimitReport::default();
@@ -569,6 +587,7 @@ mod tests {
         let overload = Overload::new(OverloadLimits {
             scheduling_lag: Some(ms(100)),
             store_latency: Some(ms(500)),
+            ..OverloadLimits::default()
         });
         for _ in 0..50 {
             overload.record_lag(ms(10));
@@ -610,7 +629,7 @@ mod tests {
             "lag {:?}",
             overload.scheduling_lag()
         );
-        let mut limit = StreamLimit::new(ms(100));
+        let mut limit = StreamLimit::new(ms(100), StreamLimit::FLOOR);
         assert_eq!(limit.on_sample(ms(150), TICK, 50_000), None);
     }
 
@@ -626,7 +645,7 @@ mod tests {
 
     #[test]
     fn a_healthy_server_has_no_stream_limit() {
-        let mut limit = StreamLimit::new(ms(100));
+        let mut limit = StreamLimit::new(ms(100), StreamLimit::FLOOR);
         for streams in (0..200_000).step_by(1_000) {
             assert_eq!(limit.on_sample(ms(30), TICK, streams), None);
         }
@@ -634,7 +653,7 @@ mod tests {
 
     #[test]
     fn the_stream_limit_is_cut_from_the_streams_and_does_not_compound() {
-        let mut limit = StreamLimit::new(ms(100));
+        let mut limit = StreamLimit::new(ms(100), StreamLimit::FLOOR);
         assert_eq!(limit.on_sample(ms(5), TICK, 20_000), None);
         // The lag passes its target (smoothed over a few samples): 90% of
         // the streams running then.
@@ -656,8 +675,20 @@ mod tests {
     }
 
     #[test]
+    fn the_floor_is_the_configured_one() {
+        let mut limit = StreamLimit::new(ms(100), 5);
+        limit.on_sample(ms(400), TICK, 20);
+        assert_eq!(limit.on_sample(ms(400), TICK, 20), Some(18));
+        assert_eq!(limit.on_sample(ms(400), TICK, 6), Some(5));
+        let mut none_below = StreamLimit::new(ms(100), 5);
+        for _ in 0..10 {
+            assert_eq!(none_below.on_sample(ms(400), TICK, 5), None);
+        }
+    }
+
+    #[test]
     fn the_stream_limit_grows_only_while_healthy_and_holding_admissions_back() {
-        let mut limit = StreamLimit::new(ms(100));
+        let mut limit = StreamLimit::new(ms(100), StreamLimit::FLOOR);
         for _ in 0..3 {
             limit.on_sample(ms(500), TICK, 10_000);
         }
@@ -777,6 +808,7 @@ mod tests {
             let overload = Arc::new(Overload::new(OverloadLimits {
                 scheduling_lag: Some(ms(20)),
                 store_latency: None,
+                ..OverloadLimits::default()
             }));
             overload.spawn_probe(
                 Arc::new(numstream_store::InMemoryStore::new(1)),

@@ -173,9 +173,29 @@ pub async fn run_with_telemetry(
         };
         match admission.clone().try_acquire_owned() {
             Ok(permit) => {
-                let admission =
-                    connection::Admission::new(permit, shared.telemetry.connection_open(), ticket);
-                tracker.spawn(connection::serve(stream, peer, shared.clone(), admission));
+                let admission = connection::Admission::new(
+                    permit,
+                    shared.telemetry.connection_open(),
+                    ticket,
+                    tokio::time::Instant::now() + shared.config.handshake_timeout,
+                );
+                configure_socket(&stream, peer, &shared);
+                match &shared.config.tls {
+                    // Separate tasks, so that a plaintext connection's
+                    // task carries nothing of TLS.
+                    None => {
+                        tracker.spawn(connection::serve(stream, peer, shared.clone(), admission));
+                    }
+                    Some(tls) => {
+                        tracker.spawn(crate::tls::serve(
+                            stream,
+                            peer,
+                            shared.clone(),
+                            admission,
+                            tls.clone(),
+                        ));
+                    }
+                }
             }
             Err(_) => {
                 debug!(%peer, "connection limit reached; rejecting");
@@ -209,6 +229,20 @@ pub async fn run_with_telemetry(
     }
     info!("server stopped");
     Ok(())
+}
+
+/// Sets the options every connection's socket needs, unless it inherited
+/// them from the listener.
+fn configure_socket(stream: &tokio::net::TcpStream, peer: std::net::SocketAddr, shared: &Shared) {
+    let options = shared.socket_options;
+    let inherited = shared.socket_options_inherited
+        && crate::socket::has_inherited(SockRef::from(stream), options);
+    if inherited {
+        return;
+    }
+    if let Err(error) = crate::socket::configure(SockRef::from(stream), options) {
+        debug!(%peer, %error, "could not set socket options");
+    }
 }
 
 async fn forward_notices(mut notices: BoxStream<'static, TakeoverNotice>, shared: Arc<Shared>) {

@@ -87,10 +87,17 @@ pub(crate) enum HandshakeFailure {
     UnexpectedFrame,
     /// The server was shutting down.
     ShuttingDown,
+    /// The TLS handshake failed: no TLS within the handshake timeout, an
+    /// unacceptable or missing client certificate, no common protocol or
+    /// ALPN `numstream/1`.
+    Tls,
+    /// Plaintext on a port that requires TLS (answered with a plaintext
+    /// `malformed` that says so).
+    NotTls,
 }
 
 impl HandshakeFailure {
-    pub(crate) const ALL: [HandshakeFailure; 7] = [
+    pub(crate) const ALL: [HandshakeFailure; 9] = [
         Self::Timeout,
         Self::Closed,
         Self::IoError,
@@ -98,6 +105,8 @@ impl HandshakeFailure {
         Self::UnsupportedVersion,
         Self::UnexpectedFrame,
         Self::ShuttingDown,
+        Self::Tls,
+        Self::NotTls,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -113,6 +122,8 @@ impl HandshakeFailure {
             Self::UnsupportedVersion => "unsupported_version",
             Self::UnexpectedFrame => "unexpected_frame",
             Self::ShuttingDown => "shutting_down",
+            Self::Tls => "tls",
+            Self::NotTls => "not_tls",
         }
     }
 }

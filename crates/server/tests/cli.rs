@@ -51,6 +51,13 @@ fn help_documents_every_flag_with_defaults() {
         "--ack-timeout",
         "--shutdown-grace",
         "--store",
+        "--store-file",
+        "NUMSTREAM_STORE",
+        "rediss://",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "SIGHUP",
         "--redis-prefix",
         "--metrics-addr",
         "--log-format",
@@ -58,7 +65,7 @@ fn help_documents_every_flag_with_defaults() {
         "--listen-backlog",
         "[default: 4096]",
         "--generate",
-        "[default: memory]",
+        "[default: $NUMSTREAM_STORE, else memory]",
         "[default: numstream:]",
         "[default: 1s]",
         "[default: 30s]",
@@ -116,7 +123,7 @@ fn generates_a_man_page_and_completions_without_other_flags() {
 
 #[test]
 fn bad_flags_exit_2_and_say_what_is_accepted() {
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 18] = [
         (
             &["--port", "7000", "--listen-backlog", "0"],
             "--listen-backlog",
@@ -134,7 +141,32 @@ fn bad_flags_exit_2_and_say_what_is_accepted() {
         ),
         (
             &["--port", "7000", "--store", "postgres://db"],
-            "expected `memory`, `redis://HOST:PORT/DB` or `redis-cluster://",
+            "--store: expected `memory`, `redis://",
+        ),
+        (
+            &["--port", "7000", "--store-file", "/nonexistent/store"],
+            "--store-file /nonexistent/store: No such file",
+        ),
+        (
+            &["--port", "7000", "--store", "memory", "--store-file", "/x"],
+            "cannot be used with",
+        ),
+        (&["--port", "7000", "--tls-cert", "/x.pem"], "--tls-key"),
+        (&["--port", "7000", "--tls-key", "/x.key"], "--tls-cert"),
+        (
+            &["--port", "7000", "--tls-client-ca", "/ca.pem"],
+            "--tls-cert",
+        ),
+        (
+            &[
+                "--port",
+                "7000",
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                "/k",
+            ],
+            "cannot set up TLS (--tls-cert, --tls-key, --tls-client-ca): cannot read /nonexistent/c.pem",
         ),
         (
             &[

@@ -2,8 +2,9 @@
 //! protocol client, from any loopback source address (`server`), a GET for
 //! the status endpoint (`http`), a TCP proxy that cuts connections on
 //! command (`proxy`), real external services started on free ports
-//! (`redis`, and a local Redis Cluster of them in `redis_cluster`), and
-//! real server processes to kill (`process`).
+//! (`redis`, and a local Redis Cluster of them in `redis_cluster`), real
+//! server processes to kill (`process`), and certificates made at run
+//! time for the TLS tests (`tls`).
 //! Never a dependency of production code.
 
 pub mod http;
@@ -12,3 +13,4 @@ pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;
 pub mod server;
+pub mod tls;

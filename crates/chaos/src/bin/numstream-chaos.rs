@@ -21,8 +21,8 @@ use numstream_chaos::run::{ChaosConfig, StoreMode};
 use numstream_testkit::redis_cluster::RedisCluster;
 use rand::{RngExt, SeedableRng};
 
-/// Puts real numstream servers and clients through seeded network faults and
-/// server kills, and checks every client against the fault-free reference.
+/// Puts real numstream servers and clients through seeded network faults,
+/// server kills and CPU starvation, and checks every client against the fault-free reference.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -44,6 +44,10 @@ struct Args {
     /// Override how many times a server is killed and restarted.
     #[arg(long)]
     kills: Option<usize>,
+    /// Override how many times a server is starved of CPU (SIGSTOP/SIGCONT
+    /// duty cycles for a few seconds); 0 for none.
+    #[arg(long)]
+    starves: Option<usize>,
     /// Override the most faults one client's connections get.
     #[arg(long)]
     max_faults: Option<u32>,
@@ -99,6 +103,12 @@ struct Args {
     /// `--server-arg=--max-connections=50`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// Everything over TLS: certificates made for this run, the servers
+    /// started with --tls-cert/--tls-key, the clients with TLS (the faults
+    /// then strike TLS records; the attacker, which speaks plaintext, is
+    /// refused at the door)
+    #[arg(long)]
+    tls: bool,
 }
 
 /// Attack kinds as `--attack` takes them (an empty list is `none`).
@@ -156,6 +166,9 @@ async fn real_main() -> anyhow::Result<bool> {
     if let Some(kills) = args.kills {
         config.kills = kills;
     }
+    if let Some(starves) = args.starves {
+        config.starve.count = starves;
+    }
     if let Some(max_faults) = args.max_faults {
         config.faults.max_faults = max_faults;
     }
@@ -179,6 +192,17 @@ async fn real_main() -> anyhow::Result<bool> {
     }
     config.client_addresses = args.client_addresses.map(|n| n as usize);
     config.server_args = args.server_arg;
+    // Kept alive (its files on disk) for the whole run when used.
+    let _pki = args.tls.then(|| {
+        let pki = numstream_testkit::tls::TestPki::generate();
+        let path = |path: &std::path::Path| path.display().to_string();
+        config.server_args.extend([
+            format!("--tls-cert={}", path(&pki.server.cert)),
+            format!("--tls-key={}", path(&pki.server.key)),
+        ]);
+        config.tls = Some(pki.client_tls(None));
+        pki
+    });
     raise_open_file_limit();
 
     // Kept alive for the whole run when used.

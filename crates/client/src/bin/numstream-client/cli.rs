@@ -6,6 +6,7 @@
 //! -1` reaches the range check instead of being mistaken for a flag.
 
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,6 +18,8 @@ Examples:
   numstream-client --port 7000 --count 20
   numstream-client --host 10.0.0.5 --port 7000 --port 7001 --count 65535
   numstream-client --port 7000 --client-id 5f0c5e1a-8d3c-4c2e-9b1a-2f3e4d5c6b7a --json
+  numstream-client --host stream.example.com --port 7000 --tls
+  numstream-client --port 7000 --tls --tls-ca ca.pem --tls-server-name localhost
   RUST_LOG=numstream_client=debug numstream-client --port 7000 --quiet
   numstream-client --generate man > numstream-client.1
 
@@ -27,7 +30,9 @@ Exit codes:
   3  session rejected or expired (any final error from the server)
   4  no WELCOME within --open-timeout, or gave up reconnecting within the
      session TTL
-  5  protocol violation by the server";
+  5  protocol violation by the server
+  6  TLS failed for good: no TLS on the server's port, an untrusted, expired
+     or misnamed server certificate, or our client certificate refused";
 
 /// Fetch a stream of numbers from a numstream server, resuming across
 /// dropped connections, and verify its checksum.
@@ -125,6 +130,64 @@ pub(crate) struct Cli {
     /// Example: --verbose
     #[arg(long, short)]
     pub(crate) verbose: bool,
+
+    /// Connect over TLS (ALPN numstream/1, TLS 1.3) [default: plain TCP]
+    ///
+    /// The server's certificate must chain to the platform's trusted roots
+    /// (or --tls-ca) and name --host (or --tls-server-name). A mismatch
+    /// (no TLS on the port, an untrusted, expired or misnamed certificate,
+    /// a refused client certificate) fails at once with exit 6 and the
+    /// reason, without retrying.
+    ///
+    /// Example: --tls
+    #[arg(long)]
+    pub(crate) tls: bool,
+
+    /// Trust the CA certificates in this PEM file instead of the
+    /// platform's roots [default: the platform's roots]
+    ///
+    /// Example: --tls-ca /etc/numstream/ca.pem
+    #[arg(long, value_name = "PATH", requires = "tls")]
+    pub(crate) tls_ca: Option<PathBuf>,
+
+    /// The name the server's certificate must carry [default: --host]
+    ///
+    /// Example: --tls-server-name stream.example.com
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "tls",
+        allow_hyphen_values = true
+    )]
+    pub(crate) tls_server_name: Option<String>,
+
+    /// Present this PEM certificate chain to the server (mutual TLS)
+    /// [default: none]
+    ///
+    /// Requires --tls-client-key.
+    ///
+    /// Example: --tls-client-cert client.pem
+    #[arg(long, value_name = "PATH", requires_all = ["tls", "tls_client_key"])]
+    pub(crate) tls_client_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-client-cert
+    ///
+    /// Example: --tls-client-key client.key
+    #[arg(long, value_name = "PATH", requires_all = ["tls", "tls_client_cert"])]
+    pub(crate) tls_client_key: Option<PathBuf>,
+
+    /// Give up (exit 4) when the whole run has taken this long, 1s to
+    /// 100000h [default: no bound beyond --open-timeout and the session
+    /// TTL]
+    ///
+    /// Bounds the run whatever the server announces or does: its interval
+    /// is believed up to 1h and its session TTL up to 1h, and this caps
+    /// the total.
+    ///
+    /// Example: --max-duration 2h
+    #[arg(long, value_name = "DURATION", value_parser = parse_max_duration,
+          allow_hyphen_values = true)]
+    pub(crate) max_duration: Option<Duration>,
 }
 
 /// The open timeout's accepted range: under a second is less than one
@@ -132,6 +195,19 @@ pub(crate) struct Cli {
 /// for the answer any more.
 const OPEN_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
+/// `--max-duration`'s accepted range: at least a second, at most what a
+/// session of 65,535 numbers at the longest interval could need.
+const MAX_DURATION_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(100_000 * 3600);
+
+fn parse_max_duration(text: &str) -> Result<Duration, String> {
+    duration_in(
+        *MAX_DURATION_RANGE.start(),
+        *MAX_DURATION_RANGE.end(),
+        "1s and 100000h",
+    )(text)
+}
 
 fn parse_port(text: &str) -> Result<u16, String> {
     integer_in(1, u16::MAX)(text)
@@ -297,6 +373,45 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_need_tls_and_come_in_pairs() {
+        let base = ["numstream-client", "--port", "7000"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        let cli = parse(&["--tls", "--tls-ca", "ca.pem", "--tls-server-name", "x"]).expect("valid");
+        assert!(cli.tls);
+        assert_eq!(cli.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(cli.tls_server_name.as_deref(), Some("x"));
+        for bad in [
+            &["--tls-ca", "ca.pem"][..],
+            &["--tls-server-name", "x"],
+            &["--tls", "--tls-client-cert", "c.pem"],
+            &["--tls", "--tls-client-key", "k.pem"],
+            &["--tls-client-cert", "c.pem", "--tls-client-key", "k.pem"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            parse(&[
+                "--tls",
+                "--tls-client-cert",
+                "c.pem",
+                "--tls-client-key",
+                "k.pem"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn max_duration_accepts_exactly_its_range() {
+        assert_eq!(parse_max_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_max_duration("100000h"), Ok(*MAX_DURATION_RANGE.end()));
+        for bad in ["0s", "999ms", "100000h 1s", "-1s", "", "forever"] {
+            let error = parse_max_duration(bad).expect_err(bad);
+            assert!(error.contains("between 1s and 100000h"), "{error}");
+        }
+    }
+
+    #[test]
     fn ports_repeat_and_defaults_apply() {
         let cli = Cli::try_parse_from(["numstream-client", "--port", "7000", "--port", "7001"])
             .expect("valid");
@@ -309,7 +424,8 @@ mod tests {
             numstream_client::ClientConfig::default().open_timeout,
             "the flag's default is the library's"
         );
-        assert!(!cli.json && !cli.quiet && !cli.verbose);
+        assert!(!cli.json && !cli.quiet && !cli.verbose && !cli.tls);
+        assert_eq!(cli.max_duration, None);
         assert!(
             Cli::try_parse_from(["numstream-client"]).is_err(),
             "--port is required"
@@ -329,6 +445,12 @@ mod tests {
             ("--json", "Example: --json"),
             ("--quiet", "Example: --quiet"),
             ("--verbose", "Example: --verbose"),
+            ("--tls", "Example: --tls"),
+            ("--tls-ca", "Example: --tls-ca"),
+            ("--tls-server-name", "Example: --tls-server-name"),
+            ("--tls-client-cert", "Example: --tls-client-cert"),
+            ("--tls-client-key", "Example: --tls-client-key"),
+            ("--max-duration", "Example: --max-duration 2h"),
         ] {
             assert!(help.contains(flag), "{flag} missing from help");
             assert!(help.contains(example), "{example} missing from help");

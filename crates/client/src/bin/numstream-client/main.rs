@@ -14,6 +14,7 @@
 //! | 3 | session rejected or expired: any final error from the server |
 //! | 4 | no WELCOME within `--open-timeout`, or gave up reconnecting within the session TTL (also: the async runtime could not start) |
 //! | 5 | protocol violation by the server |
+//! | 6 | TLS failed for good (no TLS on the port, untrusted, expired or misnamed certificate, client certificate refused) |
 
 mod cli;
 mod progress;
@@ -23,7 +24,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
-use numstream_client::{ClientConfig, EXIT_CANNOT_CONNECT, Report};
+use numstream_client::{
+    ClientConfig, ClientTls, EXIT_CANNOT_CONNECT, EXIT_USAGE, Report, TlsOptions,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::Cli;
@@ -40,7 +43,17 @@ fn main() -> ExitCode {
         .get_matches();
     numstream_cli_support::generate_if_asked(&matches, Cli::command());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
-    match real_main(cli) {
+    // The files are read now: a missing or broken one is a usage error,
+    // not a connection failure retried until the open timeout.
+    let tls = match cli.tls.then(|| ClientTls::new(&tls_options(&cli))) {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(error)) => {
+            eprintln!("numstream-client: cannot set up TLS: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match real_main(cli, tls) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("numstream-client: {error:#}");
@@ -49,7 +62,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<u8> {
+fn tls_options(cli: &Cli) -> TlsOptions {
+    TlsOptions {
+        ca: cli.tls_ca.clone(),
+        server_name: cli.tls_server_name.clone(),
+        client_cert: cli.tls_client_cert.clone(),
+        client_key: cli.tls_client_key.clone(),
+    }
+}
+
+fn real_main(cli: Cli, tls: Option<ClientTls>) -> anyhow::Result<u8> {
     let count = cli.count.unwrap_or_else(|| {
         rand::random_range(numstream_protocol::MIN_COUNT..=numstream_protocol::MAX_COUNT)
     });
@@ -59,6 +81,8 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         count,
         client_id: cli.client_id.unwrap_or_else(uuid::Uuid::new_v4),
         open_timeout: cli.open_timeout,
+        tls,
+        max_duration: cli.max_duration,
         ..ClientConfig::default()
     };
 
