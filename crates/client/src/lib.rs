@@ -8,7 +8,9 @@
 //! reconnect policy ([`Backoff`], port rotation, give-up bounds) and the
 //! final [`Report`]. The `numstream-client` binary is a thin CLI over
 //! [`run`]; the server's end-to-end tests and load generators call [`run`]
-//! in-process.
+//! in-process. [`run_with`] is the same over any [`Connector`] (the real
+//! one is [`TcpConnector`]: TCP, TLS when configured), so tests can run the
+//! client over in-memory streams under paused time.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -38,8 +40,11 @@ pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::{Event, NoopObserver, Observer};
 pub use report::Report;
-pub use session::run;
-pub use transport::{ALPN_NUMSTREAM, ClientStream, ClientTls, TlsOptions, TlsSetupError};
+pub use session::{run, run_with};
+pub use transport::{
+    ALPN_NUMSTREAM, ClientStream, ClientTls, Connector, HandshakeFailure, TcpConnector, TlsOptions,
+    TlsSetupError,
+};
 pub use untrusted::{MAX_TRUSTED_INTERVAL, MAX_TRUSTED_TTL, MIN_TRUSTED_TTL, escape};
 
 /// Process exit code: the sequence was received completely and the

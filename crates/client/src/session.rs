@@ -6,19 +6,19 @@
 //! handshake and silence timeouts) and carries out what the pure retry
 //! policy ([`crate::retry`]) decides between connections.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use numstream_protocol::codec::{CodecError, DecodeError, FrameCodec, decode_frame};
 use numstream_protocol::{ErrorFrame, Frame, Progress, SequenceReceiver, client_silence_timeout};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::Framed;
 
 use crate::error::human;
 use crate::retry::{Decision, Ending, RetryPolicy, Seen, Terms};
-use crate::transport::{self, ClientStream, HandshakeFailure};
+use crate::transport::{self, Connector, HandshakeFailure, TcpConnector};
 use crate::untrusted::{clamp_interval, clamp_ttl, escape};
 use crate::{ClientConfig, ClientError, Event, Observer, Report};
 
@@ -40,8 +40,21 @@ const MAX_HANDSHAKE_DOUBLINGS: u32 = 2;
 ///
 /// `observer` sees every [`Event`] as it happens.
 pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
+    let connector = TcpConnector::new(config.local_addr, config.tls.clone());
+    run_with(config, &connector, observer).await
+}
+
+/// [`run`] over connections `connector` opens: the real [`TcpConnector`],
+/// or in-memory streams in tests. `config.local_addr` and `config.tls` are
+/// the connector's business, not read here.
+pub async fn run_with<C: Connector>(
+    config: ClientConfig,
+    connector: &C,
+    observer: &mut dyn Observer,
+) -> Report {
     let mut driver = Driver {
         config: &config,
+        connector,
         receiver: SequenceReceiver::new(config.client_id, config.count),
         observer,
         welcomes: 0,
@@ -77,8 +90,9 @@ pub async fn run(config: ClientConfig, observer: &mut dyn Observer) -> Report {
     }
 }
 
-struct Driver<'a> {
+struct Driver<'a, C> {
     config: &'a ClientConfig,
+    connector: &'a C,
     receiver: SequenceReceiver,
     observer: &'a mut dyn Observer,
     /// Connections that got a WELCOME.
@@ -91,7 +105,7 @@ struct Driver<'a> {
     terms: Option<Terms>,
 }
 
-impl Driver<'_> {
+impl<C: Connector> Driver<'_, C> {
     async fn drive(&mut self) -> Result<(), ClientError> {
         let ports = &self.config.ports;
         let mut policy = RetryPolicy::new(
@@ -148,10 +162,10 @@ impl Driver<'_> {
             None => wait,
         };
         let host = self.config.host.as_str();
-        let connect = connect_from(host, port, self.config.local_addr);
+        let connect = self.connector.connect(host, port);
         let connect_wait = within_open(self.config.connect_timeout);
-        let tcp = match timeout_at(deadline_after(connect_wait), connect).await {
-            Ok(Ok(stream)) => stream,
+        let (transport, addr) = match timeout_at(deadline_after(connect_wait), connect).await {
+            Ok(Ok(connected)) => connected,
             Ok(Err(error)) => {
                 return Ending::Lost(format!("cannot connect to {host}:{port}: {error}"));
             }
@@ -160,16 +174,6 @@ impl Driver<'_> {
                     "connecting to {host}:{port} timed out after {}",
                     human(connect_wait)
                 ));
-            }
-        };
-        // Frames are tiny and latency-sensitive (a NUMBER is 11 bytes).
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-        let addr = match tcp.peer_addr() {
-            Ok(addr) => addr,
-            Err(error) => {
-                return Ending::Lost(format!("connection to {host}:{port} lost: {error}"));
             }
         };
         tracing::debug!(%addr, "connected");
@@ -183,29 +187,26 @@ impl Driver<'_> {
         // The server counts its handshake timeout from accept, TLS
         // included; so does the client.
         let deadline = deadline_after(handshake_wait);
-        let stream = match &self.config.tls {
-            None => ClientStream::plain(tcp),
-            Some(tls) => match timeout_at(deadline, transport::handshake(tls, tcp, host)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(HandshakeFailure::Mismatch(why))) => {
-                    return Ending::Fatal(ClientError::Tls {
-                        message: format!("{addr}: {why}"),
-                    });
-                }
-                Ok(Err(HandshakeFailure::PlaintextRetry(error))) => {
-                    return Ending::ServerError(untrusted_error(error));
-                }
-                Ok(Err(HandshakeFailure::Broken(error))) => {
-                    return Ending::Lost(format!("TLS handshake with {addr}: {error}"));
-                }
-                Err(_) => {
-                    self.slow_handshakes = self.slow_handshakes.saturating_add(1);
-                    return Ending::Lost(format!(
-                        "no TLS handshake with {addr} within {}",
-                        human(handshake_wait)
-                    ));
-                }
-            },
+        let stream = match timeout_at(deadline, self.connector.secure(transport, host)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(HandshakeFailure::Mismatch(why))) => {
+                return Ending::Fatal(ClientError::Tls {
+                    message: format!("{addr}: {why}"),
+                });
+            }
+            Ok(Err(HandshakeFailure::PlaintextRetry(error))) => {
+                return Ending::ServerError(untrusted_error(error));
+            }
+            Ok(Err(HandshakeFailure::Broken(error))) => {
+                return Ending::Lost(format!("TLS handshake with {addr}: {error}"));
+            }
+            Err(_) => {
+                self.slow_handshakes = self.slow_handshakes.saturating_add(1);
+                return Ending::Lost(format!(
+                    "no TLS handshake with {addr} within {}",
+                    human(handshake_wait)
+                ));
+            }
         };
         let mut framed = Framed::new(stream, FrameCodec);
 
@@ -354,38 +355,13 @@ impl Driver<'_> {
     }
 }
 
-/// Connects to `host:port`, from `local` (any port) when given.
-async fn connect_from(host: &str, port: u16, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let Some(local) = local else {
-        return TcpStream::connect((host, port)).await;
-    };
-    let mut last_error = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        if addr.is_ipv4() != local.is_ipv4() {
-            continue;
-        }
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.bind(SocketAddr::new(local, 0))?;
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(error) => last_error = Some(error),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{host} has no address of the local address {local}'s family"),
-        )
-    }))
-}
-
 /// Sends ACK and closes, best effort: the sequence is already complete, so
 /// a failure here changes nothing for the client.
-async fn send_ack(mut framed: Framed<ClientStream, FrameCodec>, ack: Frame, addr: SocketAddr) {
+async fn send_ack<S: AsyncRead + AsyncWrite + Unpin>(
+    mut framed: Framed<S, FrameCodec>,
+    ack: Frame,
+    addr: SocketAddr,
+) {
     match timeout(ACK_TIMEOUT, async {
         framed.send(ack).await?;
         SinkExt::<Frame>::close(&mut framed).await
@@ -446,8 +422,8 @@ fn undecodable(error: DecodeError, addr: SocketAddr) -> Ending {
 }
 
 /// Reads the next frame, or says why there is none by `deadline`.
-async fn read_before(
-    framed: &mut Framed<ClientStream, FrameCodec>,
+async fn read_before<S: AsyncRead + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
     deadline: Instant,
     addr: SocketAddr,
 ) -> Result<Frame, ReadError> {
@@ -462,27 +438,5 @@ async fn read_before(
             "{addr} closed the connection"
         )))),
         Err(_) => Err(ReadError::TimedOut),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn connects_from_the_requested_local_address() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let local: IpAddr = "127.0.0.2".parse().expect("an address");
-        let (connected, accepted) = tokio::join!(
-            connect_from("127.0.0.1", port, Some(local)),
-            listener.accept()
-        );
-        connected.expect("connect");
-        assert_eq!(accepted.expect("accept").1.ip(), local);
-        let mismatch = connect_from("127.0.0.1", port, Some("::1".parse().expect("v6")));
-        assert!(mismatch.await.is_err());
     }
 }

@@ -1,13 +1,14 @@
-//! How the client reaches a server: plain TCP, or TLS over it (ALPN
-//! `numstream/1`), yielding one byte stream either way for the frames,
-//! which are the same on both. Owns the TLS settings (trusted roots,
+//! How the client reaches a server: the [`Connector`] seam `run_with` is
+//! generic over, and its real implementation [`TcpConnector`]: plain TCP,
+//! or TLS over it (ALPN `numstream/1`), yielding one byte stream either
+//! way for the frames, which are the same on both. Owns the TLS settings (trusted roots,
 //! server name, client certificate) and the diagnosis of every TLS
 //! failure: a mismatch that no retry can fix (no TLS on the other end, an
 //! untrusted, expired or misnamed certificate, a refused client
 //! certificate) is told apart from a connection that merely broke.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use numstream_protocol::{Disposition, ErrorFrame, Frame};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::untrusted::escape;
 
@@ -199,9 +200,109 @@ impl ClientStream {
     }
 }
 
-/// Why a TLS handshake did not give a stream.
+/// How the client opens a connection to a server, in two steps so that
+/// the client can bound each with its own timeout and report between
+/// them: `connect` reaches the port, `secure` makes the connection ready
+/// for frames (a TLS handshake, or nothing). [`TcpConnector`] is the real
+/// one; tests can hand out in-memory streams (`tokio::io::duplex`) and run
+/// under paused time.
+pub trait Connector: Send + Sync {
+    /// A connection as `connect` gives it.
+    type Transport: Send;
+    /// What the frames travel on.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send;
+
+    /// Opens a connection to `host:port`; also returns the peer's
+    /// address, which events and errors name.
+    fn connect(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = io::Result<(Self::Transport, SocketAddr)>> + Send;
+
+    /// Makes a connection ready for frames (e.g. a TLS handshake with
+    /// `host`). The handshake timeout covers this step and the hello.
+    fn secure(
+        &self,
+        transport: Self::Transport,
+        host: &str,
+    ) -> impl Future<Output = Result<Self::Stream, HandshakeFailure>> + Send;
+}
+
+/// Real connections: TCP from an optional local address, with TLS when
+/// configured.
+#[derive(Debug, Clone, Default)]
+pub struct TcpConnector {
+    local_addr: Option<IpAddr>,
+    tls: Option<ClientTls>,
+}
+
+impl TcpConnector {
+    /// Connects from `local_addr` (any port) when given, over TLS when
+    /// `tls` is given.
+    pub fn new(local_addr: Option<IpAddr>, tls: Option<ClientTls>) -> Self {
+        Self { local_addr, tls }
+    }
+}
+
+impl Connector for TcpConnector {
+    type Transport = TcpStream;
+    type Stream = ClientStream;
+
+    async fn connect(&self, host: &str, port: u16) -> io::Result<(TcpStream, SocketAddr)> {
+        let stream = connect_from(host, port, self.local_addr).await?;
+        // Frames are tiny and latency-sensitive (a NUMBER is 11 bytes).
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let addr = stream.peer_addr()?;
+        Ok((stream, addr))
+    }
+
+    async fn secure(
+        &self,
+        stream: TcpStream,
+        host: &str,
+    ) -> Result<ClientStream, HandshakeFailure> {
+        match &self.tls {
+            None => Ok(ClientStream::plain(stream)),
+            Some(tls) => handshake(tls, stream, host).await,
+        }
+    }
+}
+
+/// Connects to `host:port`, from `local` (any port) when given.
+async fn connect_from(host: &str, port: u16, local: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        if addr.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{host} has no address of the local address {local}'s family"),
+        )
+    }))
+}
+
+/// Why [`Connector::secure`] did not give a stream.
 #[derive(Debug)]
-pub(crate) enum HandshakeFailure {
+pub enum HandshakeFailure {
     /// The connection broke (EOF, reset): another attempt may work.
     Broken(io::Error),
     /// The server answered in plaintext numstream with an ERROR that asks
@@ -419,5 +520,27 @@ impl AsyncWrite for ClientStream {
             Inner::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Inner::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_from_the_requested_local_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let local: IpAddr = "127.0.0.2".parse().expect("an address");
+        let (connected, accepted) = tokio::join!(
+            connect_from("127.0.0.1", port, Some(local)),
+            listener.accept()
+        );
+        connected.expect("connect");
+        assert_eq!(accepted.expect("accept").1.ip(), local);
+        let mismatch = connect_from("127.0.0.1", port, Some("::1".parse().expect("v6")));
+        assert!(mismatch.await.is_err());
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use numstream_client::{Backoff, ClientConfig, ClientError, Event};
 use numstream_protocol::{Disposition, ErrorCode, ErrorFrame, Frame, Open, Resume};
+use support::memory::MemoryNet;
 use support::*;
 
 fn assert_open(frame: &Frame, config: &ClientConfig) {
@@ -365,26 +366,29 @@ async fn session_unknown_after_the_ttl_counts_as_expired() {
     );
 }
 
-#[tokio::test]
+// In memory under paused time: the silence bound (from the interval) and
+// the reconnect delay pass in virtual time, with nothing racing them.
+#[tokio::test(start_paused = true)]
 async fn silent_server_is_abandoned_and_the_session_resumed() {
-    let (listener, port) = listen().await;
-    let config = config(vec![port], 5);
+    let net = MemoryNet::default();
+    let mut listener = net.listen(7000);
+    let config = config(vec![7000], 5);
     let expected_config = config.clone();
     let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
+        let mut first = listener.accept().await;
         recv(&mut first).await;
         send(&mut first, welcome_with(5, 0, 1_000, 30_000)).await;
         send_numbers(&mut first, 5, 0..2).await;
         // `first` stays open and silent until the client gives up on it
         // and comes back on a second connection.
-        let mut second = accept(&listener).await;
+        let mut second = listener.accept().await;
         assert_resume(&recv(&mut second).await, &expected_config, 2);
         send(&mut second, welcome_with(5, 2, 1_000, 30_000)).await;
         let ack = finish(&mut second, 5, 2).await;
         drop(first);
         ack
     });
-    let (report, events) = run_client(config).await;
+    let (report, events) = run_client_in(&net, config).await;
     assert_eq!(join(server).await, expected(5).checksum());
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 1);
@@ -401,27 +405,28 @@ async fn late_welcomes(
     handshake_timeout: Duration,
     second_after: Duration,
 ) -> (numstream_client::Report, Vec<(String, Duration)>) {
-    let (listener, port) = listen().await;
-    let mut config = config(vec![port], 2);
+    let net = MemoryNet::default();
+    let mut listener = net.listen(7000);
+    let mut config = config(vec![7000], 2);
     config.handshake_timeout = handshake_timeout;
     let expected_config = config.clone();
     let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
+        let mut first = listener.accept().await;
         assert_open(&recv(&mut first).await, &expected_config);
         closed_by_client(&mut first).await;
-        let mut second = accept(&listener).await;
+        let mut second = listener.accept().await;
         // No WELCOME reached the client, so it opens again.
         assert_open(&recv(&mut second).await, &expected_config);
         tokio::time::sleep(second_after).await;
         send(&mut second, welcome(2, 0)).await;
         finish(&mut second, 2, 0).await
     });
-    let (report, events) = run_client(config).await;
+    let (report, events) = run_client_in(&net, config).await;
     join(server).await;
     (report, reconnect_events(&events))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
     let (report, reconnects) = late_welcomes(Duration::from_millis(200), Duration::ZERO).await;
     assert!(report.ok, "{}", report.render_human());
@@ -429,7 +434,7 @@ async fn server_that_never_welcomes_is_retried_after_the_handshake_timeout() {
     assert!(reconnects[0].0.contains("no WELCOME"), "{reconnects:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
     // An overloaded server welcomes late; a client that kept abandoning
     // its place in the queue at the same bound would never get in. The
@@ -651,11 +656,13 @@ async fn lost_first_welcome_waits_for_the_orphan_instead_of_failing() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn never_welcomed_gives_up_at_the_open_timeout() {
-    let mut config = config(vec![closed_port().await], 5);
+    // No listener on the port: every connect is refused.
+    let net = MemoryNet::default();
+    let mut config = config(vec![7000], 5);
     config.open_timeout = Duration::from_millis(300);
-    let (report, events) = run_client(config).await;
+    let (report, events) = run_client_in(&net, config).await;
     assert_eq!(report.exit_code(), 4);
     let Some(ClientError::CannotConnect {
         attempts,
@@ -787,17 +794,18 @@ async fn a_server_busy_past_the_open_timeout_ends_the_run_with_exit_code_4() {
     assert!(aborted.is_cancelled(), "the busy server failed: {aborted}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn open_session_gives_up_when_its_ttl_has_passed() {
-    let (listener, port) = listen().await;
+    let net = MemoryNet::default();
+    let mut listener = net.listen(7000);
     let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
+        let mut conn = listener.accept().await;
         recv(&mut conn).await;
         send(&mut conn, welcome_with(5, 0, 0, 300)).await;
         send_numbers(&mut conn, 5, 0..3).await;
         // The server vanishes: connection and listener both.
     });
-    let (report, events) = run_client(config(vec![port], 5)).await;
+    let (report, events) = run_client_in(&net, config(vec![7000], 5)).await;
     join(server).await;
     assert_eq!(report.exit_code(), 4);
     assert!(

@@ -1,9 +1,12 @@
 //! A scriptable fake numstream server for the client's tests: real TCP on
-//! 127.0.0.1, frames via the protocol crate's codec, and every step of the
-//! conversation written out in the test itself.
+//! 127.0.0.1 or in-memory pipes (`memory`), frames via the protocol
+//! crate's codec, and every step of the conversation written out in the
+//! test itself.
 
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
+
+pub(crate) mod memory;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -12,11 +15,15 @@ use futures::{SinkExt, StreamExt};
 use numstream_client::{Backoff, ClientConfig, Event, Observer, Report};
 use numstream_protocol::codec::FrameCodec;
 use numstream_protocol::{Frame, ResumeToken, SequenceChecksum, SessionSeed, Welcome, number_at};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 pub(crate) type Conn = Framed<TcpStream, FrameCodec>;
+
+/// What the fake server's helpers work on: TCP or an in-memory pipe.
+pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire for S {}
 
 pub(crate) const SEED: SessionSeed = SessionSeed([7; 32]);
 pub(crate) const TOKEN: ResumeToken = ResumeToken([0x5a; 16]);
@@ -47,7 +54,7 @@ pub(crate) async fn accept(listener: &TcpListener) -> Conn {
 }
 
 /// The next frame from the client.
-pub(crate) async fn recv(conn: &mut Conn) -> Frame {
+pub(crate) async fn recv<S: Wire>(conn: &mut Framed<S, FrameCodec>) -> Frame {
     tokio::time::timeout(PATIENCE, conn.next())
         .await
         .expect("client sent nothing")
@@ -56,7 +63,7 @@ pub(crate) async fn recv(conn: &mut Conn) -> Frame {
 }
 
 /// Waits until the client closes its side (EOF or reset).
-pub(crate) async fn closed_by_client(conn: &mut Conn) {
+pub(crate) async fn closed_by_client<S: Wire>(conn: &mut Framed<S, FrameCodec>) {
     loop {
         match tokio::time::timeout(PATIENCE, conn.next())
             .await
@@ -68,11 +75,11 @@ pub(crate) async fn closed_by_client(conn: &mut Conn) {
     }
 }
 
-pub(crate) async fn send(conn: &mut Conn, frame: Frame) {
+pub(crate) async fn send<S: Wire>(conn: &mut Framed<S, FrameCodec>, frame: Frame) {
     conn.send(frame).await.expect("send to client");
 }
 
-pub(crate) async fn send_raw(conn: &mut Conn, bytes: &[u8]) {
+pub(crate) async fn send_raw<S: Wire>(conn: &mut Framed<S, FrameCodec>, bytes: &[u8]) {
     conn.get_mut().write_all(bytes).await.expect("raw write");
 }
 
@@ -113,14 +120,22 @@ pub(crate) fn number(count: u16, index: u16) -> Frame {
     }
 }
 
-pub(crate) async fn send_numbers(conn: &mut Conn, count: u16, indices: Range<u16>) {
+pub(crate) async fn send_numbers<S: Wire>(
+    conn: &mut Framed<S, FrameCodec>,
+    count: u16,
+    indices: Range<u16>,
+) {
     for index in indices {
         send(conn, number(count, index)).await;
     }
 }
 
 /// Streams `from..count` and returns the checksum the client's ACK carried.
-pub(crate) async fn finish(conn: &mut Conn, count: u16, from: u16) -> u32 {
+pub(crate) async fn finish<S: Wire>(
+    conn: &mut Framed<S, FrameCodec>,
+    count: u16,
+    from: u16,
+) -> u32 {
     send_numbers(conn, count, from..count).await;
     match recv(conn).await {
         Frame::Ack { client_checksum } => client_checksum,
@@ -165,6 +180,19 @@ pub(crate) async fn run_client_within(
 ) -> (Report, Vec<Event>) {
     let mut events: Vec<Event> = Vec::new();
     let report = tokio::time::timeout(limit, numstream_client::run(config, &mut events))
+        .await
+        .expect("client hung");
+    (report, events)
+}
+
+/// [`run_client`] over in-memory connections to `net`'s ports.
+pub(crate) async fn run_client_in(
+    net: &memory::MemoryNet,
+    config: ClientConfig,
+) -> (Report, Vec<Event>) {
+    let mut events: Vec<Event> = Vec::new();
+    let run = numstream_client::run_with(config, net, &mut events);
+    let report = tokio::time::timeout(PATIENCE, run)
         .await
         .expect("client hung");
     (report, events)
