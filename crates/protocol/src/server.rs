@@ -259,7 +259,9 @@ enum Phase {
 /// session streams.
 #[derive(Debug)]
 struct Stream {
-    grant: Grant,
+    /// The grant's count, at hand for every number; the rest of the grant
+    /// is read from [`ServerSession::grant`], kept once per session.
+    count: u16,
     /// First index of this connection; WELCOME's `next_index`.
     start: u16,
     welcomed: bool,
@@ -485,7 +487,7 @@ impl ServerSession {
             Phase::AwaitHello { .. } => self.read_hello(now),
             Phase::Admitting { .. } | Phase::Claiming { .. } => self.deferred = Deferred::Bytes,
             Phase::Streaming(stream) => {
-                if stream.next_index < u32::from(stream.grant.count) {
+                if stream.next_index < u32::from(stream.count) {
                     // Nothing may come before FINAL: even the first byte of
                     // an ACK is early, and cannot become valid later.
                     let why = stray_input(&mut self.rx);
@@ -560,7 +562,7 @@ impl ServerSession {
         if !matches!(self.phase, Phase::Claiming { claim_asked: true }) {
             return;
         }
-        let Some(grant) = self.grant.as_deref().cloned() else {
+        let Some((count, client_id)) = self.grant.as_deref().map(|g| (g.count, g.client_id)) else {
             return;
         };
         if !claimed {
@@ -572,15 +574,15 @@ impl ServerSession {
             return;
         }
         let start = self.encoded_up_to;
-        if start >= grant.count {
+        if start >= count {
             // The token was right, so this RESUME did take the session
             // over; hand it straight back to the store for a correct resume.
             let error = ErrorFrame::new(
                 ErrorCode::ResumeIndexOutOfRange,
                 format!(
                     "resume index {start} is out of range: the session has {} numbers, indices 0..={}",
-                    grant.count,
-                    grant.count - 1
+                    count,
+                    count - 1
                 ),
             );
             self.end(
@@ -600,10 +602,10 @@ impl ServerSession {
             granted,
             self.config.session_ttl,
             self.config.lease_renewal_period,
-            grant.client_id,
+            client_id,
         );
         self.phase = Phase::Streaming(Box::new(Stream {
-            grant,
+            count,
             start,
             welcomed: false,
             origin: now,
@@ -617,10 +619,11 @@ impl ServerSession {
 
     /// The caller's answer to [`Event::Renew`].
     pub fn handle_renewal(&mut self, now: Instant, result: Result<(), StoreFailure>) {
-        let Phase::Streaming(stream) = &mut self.phase else {
+        let (Phase::Streaming(stream), Some(grant)) = (&mut self.phase, self.grant.as_deref())
+        else {
             return;
         };
-        let client_id = stream.grant.client_id;
+        let client_id = grant.client_id;
         if let Err(reason) = stream.lease.on_result(now, client_id, result) {
             self.end_streaming(reason);
         }
@@ -696,7 +699,7 @@ impl ServerSession {
         if let Phase::Streaming(stream) = &mut self.phase {
             stream.last_write = now;
             self.written_up_to = self.encoded_up_to;
-            if u32::from(self.encoded_up_to) == u32::from(stream.grant.count)
+            if u32::from(self.encoded_up_to) == u32::from(stream.count)
                 && stream.ack_deadline.is_none()
             {
                 stream.ack_deadline = Some(now + self.config.ack_wait);
@@ -709,10 +712,11 @@ impl ServerSession {
     /// the one due next (overdue numbers go out back to back, one per call).
     /// Write `out`, call [`Self::handle_flushed`], and call again.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> u32 {
-        let Phase::Streaming(stream) = &mut self.phase else {
+        let (Phase::Streaming(stream), Some(grant)) = (&mut self.phase, self.grant.as_deref())
+        else {
             return 0;
         };
-        let count = u32::from(stream.grant.count);
+        let count = u32::from(stream.count);
         if stream.next_index >= count {
             return 0;
         }
@@ -721,9 +725,9 @@ impl ServerSession {
             stream.welcomed = true;
             encode_frame(
                 &Frame::Welcome(Welcome {
-                    count: stream.grant.count,
+                    count: stream.count,
                     next_index: stream.start,
-                    token: stream.grant.token,
+                    token: grant.token,
                     interval_us: self.config.interval_us(),
                     session_ttl_ms: self.config.session_ttl_ms(),
                 }),
@@ -756,7 +760,7 @@ impl ServerSession {
                 let k = stream.next_index - u32::from(stream.start);
                 stream.origin + interval * k
             });
-            encode_numbers(&stream.grant, stream.next_index, end, out);
+            encode_numbers(grant, stream.next_index, end, out);
             stream.next_index = end;
             // `end <= count <= 65535`.
             self.encoded_up_to = end as u16;
@@ -789,7 +793,7 @@ impl ServerSession {
             Phase::AwaitHello { deadline } => Some(*deadline),
             Phase::Streaming(stream) => {
                 let lease = stream.lease.deadline();
-                let own = if stream.next_index >= u32::from(stream.grant.count) {
+                let own = if stream.next_index >= u32::from(stream.count) {
                     stream.ack_deadline
                 } else {
                     let heartbeat = stream.last_write + MAX_SERVER_SILENCE;
@@ -823,10 +827,11 @@ impl ServerSession {
                 })
             }
             Phase::Streaming(stream) if stream.lease.renew_pending.is_some() => {
+                let grant = self.grant.as_deref()?;
                 stream.lease.in_flight = stream.lease.renew_pending.take();
                 Some(Event::Renew {
-                    client_id: stream.grant.client_id,
-                    generation: stream.grant.generation,
+                    client_id: grant.client_id,
+                    generation: grant.generation,
                 })
             }
             _ => None,
@@ -909,8 +914,8 @@ impl ServerSession {
         match decode_frame(&mut self.rx) {
             Ok(None) => {}
             Ok(Some(Frame::Ack { client_checksum })) => {
-                let server_checksum = match &self.phase {
-                    Phase::Streaming(stream) => stream.grant.checksum,
+                let server_checksum = match (&self.phase, self.grant.as_deref()) {
+                    (Phase::Streaming(_), Some(grant)) => grant.checksum,
                     _ => return,
                 };
                 self.end_streaming(EndReason::Completed {
