@@ -126,10 +126,22 @@ fn main() -> anyhow::Result<()> {
     let received = rss_bytes()?;
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / connections as f64;
     println!("heap per server connection (RSS growth / N):");
-    println!("  after the handshake (tickets sent)      {:>8.0} B", per(before, handshaken));
-    println!("  + one 12-byte frame encrypted and sent  {:>8.0} B", per(handshaken, sent));
-    println!("  + one 16-byte record received and read {:>8.0} B", per(sent, received));
-    println!("  total                                   {:>8.0} B", per(before, received));
+    println!(
+        "  after the handshake (tickets sent)      {:>8.0} B",
+        per(before, handshaken)
+    );
+    println!(
+        "  + one 12-byte frame encrypted and sent  {:>8.0} B",
+        per(handshaken, sent)
+    );
+    println!(
+        "  + one 16-byte record received and read {:>8.0} B",
+        per(sent, received)
+    );
+    println!(
+        "  total                                   {:>8.0} B",
+        per(before, received)
+    );
     println!(
         "(the pending client records, {} B each, are in the first figure)",
         from_client.first().map_or(0, Vec::len)

@@ -287,7 +287,9 @@ async fn session(
         Flavor::Bare => crate::bare::session(addr, source, count, interval, probe).await,
         Flavor::Numstream | Flavor::NumstreamTls => {
             let tls = match (load.flavor, &load.client_tls) {
-                (Flavor::NumstreamTls, None) => return Err("no client TLS for numstream-tls".into()),
+                (Flavor::NumstreamTls, None) => {
+                    return Err("no client TLS for numstream-tls".into());
+                }
                 (Flavor::NumstreamTls, tls) => tls.clone(),
                 _ => None,
             };

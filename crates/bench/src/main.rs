@@ -229,8 +229,7 @@ impl Common {
         if !self.flavors().contains(&Flavor::NumstreamTls) {
             return Ok(None);
         }
-        if self.server.placement == servers::Placement::Spawn && !self.server.external.is_empty()
-        {
+        if self.server.placement == servers::Placement::Spawn && !self.server.external.is_empty() {
             bail!("--tls starts its own servers: it cannot measure --connect ones");
         }
         let pki = numstream_testkit::tls::TestPki::generate();
@@ -840,4 +839,63 @@ async fn churn(
         ));
     }
     common.finish(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common_of(args: &[&str]) -> Common {
+        let cli = Cli::try_parse_from(args).expect("the arguments parse");
+        match cli.command {
+            Command::Steady { common, .. }
+            | Command::Resume { common, .. }
+            | Command::Churn { common, .. } => common,
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_adds_numstream_over_tls_after_plaintext() {
+        for scenario in ["steady", "resume", "churn"] {
+            let common = common_of(&["numstream-bench", scenario, "--tls"]);
+            assert_eq!(
+                common.flavors(),
+                [Flavor::Bare, Flavor::Numstream, Flavor::NumstreamTls],
+                "{scenario} --tls"
+            );
+            let plain = common_of(&["numstream-bench", scenario]);
+            assert_eq!(plain.flavors(), [Flavor::Bare, Flavor::Numstream]);
+        }
+    }
+
+    #[test]
+    fn tls_makes_a_certificate_only_the_tls_clients_trust() {
+        let mut common = common_of(&["numstream-bench", "steady", "--only", "numstream-tls"]);
+        assert_eq!(common.flavors(), [Flavor::NumstreamTls]);
+        let pki = common.prepare_tls().expect("the certificate is made");
+        let material = common.server.tls.clone().expect("the servers get it");
+        assert!(material.cert.exists() && material.key.exists() && material.ca.exists());
+        assert_eq!(common.tls_ca(Flavor::NumstreamTls), Some(material.ca.clone()));
+        assert_eq!(common.tls_ca(Flavor::Numstream), None);
+        drop(pki);
+        assert!(!material.key.exists(), "the key outlived the run");
+
+        let mut plain = common_of(&["numstream-bench", "churn"]);
+        assert!(plain.prepare_tls().expect("nothing to make").is_none());
+        assert!(plain.server.tls.is_none());
+    }
+
+    #[test]
+    fn tls_refuses_servers_it_did_not_start() {
+        let mut common = common_of(&[
+            "numstream-bench",
+            "steady",
+            "--tls",
+            "--connect",
+            "127.0.0.1:7000",
+        ]);
+        let error = common.prepare_tls().expect_err("--connect has no certificate of ours");
+        assert!(error.to_string().contains("--connect"), "{error}");
+    }
 }

@@ -103,7 +103,9 @@ pub(crate) async fn run(
         bail!("--store names no store");
     }
     if common.tls || common.only == Some(Flavor::NumstreamTls) {
-        bail!("overload measures plaintext numstream only; --tls is for steady, resume, churn and burst");
+        bail!(
+            "overload measures plaintext numstream only; --tls is for steady, resume, churn and burst"
+        );
     }
     let load = SteadyLoad {
         sessions,

@@ -224,7 +224,10 @@ impl Report {
                 _ => None,
             }
         };
-        let (plain, tls) = (figure(one(Flavor::Numstream)?), figure(one(Flavor::NumstreamTls)?));
+        let (plain, tls) = (
+            figure(one(Flavor::Numstream)?),
+            figure(one(Flavor::NumstreamTls)?),
+        );
         (plain > 0.0).then(|| tls / plain)
     }
 
