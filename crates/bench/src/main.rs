@@ -3,7 +3,9 @@
 //! Every scenario runs twice, first against the bare baseline (a minimal
 //! tokio server writing same-sized frames on the same schedule, see
 //! `bare.rs`), then against numstream, under the same load and in the same
-//! run, and reports both side by side with their ratio. Every numstream
+//! run, and reports both side by side with their ratio; with `--tls`
+//! numstream runs a third time over TLS, reported next to plaintext with
+//! the ratio TLS / plaintext. Every numstream
 //! session is verified by the client library (`Report::ok`), every bare one
 //! frame by frame. BENCHMARKS.md has the commands that reproduce each
 //! target of the performance issue and their last results; `overload`
@@ -876,7 +878,10 @@ mod tests {
         let pki = common.prepare_tls().expect("the certificate is made");
         let material = common.server.tls.clone().expect("the servers get it");
         assert!(material.cert.exists() && material.key.exists() && material.ca.exists());
-        assert_eq!(common.tls_ca(Flavor::NumstreamTls), Some(material.ca.clone()));
+        assert_eq!(
+            common.tls_ca(Flavor::NumstreamTls),
+            Some(material.ca.clone())
+        );
         assert_eq!(common.tls_ca(Flavor::Numstream), None);
         drop(pki);
         assert!(!material.key.exists(), "the key outlived the run");
@@ -895,7 +900,9 @@ mod tests {
             "--connect",
             "127.0.0.1:7000",
         ]);
-        let error = common.prepare_tls().expect_err("--connect has no certificate of ours");
+        let error = common
+            .prepare_tls()
+            .expect_err("--connect has no certificate of ours");
         assert!(error.to_string().contains("--connect"), "{error}");
     }
 }
