@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +32,13 @@ pub(crate) struct Load {
     pub(crate) addrs: Vec<SocketAddr>,
     /// Source addresses, round robin (empty: the kernel's choice).
     pub(crate) sources: Vec<IpAddr>,
+    /// The CA the `numstream-tls` servers' certificate chains to.
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Client TLS trusting `tls_ca`, made once per process by [`run`] and
+    /// shared by all its sessions (as one client program shares it across
+    /// its reconnections).
+    #[serde(skip)]
+    pub(crate) client_tls: Option<numstream_client::ClientTls>,
     pub(crate) kind: LoadKind,
 }
 
@@ -277,12 +285,20 @@ async fn session(
     let source = (!load.sources.is_empty()).then(|| load.sources[index % load.sources.len()]);
     match load.flavor {
         Flavor::Bare => crate::bare::session(addr, source, count, interval, probe).await,
-        Flavor::Numstream => {
+        Flavor::Numstream | Flavor::NumstreamTls => {
+            let tls = match (load.flavor, &load.client_tls) {
+                (Flavor::NumstreamTls, None) => {
+                    return Err("no client TLS for numstream-tls".into());
+                }
+                (Flavor::NumstreamTls, tls) => tls.clone(),
+                _ => None,
+            };
             let config = numstream_client::ClientConfig {
                 host: addr.ip().to_string(),
                 ports: vec![addr.port()],
                 count,
                 local_addr: source,
+                tls,
                 ..Default::default()
             };
             let report = numstream_client::run(config, probe).await;
@@ -296,7 +312,23 @@ async fn session(
 }
 
 /// Runs `load` to the end in this process.
-pub(crate) async fn run(load: Load) -> LoadResult {
+pub(crate) async fn run(mut load: Load) -> LoadResult {
+    if let Some(ca) = &load.tls_ca {
+        let options = numstream_client::TlsOptions {
+            ca: Some(ca.clone()),
+            ..Default::default()
+        };
+        match numstream_client::ClientTls::new(&options) {
+            Ok(tls) => load.client_tls = Some(tls),
+            Err(error) => {
+                return LoadResult {
+                    failed: 1,
+                    errors: vec![format!("client TLS from {}: {error}", ca.display())],
+                    ..Default::default()
+                };
+            }
+        }
+    }
     let load = Arc::new(load);
     let tally = Tally::new();
     let began = Instant::now();

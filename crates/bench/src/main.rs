@@ -3,7 +3,9 @@
 //! Every scenario runs twice, first against the bare baseline (a minimal
 //! tokio server writing same-sized frames on the same schedule, see
 //! `bare.rs`), then against numstream, under the same load and in the same
-//! run, and reports both side by side with their ratio. Every numstream
+//! run, and reports both side by side with their ratio; with `--tls`
+//! numstream runs a third time over TLS, reported next to plaintext with
+//! the ratio TLS / plaintext. Every numstream
 //! session is verified by the client library (`Report::ok`), every bare one
 //! frame by frame. BENCHMARKS.md has the commands that reproduce each
 //! target of the performance issue and their last results; `overload`
@@ -190,9 +192,15 @@ struct Schedule {
 struct Common {
     #[command(flatten)]
     server: ServerOptions,
-    /// Measure only one flavor (default: bare, then numstream).
+    /// Measure only one flavor (default: bare, then numstream, then
+    /// numstream-tls with `--tls`).
     #[arg(long, value_enum)]
     only: Option<Flavor>,
+    /// Also measure numstream over TLS, against a CA and server
+    /// certificate made for the run (never stored), in a third column next
+    /// to plaintext numstream, with the ratio TLS / plaintext.
+    #[arg(long)]
+    tls: bool,
     /// Spread client connections over this many source addresses
     /// 127.0.1.1, 127.0.1.2, ... (0: the kernel's choice, whose ephemeral
     /// port search gets slow past ~14,000 connections to one server port).
@@ -211,7 +219,35 @@ impl Common {
     fn flavors(&self) -> Vec<Flavor> {
         match self.only {
             Some(flavor) => vec![flavor],
+            None if self.tls => vec![Flavor::Bare, Flavor::Numstream, Flavor::NumstreamTls],
             None => vec![Flavor::Bare, Flavor::Numstream],
+        }
+    }
+
+    /// Makes the run's CA and server certificate when a TLS flavor is
+    /// measured; they are deleted when the returned value drops, so keep
+    /// it until the run ends.
+    fn prepare_tls(&mut self) -> anyhow::Result<Option<numstream_testkit::tls::TestPki>> {
+        if !self.flavors().contains(&Flavor::NumstreamTls) {
+            return Ok(None);
+        }
+        if self.server.placement == servers::Placement::Spawn && !self.server.external.is_empty() {
+            bail!("--tls starts its own servers: it cannot measure --connect ones");
+        }
+        let pki = numstream_testkit::tls::TestPki::generate();
+        self.server.tls = Some(servers::TlsMaterial {
+            ca: pki.ca.clone(),
+            cert: pki.server.cert.clone(),
+            key: pki.server.key.clone(),
+        });
+        Ok(Some(pki))
+    }
+
+    /// The CA a load's clients trust, for the TLS flavor.
+    fn tls_ca(&self, flavor: Flavor) -> Option<PathBuf> {
+        match flavor {
+            Flavor::NumstreamTls => self.server.tls.as_ref().map(|tls| tls.ca.clone()),
+            Flavor::Bare | Flavor::Numstream => None,
         }
     }
 
@@ -254,7 +290,7 @@ impl Common {
         let verification: Vec<Target> = report
             .flavors
             .iter()
-            .filter(|f| f.flavor == Flavor::Numstream)
+            .filter(|f| f.flavor.is_numstream())
             .map(|f| {
                 let name = match f.label.as_str() {
                     "numstream" => "sessions failing verification".to_owned(),
@@ -284,15 +320,21 @@ fn main() -> anyhow::Result<()> {
             Command::Steady {
                 sessions,
                 schedule,
-                common,
-            } => steady("steady", sessions, 0, 0, &schedule, &common).await,
+                mut common,
+            } => {
+                let _pki = common.prepare_tls()?;
+                steady("steady", sessions, 0, 0, &schedule, &common).await
+            }
             Command::Resume {
                 sessions,
                 victims,
                 drops,
                 schedule,
-                common,
-            } => steady("resume", sessions, victims, drops, &schedule, &common).await,
+                mut common,
+            } => {
+                let _pki = common.prepare_tls()?;
+                steady("resume", sessions, victims, drops, &schedule, &common).await
+            }
             Command::Overload {
                 sessions,
                 stores,
@@ -310,14 +352,20 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 parallel,
                 parallel_repeats,
-                common,
-            } => burst(count, repeats, parallel, parallel_repeats, &common).await,
+                mut common,
+            } => {
+                let _pki = common.prepare_tls()?;
+                burst(count, repeats, parallel, parallel_repeats, &common).await
+            }
             Command::Churn {
                 concurrency,
                 count,
                 duration,
-                common,
-            } => churn(concurrency, count, duration, &common).await,
+                mut common,
+            } => {
+                let _pki = common.prepare_tls()?;
+                churn(concurrency, count, duration, &common).await
+            }
             Command::Plot { out, reports } => plot::run(&reports, &out),
             Command::BareServer {
                 port,
@@ -501,6 +549,8 @@ async fn measure_steady(
             flavor,
             addrs: servers.addrs.clone(),
             sources: common.sources(),
+            tls_ca: common.tls_ca(flavor),
+            client_tls: None,
             kind: LoadKind::Steady {
                 total: sessions,
                 first: p * per_process,
@@ -542,6 +592,10 @@ async fn measure_steady(
         (&loadgen_from, &loadgen_to),
         sessions + victims,
     );
+    // Every session (victims too) is due one number per interval in the
+    // window.
+    let due_per_s = (sessions + victims) as f64 / interval.as_secs_f64().max(1e-9);
+    usage.cpu_us_per_number = usage.cpu_percent / 100.0 * 1e6 / due_per_s;
     usage.redis_cpu_percent = store_from
         .iter()
         .zip(&store_to)
@@ -631,6 +685,14 @@ async fn steady(
             1.3,
         ));
     }
+    if let Some(ratio) = report.tls_ratio(|f| f.server.cpu_percent) {
+        report.targets.push(Target::at_most(
+            "server CPU numstream TLS/plaintext",
+            "x",
+            ratio,
+            1.5,
+        ));
+    }
     common.finish(report)
 }
 
@@ -654,6 +716,8 @@ async fn burst(
             flavor,
             addrs: servers.addrs.clone(),
             sources: common.sources(),
+            tls_ca: common.tls_ca(flavor),
+            client_tls: None,
             kind: LoadKind::Burst { parallel, count },
         };
         let mut singles = Vec::new();
@@ -743,6 +807,8 @@ async fn churn(
             flavor,
             addrs: servers.addrs.clone(),
             sources: common.sources(),
+            tls_ca: common.tls_ca(flavor),
+            client_tls: None,
             kind: LoadKind::Churn {
                 concurrency,
                 count,
@@ -752,7 +818,11 @@ async fn churn(
         .await;
         let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
         servers.stop();
-        let usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 0);
+        let mut usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 0);
+        if result.ok > 0 {
+            usage.cpu_us_per_session =
+                usage.cpu_percent / 100.0 * usage.window_s * 1e6 / result.ok as f64;
+        }
         report
             .flavors
             .push(FlavorReport::new(flavor, &result, usage));
@@ -771,4 +841,68 @@ async fn churn(
         ));
     }
     common.finish(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common_of(args: &[&str]) -> Common {
+        let cli = Cli::try_parse_from(args).expect("the arguments parse");
+        match cli.command {
+            Command::Steady { common, .. }
+            | Command::Resume { common, .. }
+            | Command::Churn { common, .. } => common,
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_adds_numstream_over_tls_after_plaintext() {
+        for scenario in ["steady", "resume", "churn"] {
+            let common = common_of(&["numstream-bench", scenario, "--tls"]);
+            assert_eq!(
+                common.flavors(),
+                [Flavor::Bare, Flavor::Numstream, Flavor::NumstreamTls],
+                "{scenario} --tls"
+            );
+            let plain = common_of(&["numstream-bench", scenario]);
+            assert_eq!(plain.flavors(), [Flavor::Bare, Flavor::Numstream]);
+        }
+    }
+
+    #[test]
+    fn tls_makes_a_certificate_only_the_tls_clients_trust() {
+        let mut common = common_of(&["numstream-bench", "steady", "--only", "numstream-tls"]);
+        assert_eq!(common.flavors(), [Flavor::NumstreamTls]);
+        let pki = common.prepare_tls().expect("the certificate is made");
+        let material = common.server.tls.clone().expect("the servers get it");
+        assert!(material.cert.exists() && material.key.exists() && material.ca.exists());
+        assert_eq!(
+            common.tls_ca(Flavor::NumstreamTls),
+            Some(material.ca.clone())
+        );
+        assert_eq!(common.tls_ca(Flavor::Numstream), None);
+        drop(pki);
+        assert!(!material.key.exists(), "the key outlived the run");
+
+        let mut plain = common_of(&["numstream-bench", "churn"]);
+        assert!(plain.prepare_tls().expect("nothing to make").is_none());
+        assert!(plain.server.tls.is_none());
+    }
+
+    #[test]
+    fn tls_refuses_servers_it_did_not_start() {
+        let mut common = common_of(&[
+            "numstream-bench",
+            "steady",
+            "--tls",
+            "--connect",
+            "127.0.0.1:7000",
+        ]);
+        let error = common
+            .prepare_tls()
+            .expect_err("--connect has no certificate of ours");
+        assert!(error.to_string().contains("--connect"), "{error}");
+    }
 }

@@ -102,6 +102,11 @@ pub(crate) async fn run(
     if stores.is_empty() {
         bail!("--store names no store");
     }
+    if common.tls || common.only == Some(Flavor::NumstreamTls) {
+        bail!(
+            "overload measures plaintext numstream only; --tls is for steady, resume, churn and burst"
+        );
+    }
     let load = SteadyLoad {
         sessions,
         victims: 0,

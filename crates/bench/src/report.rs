@@ -30,6 +30,12 @@ pub(crate) struct ServerUsage {
     /// CPU of the redis-server the scenario started, over the same window
     /// (0 without one).
     pub(crate) redis_cpu_percent: f64,
+    /// Server CPU time per number sent over the window, in µs (`steady`,
+    /// `resume`: the numbers the schedule makes due; 0 where not set).
+    pub(crate) cpu_us_per_number: f64,
+    /// Server CPU time per verified session, in µs (`churn`, where every
+    /// session is a connection and, over TLS, a full handshake).
+    pub(crate) cpu_us_per_session: f64,
 }
 
 impl ServerUsage {
@@ -63,6 +69,8 @@ impl ServerUsage {
             },
             loadgen_cpu_percent: cpu(loadgen.0, loadgen.1),
             redis_cpu_percent: 0.0,
+            cpu_us_per_number: 0.0,
+            cpu_us_per_session: 0.0,
         }
     }
 }
@@ -187,16 +195,40 @@ impl Report {
         self.flavors.iter().find(|f| f.flavor == flavor)
     }
 
-    /// numstream / bare for a figure, when exactly those two were measured.
+    /// numstream / bare for a figure, when exactly those two were measured
+    /// (and maybe numstream over TLS after them).
     pub(crate) fn ratio(&self, figure: impl Fn(&FlavorReport) -> f64) -> Option<f64> {
-        let [bare, numstream] = self.flavors.as_slice() else {
-            return None;
+        let (bare, numstream) = match self.flavors.as_slice() {
+            [bare, numstream] | [bare, numstream, _] => (bare, numstream),
+            _ => return None,
         };
         if (bare.flavor, numstream.flavor) != (Flavor::Bare, Flavor::Numstream) {
             return None;
         }
+        if let Some(third) = self.flavors.get(2)
+            && third.flavor != Flavor::NumstreamTls
+        {
+            return None;
+        }
         let (bare, numstream) = (figure(bare), figure(numstream));
         (bare > 0.0).then(|| numstream / bare)
+    }
+
+    /// numstream over TLS / plaintext numstream for a figure, when both
+    /// were measured once each.
+    pub(crate) fn tls_ratio(&self, figure: impl Fn(&FlavorReport) -> f64) -> Option<f64> {
+        let one = |flavor| {
+            let mut found = self.flavors.iter().filter(|f| f.flavor == flavor);
+            match (found.next(), found.next()) {
+                (Some(only), None) => Some(only),
+                _ => None,
+            }
+        };
+        let (plain, tls) = (
+            figure(one(Flavor::Numstream)?),
+            figure(one(Flavor::NumstreamTls)?),
+        );
+        (plain > 0.0).then(|| tls / plain)
     }
 
     pub(crate) fn print_table(&self) {
@@ -253,6 +285,14 @@ impl Report {
             ("session p99 ms", Box::new(|f| f.session_time.p99_ms)),
             ("server CPU % of a core", Box::new(|f| f.server.cpu_percent)),
             (
+                "server CPU µs/number",
+                Box::new(|f| f.server.cpu_us_per_number),
+            ),
+            (
+                "server CPU µs/session",
+                Box::new(|f| f.server.cpu_us_per_session),
+            ),
+            (
                 "server RSS KiB",
                 Box::new(|f| f.server.rss_loaded_kib as f64),
             ),
@@ -272,12 +312,16 @@ impl Report {
         // Columns: the measured server sets in order; a ratio only for
         // the classic pair bare, numstream.
         let with_ratio = self.ratio(|_| 1.0).is_some();
+        let with_tls_ratio = self.tls_ratio(|_| 1.0).is_some();
         let mut header = format!("{:<26}", "");
         for flavor in &self.flavors {
             header.push_str(&format!(" {:>16}", flavor.label));
         }
         if with_ratio {
             header.push_str(&format!(" {:>8}", "ratio"));
+        }
+        if with_tls_ratio {
+            header.push_str(&format!(" {:>9}", "tls/plain"));
         }
         println!("{header}");
         for (name, figure) in &rows {
@@ -304,6 +348,12 @@ impl Report {
                     .ratio(|f| figure(f))
                     .map_or("-".to_owned(), |r| format!("{r:.2}"));
                 line.push_str(&format!(" {ratio:>8}"));
+            }
+            if with_tls_ratio {
+                let ratio = self
+                    .tls_ratio(|f| figure(f))
+                    .map_or("-".to_owned(), |r| format!("{r:.2}"));
+                line.push_str(&format!(" {ratio:>9}"));
             }
             println!("{line}");
         }

@@ -41,6 +41,10 @@ pub(crate) enum Flavor {
     Bare,
     /// numstream-server with the in-memory store.
     Numstream,
+    /// numstream-server with the in-memory store, over TLS (`--tls`): a
+    /// certificate made for the run, clients trusting its CA.
+    #[serde(rename = "numstream-tls")]
+    NumstreamTls,
 }
 
 impl Flavor {
@@ -48,7 +52,14 @@ impl Flavor {
         match self {
             Flavor::Bare => "bare",
             Flavor::Numstream => "numstream",
+            Flavor::NumstreamTls => "numstream-tls",
         }
+    }
+
+    /// Whether this is numstream-server (whose sessions the client library
+    /// verifies), over TLS or not.
+    pub(crate) fn is_numstream(self) -> bool {
+        matches!(self, Flavor::Numstream | Flavor::NumstreamTls)
     }
 }
 
@@ -112,6 +123,27 @@ pub(crate) struct ServerOptions {
     /// counters and histograms in the report, read just before they stop.
     #[arg(long)]
     pub(crate) server_metrics: bool,
+    /// The certificate the `numstream-tls` servers serve, made for the run
+    /// (`Common::prepare_tls`).
+    #[arg(skip)]
+    pub(crate) tls: Option<TlsMaterial>,
+}
+
+/// A CA, and a server certificate it signed for `127.0.0.1`, on disk for
+/// the length of a run.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsMaterial {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+impl ServerOptions {
+    fn tls_material(&self) -> anyhow::Result<&TlsMaterial> {
+        self.tls
+            .as_ref()
+            .context("the numstream-tls flavor needs a certificate: run with --tls")
+    }
 }
 
 /// Running servers of one flavor.
@@ -142,6 +174,13 @@ impl Servers {
         let (external, pids) = match flavor {
             Flavor::Numstream => (&options.external, &options.external_pids),
             Flavor::Bare => (&options.external_bare, &options.external_bare_pids),
+            // Only a server started here has the run's certificate.
+            Flavor::NumstreamTls => {
+                if !options.external.is_empty() {
+                    bail!("--tls starts its own servers: it cannot measure --connect ones");
+                }
+                (&options.external, &options.external_pids)
+            }
         };
         if !external.is_empty() {
             servers.addrs = external.clone();
@@ -158,7 +197,20 @@ impl Servers {
                         numstream_server::ListenOptions::default(),
                     )?;
                     servers.addrs.push(listener.local_addr()?);
-                    tokio::spawn(serve_inproc(flavor, listener, interval, stop.clone()));
+                    let tls = match flavor {
+                        Flavor::NumstreamTls => {
+                            let material = options.tls_material()?;
+                            Some(Arc::new(numstream_server::ServerTls::load(
+                                numstream_server::TlsFiles {
+                                    cert: material.cert.clone(),
+                                    key: material.key.clone(),
+                                    client_ca: None,
+                                },
+                            )?))
+                        }
+                        Flavor::Bare | Flavor::Numstream => None,
+                    };
+                    tokio::spawn(serve_inproc(flavor, listener, interval, tls, stop.clone()));
                 }
                 servers.pids.push(std::process::id());
                 servers.inproc = Some(stop);
@@ -176,7 +228,7 @@ impl Servers {
                     };
                     let cpus = options.server_cpus.as_ref();
                     let mut command = match flavor {
-                        Flavor::Numstream => {
+                        Flavor::Numstream | Flavor::NumstreamTls => {
                             let mut command = cpus::command(server_binary(options)?, cpus);
                             command.args([
                                 "--port".to_owned(),
@@ -184,6 +236,11 @@ impl Servers {
                                 "--interval".to_owned(),
                                 format!("{}us", interval.as_micros()),
                             ]);
+                            if flavor == Flavor::NumstreamTls {
+                                let material = options.tls_material()?;
+                                command.arg("--tls-cert").arg(&material.cert);
+                                command.arg("--tls-key").arg(&material.key);
+                            }
                             command.args(&options.server_args);
                             for flag in PER_ADDRESS_LIMITS {
                                 if !options.sets(flag) {
@@ -210,7 +267,7 @@ impl Servers {
                         }
                     };
                     let stderr = match (&options.server_log, flavor) {
-                        (Some(path), Flavor::Numstream) => Stdio::from(
+                        (Some(path), Flavor::Numstream | Flavor::NumstreamTls) => Stdio::from(
                             std::fs::OpenOptions::new()
                                 .create(true)
                                 .append(true)
@@ -289,6 +346,7 @@ async fn serve_inproc(
     flavor: Flavor,
     listener: TcpListener,
     interval: Duration,
+    tls: Option<Arc<numstream_server::ServerTls>>,
     stop: CancellationToken,
 ) {
     match flavor {
@@ -298,9 +356,10 @@ async fn serve_inproc(
                 _ = crate::bare::serve(listener) => {}
             }
         }
-        Flavor::Numstream => {
+        Flavor::Numstream | Flavor::NumstreamTls => {
             let config = numstream_server::ServerConfig {
                 interval,
+                tls,
                 max_connections: 200_000,
                 // As for spawned servers (see PER_ADDRESS_LIMITS).
                 per_address: numstream_server::PeerLimits::UNLIMITED,

@@ -774,7 +774,9 @@ async fn a_server_busy_past_the_open_timeout_ends_the_run_with_exit_code_4() {
         panic!("expected CannotConnect, got {:?}", report.error);
     };
     assert!(last_error.contains("server_busy"), "{last_error}");
-    assert!(*attempts > 10, "{attempts}");
+    // Busy backoff: jittered delays of at most 20 s, so at least three
+    // attempts in the 60 s (how many more is chance).
+    assert!(*attempts >= 3, "{attempts}");
     assert_eq!(reconnect_events(&events).len() + 1, *attempts as usize);
     // Attempts go on until the last second of the timeout (the last one
     // needs time to be answered); the run never outlasts it.

@@ -313,12 +313,13 @@ pub(crate) fn smooth(average: &AtomicU64, sample: Duration, weight: f64) {
     average.store(new as u64, Ordering::Relaxed);
 }
 
-/// An admitted OPEN on its way to streaming; counts against the stream
-/// limit until dropped (by then the stream counts itself).
+/// One unit of a count (an admitted OPEN on its way to streaming, which
+/// counts against the stream limit until its stream counts itself; an
+/// OPEN waiting for a place), given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Opening<'a>(&'a AtomicUsize);
+pub(crate) struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Opening<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -443,9 +444,9 @@ impl Overload {
     /// over successive calls, the share refused is
     /// [`Overload::shedding`], spread evenly (the golden-ratio sequence),
     /// whoever asks.
-    pub(crate) fn try_admit(&self, streams: usize) -> Result<Opening<'_>, Overloaded> {
+    pub(crate) fn try_admit(&self, streams: usize) -> Result<Counted<'_>, Overloaded> {
         let opening = self.opening.fetch_add(1, Ordering::Relaxed);
-        let admitted = Opening(&self.opening);
+        let admitted = Counted(&self.opening);
         let state = self.state(streams.saturating_add(opening));
         if state.at_stream_limit.is_some() {
             return Err(state);
@@ -478,7 +479,7 @@ impl Overload {
         &self,
         streams: impl Fn() -> usize,
         hold: Duration,
-    ) -> Result<Opening<'_>, Overloaded> {
+    ) -> Result<Counted<'_>, Overloaded> {
         let refused = match self.try_admit(streams()) {
             Ok(admitted) => return Ok(admitted),
             Err(state) if state.at_stream_limit.is_none() || hold.is_zero() => return Err(state),
@@ -489,7 +490,7 @@ impl Overload {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(refused);
         }
-        let _waiting = Opening(&self.waiting);
+        let _waiting = Counted(&self.waiting);
         let deadline = Instant::now() + hold;
         loop {
             if tokio::time::timeout_at(deadline, self.room.notified())

@@ -224,7 +224,25 @@ async fn kill_9_mid_stream_every_client_finishes_with_the_undisturbed_result() {
 
     // A finished session is gone at once: the same client ids start new
     // sessions (generation 1 again, after a takeover announced 2) and get
-    // the same sequences.
+    // the same sequences. "At once" is once the server has read the ACK,
+    // which a client sends best effort and does not wait on: wait for the
+    // record to go (a bound, not a measure) so that a new OPEN cannot race
+    // the server's delete.
+    let mut redis_connection = raw_redis(&redis).await;
+    for client_id in &failed_over {
+        let key = session_key(*client_id);
+        // The ACK is best effort too: a session whose ACK was lost waits
+        // out its 10 s TTL instead, so bound the wait past that.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while exists(&mut redis_connection, &key).await {
+            assert!(
+                Instant::now() < deadline,
+                "a finished session was still in Redis 20 s after its client finished \
+                 (neither completed nor expired)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let survivor_ports: Vec<u16> = survivors.iter().map(ServerProcess::port).collect();
     let reruns: Vec<_> = failed_over
         .into_iter()
