@@ -139,6 +139,23 @@ pub(crate) fn pin(pid: u32, cpus: &CpuList) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the running process `pid` to nice -10 (all its threads), so that
+/// a saturated neighbour on its CPUs cannot preempt it for whole time
+/// slices. Returns why not if that is refused (not root): the caller
+/// reports it and carries on.
+pub(crate) fn prioritize(pid: u32) -> Result<(), String> {
+    let output = Command::new("renice")
+        .args(["-n", "-10", "-p", &pid.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("cannot run renice (util-linux): {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
+}
+
 /// Fails early, with the package to install, when `taskset` is missing.
 pub(crate) fn require_taskset() -> anyhow::Result<()> {
     match Command::new("taskset")

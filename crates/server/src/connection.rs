@@ -404,6 +404,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             ))
         })?;
         let config = &self.shared.config;
+        let since_accept = self
+            .admission
+            .handshake_deadline
+            .checked_sub(config.handshake_timeout)
+            .map_or(Duration::ZERO, |accepted| accepted.elapsed());
+        if since_accept > crate::overload::LATEST_CREATE {
+            debug!(%peer, ?since_accept, "OPEN refused: too late to be answered in time");
+            self.shared
+                .admission_refused(AdmissionRefusal::Overload, peer);
+            return Err(AttachFailure::Refused(ErrorFrame::new(
+                ErrorCode::ServerBusy,
+                format!(
+                    "server is running {} s behind; try again shortly or on another instance",
+                    since_accept.as_secs()
+                ),
+            )));
+        }
         // One getrandom call for both the seed and the token.
         let random: [u8; 48] = random_bytes().map_err(AttachFailure::Refused)?;
         let (mut random_seed, mut token) = ([0u8; 32], [0u8; 16]);
@@ -815,5 +832,98 @@ mod tests {
              box what a connection needs only once (see Connection::admit, finish)"
         );
         drop((task, client));
+    }
+
+    /// A connection accepted on a loopback socket whose client has already
+    /// sent `hello`, served as if it had been accepted `accepted_ago`
+    /// before its task first ran (a server running that late); returns
+    /// the first frame the client reads, and the store.
+    async fn served_late(hello: Frame, accepted_ago: Duration) -> (Frame, Arc<dyn SessionStore>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let mut bytes = BytesMut::new();
+        numstream_protocol::encode_frame(&hello, &mut bytes);
+        client.write_all(&bytes).await.expect("send the hello");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let config = ServerConfig::default();
+        let store: Arc<dyn SessionStore> = Arc::new(numstream_store::InMemoryStore::new(10));
+        let shared = Arc::new(Shared {
+            session_config: Arc::new(session_config(&config, false)),
+            store: store.clone(),
+            registry: Registry::new(CancellationToken::new()),
+            shutdown: CancellationToken::new(),
+            telemetry: Telemetry::disabled(),
+            socket_options: crate::socket::SocketOptions {
+                dead_peer_timeout: Duration::from_secs(10),
+                send_buffer: None,
+            },
+            socket_options_inherited: false,
+            peers: Arc::new(Peers::new(crate::peers::PeerLimits::UNLIMITED)),
+            overload: Arc::new(crate::overload::Overload::new(
+                crate::overload::OverloadLimits::OFF,
+            )),
+            digest: Arc::new(LogDigest::new()),
+            config,
+        });
+        let accepted = Instant::now() - accepted_ago;
+        let admission = Admission::new(
+            Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a free permit"),
+            shared.telemetry.connection_open(),
+            shared
+                .peers
+                .admit_connection(PeerKey::from(peer.ip()))
+                .expect("unlimited"),
+            accepted + shared.config.handshake_timeout,
+        );
+        let task = tokio::spawn(serve(stream, peer, shared, admission));
+        let mut received = BytesMut::new();
+        let frame = loop {
+            if let Some(frame) =
+                numstream_protocol::decode_frame(&mut received).expect("a valid frame")
+            {
+                break frame;
+            }
+            let read = timeout(Duration::from_secs(10), client.read_buf(&mut received))
+                .await
+                .expect("the server answers")
+                .expect("read");
+            assert!(read > 0, "closed without a frame");
+        };
+        drop(client);
+        let _ = timeout(Duration::from_secs(10), task).await;
+        (frame, store)
+    }
+
+    #[tokio::test]
+    async fn an_open_too_late_to_be_answered_in_time_is_refused_without_a_session() {
+        let client_id = uuid::Uuid::new_v4();
+        let open = Frame::Open(numstream_protocol::frame::Open {
+            client_id,
+            count: 5,
+        });
+        let late = crate::overload::LATEST_CREATE + Duration::from_millis(500);
+        let (frame, store) = served_late(open.clone(), late).await;
+        match frame {
+            Frame::Error(error) => {
+                assert_eq!(error.code, ErrorCode::ServerBusy, "{error:?}");
+                assert_eq!(
+                    error.disposition,
+                    numstream_protocol::Disposition::Retry,
+                    "{error:?}"
+                );
+            }
+            other => panic!("expected ERROR server_busy, got {other:?}"),
+        }
+        // No orphan: the client id is free for the client's next OPEN.
+        assert_eq!(store.lookup(client_id).await.expect("lookup"), None);
+        // In time, the same OPEN is served.
+        let (frame, _) = served_late(open, Duration::ZERO).await;
+        assert!(matches!(frame, Frame::Welcome(_)), "{frame:?}");
     }
 }

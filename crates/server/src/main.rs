@@ -178,7 +178,7 @@ struct Args {
     /// /readyz.
     ///
     /// Example: --overload-lag 250ms
-    #[arg(long, value_name = "DURATION", default_value = "100ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
+    #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     overload_lag: Duration,
 
     /// Refuse new sessions while the store answers this slowly [0s: never]

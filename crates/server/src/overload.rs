@@ -63,6 +63,14 @@ const LIMIT_SMOOTHING: f64 = 0.5;
 /// after their client had given up, leaving sessions nobody could resume
 /// until they expired (measured: 84 of 50,000).
 pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
+/// An OPEN still waiting for its store write this long after its
+/// connection was accepted is refused (`server_busy`) instead of created:
+/// its WELCOME would come after the client stopped waiting (5 s from its
+/// hello in the reference client), and the session it created would be an
+/// orphan nobody holds the token of, blocking that client id until it
+/// expires (the client's next OPEN gets `session_exists`). Room for the
+/// store write and a late runtime to send the WELCOME: 2 s.
+pub(crate) const LATEST_CREATE: Duration = Duration::from_secs(3);
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
 
@@ -87,16 +95,22 @@ pub struct OverloadLimits {
 }
 
 impl Default for OverloadLimits {
-    /// Lag target 100 ms: well above a healthy server's (a millisecond or
+    /// Lag target 500 ms: well above a healthy server's (a millisecond or
     /// two; the kernel's time slices add tens of milliseconds when several
-    /// busy processes share a core), far below where streams fail (a
-    /// client gives a connection 5 s of silence), and low enough that a
-    /// core past its capacity passes it within a second or two. Shedding
-    /// on the lag then starts at 500 ms; on the store at 500 ms (a
-    /// millisecond to Redis normally, operations time out at 2 s).
+    /// busy processes share a core), well below where streams fail (a
+    /// client gives a connection 5 s of silence). Lower is not safer:
+    /// every session refused comes back, and a waiting client's attempts
+    /// (a connection, a hello, an ERROR every few seconds) cost this
+    /// server about what streaming to it would; a limit found at 100 ms
+    /// settled at 40% of what the core carried and left the rest of the
+    /// core to refusals (80,000 sessions on one core with Redis, issue 15:
+    /// 49,000–58,000 verified at 100 ms, 70,000 at 500 ms, 66,000 at 1 s,
+    /// 51,000 with no limit). Shedding on the lag then starts at 2.5 s; on
+    /// the store at 500 ms (a millisecond to Redis normally, operations
+    /// time out at 2 s).
     fn default() -> Self {
         Self {
-            scheduling_lag: Some(Duration::from_millis(100)),
+            scheduling_lag: Some(Duration::from_millis(500)),
             store_latency: Some(Duration::from_millis(500)),
             stream_floor: StreamLimit::FLOOR,
         }
@@ -120,7 +134,17 @@ impl OverloadLimits {
 /// off (the admitted sessions stream to their end), so a cut is taken
 /// from the streams now, `min(limit, 90% of streams)`, and a lag that
 /// stays high while the count stays put does not cut again and again
-/// down to nothing.
+/// down to nothing. Nor does a lag that stays high while sessions end by
+/// themselves: the load is already falling, and the lag then comes from
+/// work that is not streams (sessions completing, a wave of held OPENs
+/// admitted at once). An earlier version followed the streams down in
+/// that case and, over one 80,000-session run, took each server's limit
+/// from 6,700 to 2,500 in the middle of the run while 20,000 clients
+/// waited (measured with a probe trace; issue 15). So a cut after the
+/// first needs the limit to be what holds the load where it is (streams
+/// at the limit, new sessions being admitted as places free), and comes at most once per [`StreamLimit::CUT_SPACING`],
+/// the time a cut needs to show in the lag, as TCP cuts once per round
+/// trip.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamLimit {
     target: Duration,
@@ -131,6 +155,8 @@ pub(crate) struct StreamLimit {
     limit: Option<usize>,
     /// The lag the limit reacts to (smoothed over a few samples).
     lag: Duration,
+    /// Time since the last cut (`None` before the first).
+    since_cut: Option<Duration>,
 }
 
 impl StreamLimit {
@@ -157,6 +183,9 @@ impl StreamLimit {
     /// within this share of it; further below, growing it would only let
     /// a later burst through unchecked.
     const BINDING: f64 = 0.95;
+    /// Least time between two cuts: about what the smoothed lag takes to
+    /// show the effect of the last one.
+    const CUT_SPACING: Duration = Duration::from_secs(2);
 
     pub(crate) fn new(target: Duration, floor: usize) -> Self {
         Self {
@@ -164,6 +193,7 @@ impl StreamLimit {
             floor,
             limit: None,
             lag: Duration::ZERO,
+            since_cut: None,
         }
     }
 
@@ -182,10 +212,25 @@ impl StreamLimit {
     ) -> Option<usize> {
         let old = self.lag.as_secs_f64();
         self.lag = Duration::from_secs_f64(old + LIMIT_SMOOTHING * (lag.as_secs_f64() - old));
+        if let Some(since) = self.since_cut.as_mut() {
+            *since = since.saturating_add(elapsed);
+        }
         if self.lag > self.target {
-            if streams > self.floor {
-                let cut = ((streams as f64 * Self::CUT_TO) as usize).max(self.floor);
+            let may_cut = match (self.limit, self.since_cut) {
+                (None, _) | (_, None) => true,
+                // Streams past the limit are the overshoot the last cut
+                // already covers: nobody is being admitted.
+                (Some(limit), Some(since)) => {
+                    since >= Self::CUT_SPACING
+                        && streams <= limit
+                        && streams as f64 >= limit as f64 * Self::BINDING
+                }
+            };
+            if may_cut && streams > self.floor {
+                let base = self.limit.map_or(streams, |limit| limit.min(streams));
+                let cut = ((base as f64 * Self::CUT_TO) as usize).max(self.floor);
                 self.limit = Some(self.limit.map_or(cut, |limit| limit.min(cut)));
+                self.since_cut = Some(Duration::ZERO);
             }
         } else if let Some(limit) = self.limit
             && streams as f64 >= limit as f64 * Self::BINDING
@@ -665,14 +710,28 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(limit.on_sample(ms(900), TICK, 20_000), Some(18_000));
         }
-        // Still late while sessions end: the limit follows them down.
-        assert_eq!(limit.on_sample(ms(900), TICK, 15_000), Some(13_500));
+        // Still late while sessions end by themselves: the load is falling
+        // already, so the limit stays where it is.
+        for streams in (5_000..=17_000).rev().step_by(1_000) {
+            assert_eq!(limit.on_sample(ms(900), TICK, streams), Some(18_000));
+        }
+        // Still late with the streams back at the limit: cut again, from
+        // the limit, but at most once per spacing.
+        assert_eq!(limit.on_sample(ms(900), TICK, 18_000), Some(16_200));
+        assert_eq!(limit.on_sample(ms(900), TICK, 16_200), Some(16_200));
+        let samples_per_spacing = StreamLimit::CUT_SPACING.as_millis() / TICK.as_millis();
+        for _ in 2..samples_per_spacing {
+            assert_eq!(limit.on_sample(ms(900), TICK, 16_200), Some(16_200));
+        }
+        assert_eq!(limit.on_sample(ms(900), TICK, 16_200), Some(14_580));
         // Never below the floor, however late.
+        let mut small = StreamLimit::new(ms(100), StreamLimit::FLOOR);
+        small.on_sample(ms(900), TICK, 1_100);
         assert_eq!(
-            limit.on_sample(ms(900), TICK, 1_100),
+            small.on_sample(ms(900), TICK, 1_100),
             Some(StreamLimit::FLOOR)
         );
-        assert_eq!(limit.on_sample(ms(900), TICK, 10), Some(StreamLimit::FLOOR));
+        assert_eq!(small.on_sample(ms(900), TICK, 10), Some(StreamLimit::FLOOR));
     }
 
     #[test]
@@ -680,7 +739,9 @@ mod tests {
         let mut limit = StreamLimit::new(ms(100), 5);
         limit.on_sample(ms(400), TICK, 20);
         assert_eq!(limit.on_sample(ms(400), TICK, 20), Some(18));
-        assert_eq!(limit.on_sample(ms(400), TICK, 6), Some(5));
+        let mut cut_to_floor = StreamLimit::new(ms(100), 5);
+        cut_to_floor.on_sample(ms(400), TICK, 6);
+        assert_eq!(cut_to_floor.on_sample(ms(400), TICK, 6), Some(5));
         let mut none_below = StreamLimit::new(ms(100), 5);
         for _ in 0..10 {
             assert_eq!(none_below.on_sample(ms(400), TICK, 5), None);
