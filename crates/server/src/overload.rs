@@ -16,9 +16,10 @@
 //!
 //! - **A stream limit, found like TCP's congestion window** ([`StreamLimit`]):
 //!   none until the lag first passes its target (`--overload-lag`); then
-//!   at most 90% of the sessions streaming at that moment, following them
-//!   down while the lag stays high, and growing by 2% a second while the
-//!   lag is healthy and the limit is what holds admissions back. New
+//!   at most 90% of the sessions streaming at that moment, cut again
+//!   while the lag stays high and the streams are at the limit, and
+//!   growing by 2% a second while the lag is healthy and the limit is
+//!   what holds admissions back. New
 //!   sessions past it are refused; resumes never are. So the server
 //!   settles at what its core carries, whatever that is (a container's
 //!   CPU quota, a noisy neighbour, a slower machine), without an operator
