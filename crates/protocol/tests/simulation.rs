@@ -15,7 +15,7 @@
 //!
 //! CI runs `NUMSTREAM_SIM_SEEDS` seeds (default 2,000) from
 //! `NUMSTREAM_SIM_FIRST_SEED` (default 0); a soak run is the same test
-//! with more seeds, in release mode (README.md, "Testing").
+//! with more seeds, in release mode (docs/testing.md, "Deterministic simulation").
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
