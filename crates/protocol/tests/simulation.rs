@@ -19,6 +19,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -486,7 +487,10 @@ impl World {
                 0
             };
             world.clients.push(Client {
-                receiver: SequenceReceiver::new(client_id, count),
+                receiver: SequenceReceiver::new(
+                    client_id,
+                    NonZeroU16::new(count).expect("at least one number"),
+                ),
                 link: None,
                 rx: BytesMut::new(),
                 timer: None,
