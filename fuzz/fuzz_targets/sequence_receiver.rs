@@ -4,6 +4,8 @@
 //! at most once, by a FINAL at index `count - 1`.
 #![no_main]
 
+use std::num::NonZeroU16;
+
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use numstream_protocol::{
@@ -39,13 +41,14 @@ enum Step {
 
 #[derive(Debug, Arbitrary)]
 struct Input {
-    count: u16,
+    /// A receiver cannot be made for 0 numbers (its type says so).
+    count: NonZeroU16,
     steps: Vec<Step>,
 }
 
 fuzz_target!(|input: Input| {
-    let count = input.count.max(1);
-    let mut rx = SequenceReceiver::new(ClientId::from_u128(1), count);
+    let mut rx = SequenceReceiver::new(ClientId::from_u128(1), input.count);
+    let count = input.count.get();
     rx.hello();
     // The harness's own record of what was accepted.
     let mut accepted = SequenceChecksum::new();

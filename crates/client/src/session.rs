@@ -7,6 +7,7 @@
 //! policy ([`crate::retry`]) decides between connections.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -55,7 +56,12 @@ pub async fn run_with<C: Connector>(
     let mut driver = Driver {
         config: &config,
         connector,
-        receiver: SequenceReceiver::new(config.client_id, config.count),
+        // A count of 0 fails `validate` below, and the receiver is then
+        // never fed: any count stands in for it.
+        receiver: SequenceReceiver::new(
+            config.client_id,
+            NonZeroU16::new(config.count).unwrap_or(NonZeroU16::MIN),
+        ),
         observer,
         welcomes: 0,
         opens_sent: 0,

@@ -3,6 +3,7 @@
 //! per-session checksum. Run: `cargo bench -p numstream-protocol`.
 
 use std::hint::black_box;
+use std::num::NonZeroU16;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -145,7 +146,12 @@ fn client_path(c: &mut Criterion) {
     let client_id = uuid::Uuid::from_u128(0x6f1f_6f53_4c1c_4a55_9d55_2d43_b1e2_b0a1);
     group.bench_function("decode + verify 65535", |b| {
         b.iter_batched_ref(
-            || (bytes.clone(), SequenceReceiver::new(client_id, FULL)),
+            || {
+                (
+                    bytes.clone(),
+                    SequenceReceiver::new(client_id, NonZeroU16::MAX),
+                )
+            },
             |(src, receiver)| {
                 let _hello = receiver.hello();
                 while let Some(frame) = decode_frame(src).expect("valid frames") {

@@ -8,6 +8,8 @@
 //! that does not match the session is a [`StreamViolation`], never silently
 //! accepted.
 
+use std::num::NonZeroU16;
+
 use crate::checksum::SequenceChecksum;
 use crate::frame::{ClientId, ErrorFrame, Frame, Open, Resume, ResumeToken, Welcome};
 
@@ -80,7 +82,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct SequenceReceiver {
     client_id: ClientId,
-    count: u16,
+    /// Never 0: a session has at least one number, its FINAL.
+    count: NonZeroU16,
     /// Set by the first WELCOME; its presence means "resume, don't open".
     token: Option<ResumeToken>,
     next_index: u16,
@@ -89,7 +92,10 @@ pub struct SequenceReceiver {
 }
 
 impl SequenceReceiver {
-    pub fn new(client_id: ClientId, count: u16) -> Self {
+    /// A receiver for a session of `count` numbers (a session has at least
+    /// one, its FINAL: the type rules out 0, whose last index would not
+    /// exist).
+    pub fn new(client_id: ClientId, count: NonZeroU16) -> Self {
         Self {
             client_id,
             count,
@@ -109,7 +115,7 @@ impl SequenceReceiver {
         match self.token {
             None => Frame::Open(Open {
                 client_id: self.client_id,
-                count: self.count,
+                count: self.count.get(),
             }),
             Some(token) => Frame::Resume(Resume {
                 client_id: self.client_id,
@@ -129,7 +135,12 @@ impl SequenceReceiver {
     }
 
     pub fn count(&self) -> u16 {
-        self.count
+        self.count.get()
+    }
+
+    /// The index FINAL must carry.
+    fn last_index(&self) -> u16 {
+        self.count.get() - 1
     }
 
     /// How many numbers have been received so far.
@@ -170,10 +181,10 @@ impl SequenceReceiver {
             Phase::Streaming => match frame {
                 Frame::Number { index, value } => {
                     self.check_index(index)?;
-                    if index == self.count - 1 {
+                    if index == self.last_index() {
                         return Err(StreamViolation::MissingFinal {
                             index,
-                            count: self.count,
+                            count: self.count(),
                         });
                     }
                     self.record(value);
@@ -185,15 +196,15 @@ impl SequenceReceiver {
                     checksum,
                 } => {
                     self.check_index(index)?;
-                    if index != self.count - 1 {
+                    if index != self.last_index() {
                         return Err(StreamViolation::EarlyFinal {
                             index,
-                            count: self.count,
+                            count: self.count(),
                         });
                     }
                     self.record(value);
                     let outcome = Outcome {
-                        count: self.count,
+                        count: self.count(),
                         sum: self.checksum.sum(),
                         server_checksum: checksum,
                         client_checksum: self.checksum.checksum(),
@@ -209,9 +220,9 @@ impl SequenceReceiver {
     }
 
     fn accept_welcome(&mut self, welcome: Welcome) -> Result<Progress, StreamViolation> {
-        if welcome.count != self.count {
+        if welcome.count != self.count() {
             return Err(StreamViolation::WelcomeCount {
-                expected: self.count,
+                expected: self.count(),
                 got: welcome.count,
             });
         }
@@ -299,7 +310,10 @@ mod tests {
     }
 
     fn receiver(count: u16) -> SequenceReceiver {
-        SequenceReceiver::new(ClientId::from_bytes([1; 16]), count)
+        SequenceReceiver::new(
+            ClientId::from_bytes([1; 16]),
+            NonZeroU16::new(count).expect("a test session has numbers"),
+        )
     }
 
     /// Feeds a correct server's frames for indices `from..to`.

@@ -4,6 +4,8 @@
 //! resumed at any points, and must never verify a stream with any single
 //! corruption in it.
 
+use std::num::NonZeroU16;
+
 use bytes::BytesMut;
 use proptest::prelude::*;
 
@@ -75,7 +77,7 @@ proptest! {
         cuts in proptest::collection::btree_set(0u16..400, 0..10),
     ) {
         let seed = SessionSeed(seed);
-        let mut rx = SequenceReceiver::new(ClientId::from_u128(7), count);
+        let mut rx = SequenceReceiver::new(ClientId::from_u128(7), NonZeroU16::new(count).expect("count >= 1"));
         prop_assert!(matches!(rx.hello(), Frame::Open(_)));
         rx.accept(welcome(count, 0)).expect("first WELCOME");
         let mut outcome = None;
@@ -111,7 +113,7 @@ proptest! {
         corruption in arb_corruption(),
     ) {
         let seed = SessionSeed(seed);
-        let mut rx = SequenceReceiver::new(ClientId::from_u128(8), count);
+        let mut rx = SequenceReceiver::new(ClientId::from_u128(8), NonZeroU16::new(count).expect("count >= 1"));
         rx.hello();
         rx.accept(welcome(count, 0)).expect("WELCOME");
         let position = at.index(usize::from(count)) as u16;

@@ -15,10 +15,11 @@
 //!
 //! CI runs `NUMSTREAM_SIM_SEEDS` seeds (default 2,000) from
 //! `NUMSTREAM_SIM_FIRST_SEED` (default 0); a soak run is the same test
-//! with more seeds, in release mode (README.md, "Testing").
+//! with more seeds, in release mode (docs/testing.md, "Deterministic simulation").
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -486,7 +487,10 @@ impl World {
                 0
             };
             world.clients.push(Client {
-                receiver: SequenceReceiver::new(client_id, count),
+                receiver: SequenceReceiver::new(
+                    client_id,
+                    NonZeroU16::new(count).expect("at least one number"),
+                ),
                 link: None,
                 rx: BytesMut::new(),
                 timer: None,

@@ -4,9 +4,9 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `/metrics` | 200, Prometheus text format 0.0.4 |
+//! | `/metrics` | 200, Prometheus text format 0.0.4; `numstream_ready` says what `/readyz` answers at that moment |
 //! | `/healthz` | 200 `ok` while the process runs (liveness) |
-//! | `/readyz` | 200 `ready` while the server accepts connections, has a free connection slot, and the session store answers `ping` within [`READY_PING_TIMEOUT`]; otherwise 503 and the reason (starting, draining, at the connection limit, store down) |
+//! | `/readyz` | 200 `ready` while the server accepts connections, has a free connection slot, does not refuse new sessions for overload, and the session store answers `ping` within [`READY_PING_TIMEOUT`] with room for a session; otherwise 503 and the reason (starting, draining, at the connection or session limit, overloaded, store down) |
 //!
 //! It runs beside the session listener on its own address and is bounded
 //! like it, with one more duty: an orchestrator that cannot reach
@@ -169,6 +169,10 @@ impl Status {
         }
         match request.uri().path() {
             "/metrics" => {
+                // Readiness as a metric, so that alerts see what a load
+                // balancer sees (a scrape of a live but unready instance
+                // still succeeds: `up` stays 1).
+                self.telemetry.set_ready(self.readiness().await.is_ok());
                 self.telemetry.refresh();
                 let mut response = text(StatusCode::OK, self.metrics.render());
                 response

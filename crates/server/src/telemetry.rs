@@ -1,6 +1,8 @@
 //! What the server tells operators about itself: Prometheus metrics (the
 //! handles, registered once, and their names) and the readiness flag that
-//! `/readyz` reports. `docs/operations.md` describes every metric.
+//! `/readyz` reports. `docs/operations.md` describes every metric; a test
+//! (`tests/operations.rs`) checks that it describes exactly what `/metrics`
+//! exports, and that the names follow Prometheus's conventions.
 //!
 //! Handles are registered once per server, with every label value known in
 //! advance (error codes, handshake failure reasons, store operations), so
@@ -22,6 +24,7 @@ use tokio::time::Instant;
 /// Metric names, shared with the docs and the tests.
 pub mod names {
     pub const BUILD_INFO: &str = "numstream_build_info";
+    pub const READY: &str = "numstream_ready";
     pub const CONNECTIONS: &str = "numstream_connections";
     pub const CONNECTIONS_ACCEPTED: &str = "numstream_connections_accepted_total";
     pub const CONNECTIONS_OVER_LIMIT: &str = "numstream_connections_over_limit_total";
@@ -34,13 +37,13 @@ pub mod names {
     pub const REJECTIONS: &str = "numstream_rejections_total";
     pub const SESSIONS_OPEN: &str = "numstream_sessions_open";
     pub const SESSIONS_ATTACHED: &str = "numstream_sessions_attached";
-    pub const SESSIONS_DETACHED: &str = "numstream_sessions_detached";
+    pub const SESSIONS_AWAITING_RESUME: &str = "numstream_sessions_awaiting_resume";
     pub const SESSIONS_CREATED: &str = "numstream_sessions_created_total";
     pub const SESSIONS_RESUMED: &str = "numstream_sessions_resumed_total";
     pub const SESSIONS_COMPLETED: &str = "numstream_sessions_completed_total";
     pub const SESSIONS_EXPIRED: &str = "numstream_sessions_expired_total";
     pub const SESSIONS_TAKEN_OVER: &str = "numstream_sessions_taken_over_total";
-    pub const SESSIONS_DETACHES: &str = "numstream_sessions_detached_total";
+    pub const SESSIONS_DETACHED: &str = "numstream_sessions_detached_total";
     pub const NUMBERS_SENT: &str = "numstream_numbers_sent_total";
     pub const NUMBERS_REPLAYED: &str = "numstream_numbers_replayed_total";
     pub const TIME_TO_RESUME: &str = "numstream_time_to_resume_seconds";
@@ -258,6 +261,7 @@ struct Inner {
     session_gauges: Option<SessionGauges>,
     departures: Mutex<Departures>,
 
+    ready: Gauge,
     connections: Gauge,
     connections_accepted: Counter,
     connections_over_limit: Counter,
@@ -270,7 +274,7 @@ struct Inner {
     sessions_completed: Counter,
     sessions_expired: Counter,
     sessions_taken_over: Counter,
-    sessions_detaches: Counter,
+    sessions_detached: Counter,
     numbers_sent: Counter,
     numbers_replayed: Counter,
     time_to_resume: Histogram,
@@ -290,17 +294,17 @@ struct OverloadGauges {
     stream_limit: Gauge,
 }
 
-/// `numstream_sessions_open` and `_detached`, sampled from a counter.
+/// `numstream_sessions_open` and `_awaiting_resume`, sampled from a counter.
 struct SessionGauges {
     count: SessionCounter,
     open: Gauge,
-    detached: Gauge,
+    awaiting_resume: Gauge,
 }
 
 impl Telemetry {
     /// Registers every metric of a server whose sessions live in a store of
     /// kind `store_kind` (the `store` label) with `recorder`.
-    /// `numstream_sessions_open` and `numstream_sessions_detached` exist
+    /// `numstream_sessions_open` and `numstream_sessions_awaiting_resume` exist
     /// only with a `session_count` (the in-memory store's `len`): a shared
     /// store's sessions belong to no instance.
     pub fn new(
@@ -372,14 +376,19 @@ impl Telemetry {
                         vec![store()],
                         "Sessions held by the store, attached or awaiting a resume (in-memory store only).",
                     )?,
-                    detached: r.gauge(
-                        names::SESSIONS_DETACHED,
+                    awaiting_resume: r.gauge(
+                        names::SESSIONS_AWAITING_RESUME,
                         vec![store()],
                         "Sessions awaiting a resume: open minus attached (in-memory store only).",
                     )?,
                 })
             }),
             departures: Mutex::new(Departures::default()),
+            ready: r.gauge_or_noop(
+                names::READY,
+                vec![],
+                "1 when /readyz would answer 200 at this scrape, else 0: a scraper's view of readiness.",
+            ),
             connections: r.gauge_or_noop(
                 names::CONNECTIONS,
                 vec![],
@@ -450,8 +459,8 @@ impl Telemetry {
                 vec![store()],
                 "Streams on this instance stopped because a newer connection (here or on another instance) resumed their session.",
             ),
-            sessions_detaches: r.counter(
-                names::SESSIONS_DETACHES,
+            sessions_detached: r.counter(
+                names::SESSIONS_DETACHED,
                 vec![store()],
                 "Streams on this instance that ended without completion and handed their session back for a resume.",
             ),
@@ -508,6 +517,11 @@ impl Telemetry {
         self.inner.accepting.store(accepting, Ordering::Relaxed);
     }
 
+    /// Records what `/readyz` answers now, for the scrape about to render.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.inner.ready.set(if ready { 1.0 } else { 0.0 });
+    }
+
     /// Brings the gauges that are sampled rather than tracked up to date;
     /// call before rendering a scrape.
     pub fn refresh(&self) {
@@ -535,7 +549,9 @@ impl Telemetry {
             let open = (gauges.count)();
             let attached = self.inner.attached_now.load(Ordering::Relaxed);
             gauges.open.set(open as f64);
-            gauges.detached.set(open.saturating_sub(attached) as f64);
+            gauges
+                .awaiting_resume
+                .set(open.saturating_sub(attached) as f64);
         }
     }
 
@@ -628,7 +644,7 @@ impl Telemetry {
     }
 
     pub(crate) fn session_detached(&self) {
-        self.inner.sessions_detaches.increment(1);
+        self.inner.sessions_detached.increment(1);
     }
 
     /// A streaming connection's handle on the per-number metrics.

@@ -3,7 +3,7 @@
 //! expired, rejected), `/healthz`, `/readyz` following the Redis store, and
 //! logs that name every session but never its resume token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -167,6 +167,33 @@ async fn read_to_the_end(client: &mut RawClient, from: u16) {
     client.expect_closed().await;
 }
 
+/// Resumes a session at `from` on a new connection and reads it to the end.
+async fn resume_to_the_end(server: SocketAddr, client_id: ClientId, token: ResumeToken, from: u16) {
+    let mut client = RawClient::connect(server).await;
+    client
+        .send(Frame::Resume(Resume {
+            client_id,
+            token,
+            next_index: from,
+        }))
+        .await;
+    assert!(matches!(client.frame().await, Frame::Welcome(_)));
+    read_to_the_end(&mut client, from).await;
+}
+
+/// A RESUME of a session nobody opened, refused with `session_unknown`.
+async fn resume_an_unknown_session(server: SocketAddr) {
+    let mut unknown = RawClient::connect(server).await;
+    unknown
+        .send(Frame::Resume(Resume {
+            client_id: ClientId::new_v4(),
+            token: ResumeToken([7; 16]),
+            next_index: 0,
+        }))
+        .await;
+    unknown.expect_error(ErrorCode::SessionUnknown).await;
+}
+
 fn frame_value(frame: &Frame) -> u32 {
     match frame {
         Frame::Number { value, .. } => *value,
@@ -255,7 +282,7 @@ async fn metrics_follow_sessions_through_a_drop_a_resume_completion_and_expiry()
     // for a scrape that shows the whole state.
     let dropped = scrape_until(status, "the detach", |s| {
         s.value("numstream_sessions_detached_total", &[]) == 1.0
-            && s.value("numstream_sessions_detached", &[]) == 1.0
+            && s.value("numstream_sessions_awaiting_resume", &[]) == 1.0
     })
     .await;
     assert_eq!(dropped.value("numstream_sessions_created_total", &[]), 1.0);
@@ -277,7 +304,10 @@ async fn metrics_follow_sessions_through_a_drop_a_resume_completion_and_expiry()
         1.0
     );
     assert_eq!(streaming.value("numstream_sessions_attached", &[]), 1.0);
-    assert_eq!(streaming.value("numstream_sessions_detached", &[]), 0.0);
+    assert_eq!(
+        streaming.value("numstream_sessions_awaiting_resume", &[]),
+        0.0
+    );
     assert_eq!(streaming.value("numstream_connections", &[]), 1.0);
     assert_eq!(
         streaming.value("numstream_time_to_resume_seconds_count", &[]),
@@ -344,15 +374,7 @@ async fn metrics_follow_sessions_through_a_drop_a_resume_completion_and_expiry()
     assert_eq!(expired.value("numstream_sessions_detached_total", &[]), 2.0);
 
     // Refusals are counted by error code, broken handshakes by reason.
-    let mut unknown = RawClient::connect(server_address(&server)).await;
-    unknown
-        .send(Frame::Resume(Resume {
-            client_id: ClientId::new_v4(),
-            token: ResumeToken([7; 16]),
-            next_index: 0,
-        }))
-        .await;
-    unknown.expect_error(ErrorCode::SessionUnknown).await;
+    resume_an_unknown_session(server_address(&server)).await;
     let mut garbage = RawClient::connect(server_address(&server)).await;
     garbage.send_bytes(b"GET / HTTP/1.1\r\n\r\n").await;
     garbage.expect_error(ErrorCode::Malformed).await;
@@ -375,9 +397,156 @@ async fn metrics_follow_sessions_through_a_drop_a_resume_completion_and_expiry()
     // Liveness, readiness and the rest of the endpoint.
     assert_eq!(get(status, "/healthz").await, (200, "ok\n".to_owned()));
     assert_eq!(get(status, "/readyz").await, (200, "ready\n".to_owned()));
+    assert_eq!(scrape(status).await.value("numstream_ready", &[]), 1.0);
     let (code, body) = get(status, "/nothing").await;
     assert_eq!(code, 404);
     assert!(body.contains("/metrics"), "{body}");
+}
+
+/// One metric family as exported or documented: its type and label names.
+type Catalog = BTreeMap<String, (String, BTreeSet<String>)>;
+
+/// The families on a `/metrics` page, read with a Prometheus text parser.
+/// A histogram's `_sum` and `_count` series belong to its family; its `le`
+/// label is the buckets', not the metric's.
+fn exported_families(page: &str) -> Catalog {
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|line| Ok(line.to_owned())))
+        .expect("a Prometheus text page");
+    let histograms: BTreeSet<String> = scrape
+        .samples
+        .iter()
+        .filter(|sample| matches!(sample.value, prometheus_parse::Value::Histogram(_)))
+        .map(|sample| sample.metric.clone())
+        .collect();
+    let mut families = Catalog::new();
+    for sample in &scrape.samples {
+        let kind = match sample.value {
+            prometheus_parse::Value::Counter(_) => "counter",
+            prometheus_parse::Value::Gauge(_) => "gauge",
+            prometheus_parse::Value::Histogram(_) => "histogram",
+            prometheus_parse::Value::Summary(_) => "summary",
+            prometheus_parse::Value::Untyped(_) => {
+                let of_a_histogram = ["_sum", "_count"].iter().any(|suffix| {
+                    sample
+                        .metric
+                        .strip_suffix(suffix)
+                        .is_some_and(|family| histograms.contains(family))
+                });
+                if of_a_histogram {
+                    continue;
+                }
+                "untyped"
+            }
+        };
+        let labels = sample.labels.keys().map(String::to_owned);
+        let (_, names) = families
+            .entry(sample.metric.clone())
+            .or_insert_with(|| (kind.to_owned(), BTreeSet::new()));
+        names.extend(labels);
+    }
+    families
+}
+
+/// The families in the metrics table of docs/operations.md, one row each:
+/// metric name, type, label names, meaning.
+fn documented_families(operations_md: &str) -> Catalog {
+    let section = operations_md
+        .split_once("\n## Metrics\n")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .expect("docs/operations.md has a Metrics section");
+    section
+        .lines()
+        .filter(|line| line.starts_with("| `numstream_"))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let [_, name, kind, labels, ..] = cells[..] else {
+                panic!("a metrics row with fewer than three columns: {row}");
+            };
+            let labels = labels
+                .split(',')
+                .map(|label| label.trim().trim_matches('`'))
+                .filter(|label| !label.is_empty())
+                .map(str::to_owned)
+                .collect();
+            (name.trim_matches('`').to_owned(), (kind.to_owned(), labels))
+        })
+        .collect()
+}
+
+/// What `/metrics` exports after a session went through every event that
+/// registers or first samples a series (a drop seen here, a resume, a
+/// completion, a refusal) is exactly what docs/operations.md documents,
+/// type and labels included, and the names follow the Prometheus and
+/// OpenMetrics rules: a counter ends in `_total` and nothing else does, and
+/// no two families share a name once `_total` is stripped (OpenMetrics
+/// parsers would merge them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exported_metric_is_documented_and_every_documented_one_is_exported() {
+    let (server, status) = start(&["--interval", "10ms"], &[]);
+    let client_id = ClientId::new_v4();
+    let mut first = RawClient::connect(server_address(&server)).await;
+    first
+        .send(Frame::Open(Open {
+            client_id,
+            count: 30,
+        }))
+        .await;
+    let Frame::Welcome(welcome) = first.frame().await else {
+        panic!("expected WELCOME");
+    };
+    assert!(matches!(
+        first.frame().await,
+        Frame::Number { index: 0, .. }
+    ));
+    drop(first);
+    // Resumed only once the drop was seen, so the time to resume is timed.
+    scrape_until(status, "the detach", |s| {
+        s.value("numstream_sessions_detached_total", &[]) == 1.0
+    })
+    .await;
+    resume_to_the_end(server_address(&server), client_id, welcome.token, 1).await;
+    resume_an_unknown_session(server_address(&server)).await;
+    scrape_until(status, "the completion", |s| {
+        s.value("numstream_sessions_completed_total", &[]) == 1.0
+            && s.value("numstream_time_to_resume_seconds_count", &[]) == 1.0
+    })
+    .await;
+
+    let (code, page) = get(status, "/metrics").await;
+    assert_eq!(code, 200, "{page}");
+    let exported = exported_families(&page);
+    let documented = documented_families(include_str!("../../../docs/operations.md"));
+    let undocumented: Vec<_> = exported
+        .keys()
+        .filter(|name| !documented.contains_key(*name))
+        .collect();
+    let missing: Vec<_> = documented
+        .keys()
+        .filter(|name| !exported.contains_key(*name))
+        .collect();
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "exported but not in docs/operations.md: {undocumented:?}; \
+         documented but not exported: {missing:?}"
+    );
+    assert_eq!(
+        exported, documented,
+        "types and label names, exported (left) and documented (right)"
+    );
+
+    let mut families = BTreeSet::new();
+    for (name, (kind, _)) in &exported {
+        assert_eq!(
+            name.ends_with("_total"),
+            kind == "counter",
+            "{name} is a {kind}: counters, and only counters, end in _total"
+        );
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            families.insert(family.to_owned()),
+            "{name} shares its family name {family} with another metric"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +568,11 @@ async fn readyz_fails_while_the_redis_store_is_down_and_recovers() {
         "{down:#?}"
     );
     assert_eq!(get(status, "/healthz").await.0, 200, "still alive");
+    assert_eq!(
+        down.value("numstream_ready", &[]),
+        0.0,
+        "the metric says what /readyz says"
+    );
     assert!(
         !down.has("numstream_sessions_open"),
         "a shared store's sessions are nobody's to count"
@@ -527,16 +701,7 @@ async fn session_logged(format: &str) -> (String, ClientId, [ResumeToken; 2]) {
         .await;
     intruder.expect_error(ErrorCode::BadResumeToken).await;
 
-    let mut second = RawClient::connect(addr).await;
-    second
-        .send(Frame::Resume(Resume {
-            client_id,
-            token: welcome.token,
-            next_index: 5,
-        }))
-        .await;
-    assert!(matches!(second.frame().await, Frame::Welcome(_)));
-    read_to_the_end(&mut second, 5).await;
+    resume_to_the_end(addr, client_id, welcome.token, 5).await;
 
     let deadline = Instant::now() + PATIENCE;
     while !server.log().contains("session completed") {

@@ -18,7 +18,7 @@
 //! and rebalancing give each master a contiguous range, so the groups (and
 //! so the sessions) spread evenly over the masters.
 //!
-//! The bound then holds per group (ARCHITECTURE.md, "Redis Cluster"): each
+//! The bound then holds per group (ARCHITECTURE.md, "On a Redis Cluster"): each
 //! group admits `ceil(max_sessions / groups)` sessions.
 
 use std::fmt::Write as _;
@@ -28,8 +28,8 @@ use numstream_protocol::ClientId;
 /// Groups on a cluster. Part of the key layout: every server of one
 /// deployment must use the same number. 64 spreads within 5% over 3
 /// masters (21, 22 and 21 groups) and keeps a group's share of a 100,000 bound
-/// (1,563) large enough that the first refusal comes at about 93% of the
-/// bound on random client ids (ARCHITECTURE.md).
+/// (1,563) large enough that the first refusal comes late (at what share of
+/// the bound: ARCHITECTURE.md, "On a Redis Cluster").
 pub const CLUSTER_GROUPS: usize = 64;
 
 /// Redis Cluster's hash slots.

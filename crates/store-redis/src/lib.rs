@@ -633,7 +633,7 @@ impl SessionStore for RedisStore {
             SessionSeed(seed.try_into().map_err(|seed: Vec<u8>| {
                 corrupt(format!("seed is {} bytes, not 32", seed.len()))
             })?);
-        let count = reply.number("count")?;
+        let count = reply.count()?;
         let generation = reply.number("generation")?;
         // A session created by a version that did not store the checksum
         // may still be resumed after an upgrade: compute it once here, as
@@ -733,7 +733,7 @@ impl SessionStore for RedisStore {
             Err(StoreError::NotFound) => return Ok(None),
             Err(other) => return Err(other),
         };
-        let count = reply.number("count")?;
+        let count = reply.count()?;
         let generation = reply.number("generation")?;
         let attached = match reply.bytes("attached")?.as_slice() {
             b"1" => true,

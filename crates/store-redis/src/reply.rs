@@ -123,6 +123,16 @@ impl Reply {
         }
     }
 
+    /// A session's count: a number of 1 to 65,535. A record that says 0
+    /// (no script writes one) would have no last index, so it is corrupt
+    /// rather than passed on to a server that computes `count - 1`.
+    pub(crate) fn count(&mut self) -> Result<u16, StoreError> {
+        match self.number("count")? {
+            0 => Err(corrupt("count is 0: a session has at least one number")),
+            count => Ok(count),
+        }
+    }
+
     /// [`number`](Self::number), or `None` for the empty string a script
     /// sends for a field the record does not have.
     pub(crate) fn optional_number<T>(&mut self, what: &str) -> Result<Option<T>, StoreError>
@@ -216,6 +226,15 @@ mod tests {
             Reply::decode(array(vec![text("ok"), Value::Int(3), text("42")])).expect("decode");
         assert_eq!(reply.number::<u64>("a"), Ok(3));
         assert_eq!(reply.number::<u16>("b"), Ok(42));
+    }
+
+    #[test]
+    fn a_count_of_zero_is_corrupt() {
+        let mut reply = Reply::decode(array(vec![text("ok"), text("0"), Value::Int(0), text("7")]))
+            .expect("decode");
+        assert!(matches!(reply.count(), Err(StoreError::Corrupt(_))));
+        assert!(matches!(reply.count(), Err(StoreError::Corrupt(_))));
+        assert_eq!(reply.count(), Ok(7));
     }
 
     #[test]

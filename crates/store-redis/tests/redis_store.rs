@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use numstream_protocol::{ClientId, SequenceChecksum};
 use numstream_store::conformance::{self, LONG, next_notice, random_session};
-use numstream_store::{Occupancy, SessionStore, StoreError, TakeoverNotice};
+use numstream_store::{NewSession, Occupancy, SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 use numstream_testkit::redis::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -581,6 +581,25 @@ async fn an_unreachable_host_is_unavailable_within_the_operation_timeout() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A new session whose record then has `field` overwritten with `value`.
+async fn damaged(
+    store: &RedisStore,
+    redis: &mut MultiplexedConnection,
+    field: &str,
+    value: &str,
+) -> NewSession {
+    let session = random_session();
+    store.create(session, LONG).await.expect("create");
+    let _: () = redis::cmd("HSET")
+        .arg(store.session_key(session.client_id))
+        .arg(field)
+        .arg(value)
+        .query_async(redis)
+        .await
+        .expect("HSET");
+    session
+}
+
 #[tokio::test]
 async fn damaged_records_are_corrupt_not_panics() {
     let server = RedisServer::start();
@@ -603,16 +622,7 @@ async fn damaged_records_are_corrupt_not_panics() {
         Err(StoreError::Corrupt(_))
     ));
 
-    let bad_fields = random_session();
-    store.create(bad_fields, LONG).await.expect("create");
-    let key = store.session_key(bad_fields.client_id);
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("generation")
-        .arg("two")
-        .query_async(&mut redis)
-        .await
-        .expect("HSET");
+    let bad_fields = damaged(&store, &mut redis, "generation", "two").await;
     assert!(matches!(
         store
             .attach(bad_fields.client_id, &bad_fields.token, LONG)
@@ -628,19 +638,25 @@ async fn damaged_records_are_corrupt_not_panics() {
         Err(StoreError::Corrupt(_))
     ));
 
-    let short_seed = random_session();
-    store.create(short_seed, LONG).await.expect("create");
-    let _: () = redis::cmd("HSET")
-        .arg(store.session_key(short_seed.client_id))
-        .arg("seed")
-        .arg("short")
-        .query_async(&mut redis)
-        .await
-        .expect("HSET");
+    let short_seed = damaged(&store, &mut redis, "seed", "short").await;
     assert!(matches!(
         store
             .attach(short_seed.client_id, &short_seed.token, LONG)
             .await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    // A count of 0 would have no last index: the server computes
+    // `count - 1` for a resume past the end.
+    let no_numbers = damaged(&store, &mut redis, "count", "0").await;
+    assert!(matches!(
+        store
+            .attach(no_numbers.client_id, &no_numbers.token, LONG)
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.lookup(no_numbers.client_id).await,
         Err(StoreError::Corrupt(_))
     ));
 
