@@ -16,14 +16,13 @@ use futures::future::{BoxFuture, OptionFuture};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
 
 use numstream_protocol::server::{
     AttachFailure, EndReason, Ending, Event, Grant, Hello, HelloFailure, ServerSession,
     SessionConfig, Step, StoreFailure,
 };
 use numstream_protocol::{
-    ErrorCode, ErrorFrame, Frame, Open, Resume, ResumeToken, SessionSeed, encode_frame,
+    ClientId, ErrorCode, ErrorFrame, Frame, Open, Resume, ResumeToken, SessionSeed, encode_frame,
 };
 use numstream_store::{NewSession, SessionStore, StoreError};
 
@@ -32,6 +31,22 @@ use crate::digest::LogDigest;
 use crate::peers::{PeerKey, PeerTicket, Peers};
 use crate::registry::{Claim, Registry};
 use crate::telemetry::{AdmissionRefusal, GaugeGuard, HandshakeFailure, Telemetry};
+
+/// Logs an event about one connection with what names it: its peer, and
+/// its session's client id (from the hello on) and generation (once the
+/// store attached it). Fields of each line rather than a span: a span
+/// lives as long as the connection and cost each one about 290 bytes.
+macro_rules! log {
+    ($level:ident, $connection:expr, $($event:tt)+) => {{
+        let connection = &$connection;
+        tracing::$level!(
+            client_id = connection.client_id.map(tracing::field::display),
+            generation = connection.session.grant().map(|grant| grant.generation),
+            peer = %connection.peer,
+            $($event)+
+        )
+    }};
+}
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -141,14 +156,8 @@ pub(crate) fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let mut connection = Connection::new(stream, shared, admission);
-    let span = info_span!(
-        "conn",
-        %peer,
-        client_id = tracing::field::Empty,
-        generation = tracing::field::Empty
-    );
-    async move { connection.run().await }.instrument(span)
+    let mut connection = Connection::new(stream, peer, shared, admission);
+    async move { connection.run().await }
 }
 
 /// What a streaming connection holds on its session: the local claim and
@@ -161,6 +170,10 @@ struct Streaming {
 struct Connection<S> {
     stream: S,
     session: ServerSession,
+    peer: SocketAddr,
+    /// The hello's, for the logs: kept when the hello is refused, which
+    /// the session's grant is not.
+    client_id: Option<ClientId>,
     /// Encoded, not yet written.
     out: BytesMut,
     shared: Arc<Shared>,
@@ -174,7 +187,7 @@ struct Connection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
-    fn new(stream: S, shared: Arc<Shared>, admission: Admission) -> Self {
+    fn new(stream: S, peer: SocketAddr, shared: Arc<Shared>, admission: Admission) -> Self {
         // The session counts its handshake timeout from accept, as the
         // admission does: a TLS handshake already spent part of it.
         let accepted = admission
@@ -185,6 +198,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Self {
             stream,
             session,
+            peer,
+            client_id: None,
             out: BytesMut::new(),
             shared,
             admission,
@@ -320,7 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 StoreFailure::Superseded | StoreFailure::NotFound | StoreFailure::Expired
             )
         {
-            warn!(error = %failure, "lease renewal failed; retrying");
+            log!(warn, self, error = %failure, "lease renewal failed; retrying");
         }
         self.session.handle_renewal(now(), result);
     }
@@ -341,10 +356,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let telemetry = &self.shared.telemetry;
         let start = self.session.written_up_to();
         if self.session.resumed() {
-            info!(next_index = start, count = grant.count, "session resumed");
+            log!(
+                info,
+                self,
+                next_index = start,
+                count = grant.count,
+                "session resumed"
+            );
             telemetry.session_resumed(grant.client_id, grant.generation, start);
         } else {
-            info!(count = grant.count, "session opened");
+            log!(info, self, count = grant.count, "session opened");
         }
         self.streaming = Some(Box::new(Streaming {
             claim,
@@ -358,15 +379,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         // Whatever came, the connection no longer holds a handshake slot.
         self.handshake_done();
         // Every line about a session names it, from its first frame on.
-        tracing::Span::current().record("client_id", tracing::field::display(hello.client_id()));
-        let attached = match hello {
+        self.client_id = Some(hello.client_id());
+        match hello {
             Hello::Open(open) => self.open(open).await,
             Hello::Resume(resume) => self.resume(resume).await,
-        };
-        if let Ok(grant) = &attached {
-            tracing::Span::current().record("generation", grant.generation);
         }
-        attached
     }
 
     fn handshake_done(&mut self) {
@@ -383,7 +400,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         // sessions already admitted keep priority.
         let peer = self.admission.ticket.peer();
         let reservation = self.shared.peers.admit_session(peer).map_err(|refusal| {
-            debug!(%peer, ?refusal, "OPEN refused: the address is over its quota");
+            log!(
+                debug,
+                self,
+                ?refusal,
+                "OPEN refused: the address is over its quota"
+            );
             self.shared.admission_refused(refusal.into(), peer);
             AttachFailure::Refused(refusal.error_frame(peer))
         })?;
@@ -395,7 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         )
         .await
         .map_err(|overloaded| {
-            debug!(%peer, %overloaded, "OPEN refused: overloaded");
+            log!(debug, self, %overloaded, "OPEN refused: overloaded");
             self.shared
                 .admission_refused(AdmissionRefusal::Overload, peer);
             AttachFailure::Refused(ErrorFrame::new(
@@ -405,7 +427,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         })?;
         let config = &self.shared.config;
         // One getrandom call for both the seed and the token.
-        let random: [u8; 48] = random_bytes().map_err(AttachFailure::Refused)?;
+        let random: [u8; 48] = random_bytes().map_err(|error| {
+            log!(warn, self, %error, "the OS random number generator failed");
+            AttachFailure::Refused(ErrorFrame::new(ErrorCode::Internal, "internal"))
+        })?;
         let (mut random_seed, mut token) = ([0u8; 32], [0u8; 16]);
         random_seed.copy_from_slice(&random[..32]);
         token.copy_from_slice(&random[32..]);
@@ -444,7 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             }
             Err(error) => {
                 if error == StoreError::Expired {
-                    info!(client_id = %resume.client_id, "session expired");
+                    log!(info, self, "session expired");
                     self.shared.telemetry.sessions_expired(1);
                 }
                 Err(self.store_refusal(error))
@@ -457,8 +482,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// peers: the session machine answers them generically.
     fn store_refusal(&self, error: StoreError) -> AttachFailure {
         match &error {
-            StoreError::Unavailable(reason) => warn!(%reason, "session store unavailable"),
-            StoreError::Corrupt(reason) => warn!(%reason, "corrupt session record"),
+            StoreError::Unavailable(reason) => {
+                log!(warn, self, %reason, "session store unavailable")
+            }
+            StoreError::Corrupt(reason) => log!(warn, self, %reason, "corrupt session record"),
             _ => {}
         }
         AttachFailure::Store(error.into())
@@ -541,7 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             match step {
                 Step::Detach => {
                     if let Some(grant) = &grant {
-                        detach(&self.shared, grant).await;
+                        self.detach(grant).await;
                         if reason != EndReason::ResumeIndexOutOfRange {
                             self.shared.telemetry.session_detached();
                         }
@@ -555,16 +582,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                             .complete(grant.client_id, grant.generation)
                             .await
                         {
-                            Ok(()) => info!("session completed"),
-                            Err(error) => {
-                                warn!(%error, "session completed, but the store did not remove it")
-                            }
+                            Ok(()) => log!(info, self, "session completed"),
+                            Err(error) => log!(
+                                warn,
+                                self,
+                                %error,
+                                "session completed, but the store did not remove it"
+                            ),
                         }
                         self.shared.telemetry.session_completed(grant.client_id);
                     }
                 }
                 Step::Send(error) => {
-                    debug!(code = %error.code, message = %error.message, "sending error");
+                    log!(debug, self, code = %error.code, message = %error.message, "sending error");
                     self.shared.telemetry.rejected(error.code);
                     encode_frame(&Frame::Error(error), &mut self.out);
                     let _ = timeout(
@@ -576,6 +606,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Step::ReleaseClaim => drop(claim.take()),
                 Step::Linger => self.close().await,
             }
+        }
+    }
+
+    /// Hands the session back to the store for a resume within the TTL; a
+    /// stale generation (someone resumed already) is not an error. (`&mut`:
+    /// a shared borrow held across an `.await` would need the connection
+    /// to be `Sync`.)
+    async fn detach(&mut self, session: &Grant) {
+        let shared = &self.shared;
+        let ttl = shared.config.session_ttl;
+        match shared
+            .store
+            .detach(session.client_id, session.generation, ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Superseded { current }) => log!(
+                debug,
+                self,
+                current,
+                "not detaching: a newer connection owns the session"
+            ),
+            Err(error) => log!(
+                warn,
+                self,
+                %error,
+                "could not detach session; it expires when its lease lapses"
+            ),
         }
     }
 
@@ -615,38 +673,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             // Debug, not info: any peer can cause these at will (the
             // periodic digest and the metrics count them).
             EndReason::HelloFailed(failure) => {
-                debug!(?failure, "handshake failed");
+                log!(debug, self, ?failure, "handshake failed");
                 self.shared
                     .handshake_failed(handshake_failure(*failure), peer);
             }
             EndReason::Refused => {}
-            EndReason::ClaimLost => info!("session taken over before streaming started"),
+            EndReason::ClaimLost => {
+                log!(info, self, "session taken over before streaming started")
+            }
             EndReason::ResumeIndexOutOfRange => {}
             EndReason::Completed {
                 client_checksum,
                 server_checksum,
             } => {
                 if client_checksum != server_checksum {
-                    warn!(
+                    log!(
+                        warn,
+                        self,
                         client_checksum = format_args!("{client_checksum:#010x}"),
                         server_checksum = format_args!("{server_checksum:#010x}"),
                         "client acknowledged with a different checksum"
                     );
                 }
             }
-            EndReason::Disconnected(reason) => info!(%reason, "session detached"),
+            EndReason::Disconnected(reason) => log!(info, self, %reason, "session detached"),
             EndReason::ClientViolation(reason) => {
-                info!(%reason, "session detached after a protocol violation")
+                log!(info, self, %reason, "session detached after a protocol violation")
             }
             EndReason::TakenOver => {
                 self.shared.telemetry.session_taken_over();
-                info!("session taken over by a newer connection");
+                log!(info, self, "session taken over by a newer connection");
             }
-            EndReason::Shutdown => info!("session detached by server shutdown"),
+            EndReason::Shutdown => log!(info, self, "session detached by server shutdown"),
             EndReason::Lost(error) => {
-                warn!(%error, "session vanished from the store while streaming")
+                log!(warn, self, %error, "session vanished from the store while streaming")
             }
-            EndReason::LeaseUnconfirmed(why) => warn!(
+            EndReason::LeaseUnconfirmed(why) => log!(
+                warn,
+                self,
                 %why,
                 "stopped streaming: the lease could not be renewed, so another \
                  instance may own the session"
@@ -721,38 +785,9 @@ fn handshake_failure(failure: HelloFailure) -> HandshakeFailure {
     }
 }
 
-/// Hands the session back to the store for a resume within the TTL; a
-/// stale generation (someone resumed already) is not an error.
-async fn detach(shared: &Shared, session: &Grant) {
-    match shared
-        .store
-        .detach(
-            session.client_id,
-            session.generation,
-            shared.config.session_ttl,
-        )
-        .await
-    {
-        Ok(()) => {}
-        Err(StoreError::Superseded { current }) => {
-            debug!(
-                current,
-                "not detaching: a newer connection owns the session"
-            );
-        }
-        Err(error) => warn!(
-            %error,
-            "could not detach session; it expires when its lease lapses"
-        ),
-    }
-}
-
-fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
+fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).map_err(|error| {
-        warn!(%error, "the OS random number generator failed");
-        ErrorFrame::new(ErrorCode::Internal, "internal")
-    })?;
+    getrandom::fill(&mut bytes)?;
     Ok(bytes)
 }
 
