@@ -82,6 +82,9 @@ const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
 const LINGER_TIME: Duration = Duration::from_millis(500);
 
+/// Largest write buffer a connection keeps between single-number writes.
+const KEPT_WRITE_BUFFER: usize = 2 * numstream_protocol::codec::NUMBER_FRAME_LEN;
+
 /// Bytes read per wake-up: a hello is at most 41 bytes, and after it the
 /// client may send only an ACK of 9.
 const READ_CHUNK: usize = 64;
@@ -260,6 +263,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                                 self.shared.telemetry.sent(numbers, due, written);
                             }
                             self.session.handle_flushed(written.into_std());
+                            // The WELCOME grew the buffer; a session that
+                            // then writes one number at a time for hours
+                            // keeps no more than two numbers' worth (burst
+                            // mode, batch after batch, keeps its buffer).
+                            if numbers <= 1 && self.out.capacity() > KEPT_WRITE_BUFFER {
+                                self.out = BytesMut::new();
+                            }
                         }
                         Err(Interrupted::Stopped) => self.stopped(),
                         Err(Interrupted::Failed(why)) => {
