@@ -273,25 +273,23 @@ struct Stream {
     last_write: Instant,
     /// Set once FINAL was written: the ACK must come by then.
     ack_deadline: Option<Instant>,
-    /// When the first number of the last batch was due (not in burst
-    /// mode, where all is due at once): how late a write was.
-    batch_due: Option<Instant>,
     lease: LeaseClock,
 }
 
 /// The lease a streaming connection holds, renewed every period; it stops
 /// streaming when two thirds of the lease pass without a confirmed renewal
-/// (see `crates/server/src/lease.rs` history and PROTOCOL.md 6.6).
+/// (see `crates/server/src/lease.rs` history and PROTOCOL.md 6.6). Its
+/// length and period are the config's `session_ttl` and
+/// `lease_renewal_period`, passed in rather than kept per session.
 #[derive(Debug, Clone)]
 struct LeaseClock {
-    length: Duration,
-    period: Duration,
     next_renewal: Instant,
     stop_at: Instant,
     /// When the renewal on its way was sent.
     in_flight: Option<Instant>,
-    /// Why the last renewal failed; `None` once one succeeds.
-    last_error: Option<StoreFailure>,
+    /// Why the last renewal failed; `None` once one succeeds. Boxed: rare,
+    /// and the clock lives as long as the session streams.
+    last_error: Option<Box<StoreFailure>>,
     /// A renewal became due at this moment and is not yet handed to the
     /// caller (it counts as sent then).
     renew_pending: Option<Instant>,
@@ -312,8 +310,6 @@ fn lease_stop_at(sent: Instant, length: Duration) -> Instant {
 impl LeaseClock {
     fn new(granted: Instant, length: Duration, period: Duration, client_id: ClientId) -> Self {
         Self {
-            length,
-            period,
             // Sessions opened in the same second would otherwise renew in
             // the same second for their whole lives.
             next_renewal: granted + period - spread(period / 10, client_id),
@@ -368,16 +364,18 @@ impl LeaseClock {
         &mut self,
         now: Instant,
         client_id: ClientId,
+        config: &SessionConfig,
         result: Result<(), StoreFailure>,
     ) -> Result<(), EndReason> {
+        let (length, period) = (config.session_ttl, config.lease_renewal_period);
         let Some(sent) = self.in_flight.take() else {
             return Ok(());
         };
         match result {
             Ok(()) => {
                 self.last_error = None;
-                self.stop_at = lease_stop_at(sent, self.length);
-                self.next_renewal = sent + self.period;
+                self.stop_at = lease_stop_at(sent, length);
+                self.next_renewal = sent + period;
                 Ok(())
             }
             Err(StoreFailure::Superseded) => Err(EndReason::TakenOver),
@@ -385,10 +383,10 @@ impl LeaseClock {
                 Err(EndReason::Lost(error))
             }
             Err(error) => {
-                self.last_error = Some(error);
+                self.last_error = Some(Box::new(error));
                 // Jittered, so that the sessions one store outage failed
                 // together do not retry together.
-                let retry_after = LEASE_RETRY_AFTER.min(self.period);
+                let retry_after = LEASE_RETRY_AFTER.min(period);
                 self.next_renewal = now + retry_after - spread(retry_after / 2, client_id);
                 if now >= self.stop_at {
                     return Err(EndReason::LeaseUnconfirmed(self.unconfirmed()));
@@ -416,7 +414,8 @@ pub struct ServerSession {
     written_up_to: u16,
     /// Index after the last number encoded.
     encoded_up_to: u16,
-    ending: Option<Ending>,
+    /// Boxed: set once, at the end, and the session lives long.
+    ending: Option<Box<Ending>>,
 }
 
 impl ServerSession {
@@ -612,7 +611,6 @@ impl ServerSession {
             next_index: u32::from(start),
             last_write: now,
             ack_deadline: None,
-            batch_due: None,
             lease,
         }));
     }
@@ -624,7 +622,7 @@ impl ServerSession {
             return;
         };
         let client_id = grant.client_id;
-        if let Err(reason) = stream.lease.on_result(now, client_id, result) {
+        if let Err(reason) = stream.lease.on_result(now, client_id, &self.config, result) {
             self.end_streaming(reason);
         }
     }
@@ -756,10 +754,6 @@ impl ServerSession {
             .min(count);
         let added = end - stream.next_index;
         if added > 0 {
-            stream.batch_due = (!interval.is_zero()).then(|| {
-                let k = stream.next_index - u32::from(stream.start);
-                stream.origin + interval * k
-            });
             encode_numbers(grant, stream.next_index, end, out);
             stream.next_index = end;
             // `end <= count <= 65535`.
@@ -781,7 +775,16 @@ impl ServerSession {
     /// encoded was due; `None` in burst mode, where all is due at once.
     pub fn batch_due(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Streaming(stream) => stream.batch_due,
+            // Outside burst mode a batch is one number: the last encoded
+            // (derived rather than kept: the stream state lives as long as
+            // the session streams).
+            Phase::Streaming(stream)
+                if !self.config.interval.is_zero()
+                    && stream.next_index > u32::from(stream.start) =>
+            {
+                let k = stream.next_index - 1 - u32::from(stream.start);
+                Some(stream.origin + self.config.interval * k)
+            }
             _ => None,
         }
     }
@@ -811,7 +814,7 @@ impl ServerSession {
     /// The next thing for the caller to do, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         if let Some(ending) = self.ending.take() {
-            return Some(Event::Ended(ending));
+            return Some(Event::Ended(*ending));
         }
         match &mut self.phase {
             Phase::Admitting { hello, .. } => hello.take().map(|hello| {
@@ -901,7 +904,11 @@ impl ServerSession {
         }
         self.resumed = matches!(hello, Hello::Resume(_));
         self.requested = Some(now);
-        if !self.rx.is_empty() {
+        if self.rx.is_empty() {
+            // Else the hello's buffer stays allocated for as long as the
+            // session streams.
+            self.rx = BytesMut::new();
+        } else {
             self.deferred = Deferred::Bytes;
         }
         self.phase = Phase::Admitting {
@@ -1029,11 +1036,11 @@ impl ServerSession {
         }
         self.phase = Phase::Ended;
         self.rx = BytesMut::new();
-        self.ending = Some(Ending {
+        self.ending = Some(Box::new(Ending {
             reason,
             steps,
             session_over,
-        });
+        }));
     }
 }
 

@@ -12,18 +12,19 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures::FutureExt;
-use futures::future::{BoxFuture, OptionFuture};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use futures::future::BoxFuture;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use numstream_protocol::server::{
     AttachFailure, EndReason, Ending, Event, Grant, Hello, HelloFailure, ServerSession,
     SessionConfig, Step, StoreFailure,
 };
 use numstream_protocol::{
-    ErrorCode, ErrorFrame, Frame, Open, Resume, ResumeToken, SessionSeed, encode_frame,
+    ClientId, ErrorCode, ErrorFrame, Frame, Open, Resume, ResumeToken, SessionSeed, encode_frame,
 };
 use numstream_store::{NewSession, SessionStore, StoreError};
 
@@ -32,6 +33,22 @@ use crate::digest::LogDigest;
 use crate::peers::{PeerKey, PeerTicket, Peers};
 use crate::registry::{Claim, Registry};
 use crate::telemetry::{AdmissionRefusal, GaugeGuard, HandshakeFailure, Telemetry};
+
+/// Logs an event about one connection with what names it: its peer, and
+/// its session's client id (from the hello on) and generation (once the
+/// store attached it). Fields of each line rather than a span: a span
+/// lives as long as the connection and cost each one about 290 bytes.
+macro_rules! log {
+    ($level:ident, $connection:expr, $($event:tt)+) => {{
+        let connection = &$connection;
+        tracing::$level!(
+            client_id = connection.client_id.map(tracing::field::display),
+            generation = connection.session.grant().map(|grant| grant.generation),
+            peer = %connection.peer,
+            $($event)+
+        )
+    }};
+}
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -65,20 +82,29 @@ const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
 const LINGER_TIME: Duration = Duration::from_millis(500);
 
+/// Largest write buffer a connection keeps between single-number writes.
+const KEPT_WRITE_BUFFER: usize = 2 * numstream_protocol::codec::NUMBER_FRAME_LEN;
+
 /// Bytes read per wake-up: a hello is at most 41 bytes, and after it the
 /// client may send only an ACK of 9.
 const READ_CHUNK: usize = 64;
 
-/// What an admitted connection holds until it ends: its place under the
-/// connection limit, under its address's quotas, and its count in the
-/// open-connections gauge.
+/// An admitted connection: what it holds until it ends, and when its
+/// hello must be in.
 pub(crate) struct Admission {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _open: GaugeGuard,
-    ticket: PeerTicket,
+    held: Held,
     /// When the hello must be in: the handshake timeout counts from
     /// accept, so a TLS handshake before it spends the same allowance.
     pub(crate) handshake_deadline: Instant,
+}
+
+/// What an admitted connection holds until it ends: its place under the
+/// connection limit, under its address's quotas, and its count in the
+/// open-connections gauge.
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: GaugeGuard,
+    ticket: PeerTicket,
 }
 
 impl Admission {
@@ -89,9 +115,11 @@ impl Admission {
         handshake_deadline: Instant,
     ) -> Self {
         Self {
-            _permit: permit,
-            _open: open,
-            ticket,
+            held: Held {
+                _permit: permit,
+                _open: open,
+                ticket,
+            },
             handshake_deadline,
         }
     }
@@ -141,40 +169,36 @@ pub(crate) fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let mut connection = Connection::new(stream, shared, admission);
-    let span = info_span!(
-        "conn",
-        %peer,
-        client_id = tracing::field::Empty,
-        generation = tracing::field::Empty
-    );
-    async move { connection.run().await }.instrument(span)
+    let mut connection = Connection::new(stream, peer, shared, admission);
+    async move { connection.run().await }
 }
 
-/// What a streaming connection holds on its session: the local claim and
-/// its place in the attached-sessions gauge.
+/// What a streaming connection holds on its session: the local claim,
+/// its place in the attached-sessions gauge, and the lease renewal on its
+/// way (on the heap with the rest: only a streaming session has one).
 struct Streaming {
     claim: Claim,
     _attached: Option<GaugeGuard>,
+    renewal: Option<BoxFuture<'static, Result<(), StoreError>>>,
 }
 
 struct Connection<S> {
     stream: S,
     session: ServerSession,
+    peer: SocketAddr,
+    /// The hello's, for the logs: kept when the hello is refused, which
+    /// the session's grant is not.
+    client_id: Option<ClientId>,
     /// Encoded, not yet written.
     out: BytesMut,
     shared: Arc<Shared>,
-    admission: Admission,
+    admission: Held,
     /// Set once the session streams.
     streaming: Option<Box<Streaming>>,
-    /// The lease renewal on its way.
-    renewal: Option<BoxFuture<'static, Result<(), StoreError>>>,
-    /// Whether the connection still holds a handshake slot.
-    in_handshake: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
-    fn new(stream: S, shared: Arc<Shared>, admission: Admission) -> Self {
+    fn new(stream: S, peer: SocketAddr, shared: Arc<Shared>, admission: Admission) -> Self {
         // The session counts its handshake timeout from accept, as the
         // admission does: a TLS handshake already spent part of it.
         let accepted = admission
@@ -185,125 +209,219 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Self {
             stream,
             session,
+            peer,
+            client_id: None,
             out: BytesMut::new(),
             shared,
-            admission,
+            admission: admission.held,
             streaming: None,
-            renewal: None,
-            in_handshake: true,
         }
     }
 
     /// Feeds the session until it ends: carry out its events, write one
     /// batch, then wait for the first of input, the timer, a stop, or the
     /// lease renewal.
-    async fn run(&mut self) {
-        let metrics = self.shared.telemetry.streaming();
-        // One timer for the whole connection, re-armed to the session's
-        // next deadline: smaller than a fresh sleep per wait.
-        let wake = sleep_until(Instant::now());
-        tokio::pin!(wake);
-        // Made once per token (the shutdown token, then the claim's): a
-        // fresh `cancelled()` per wait would register a waiter per number.
-        let mut stopped = Box::pin(self.stop_token().cancelled_owned());
-        let mut stopped_streaming = false;
+    ///
+    /// Not an `async fn`: one of those keeps its `&mut self` argument twice
+    /// in its state, and this state is part of every connection's task.
+    #[allow(clippy::manual_async_fn)]
+    fn run(&mut self) -> impl Future<Output = ()> + '_ {
+        async move {
+            // One timer for the whole connection, re-armed to the session's
+            // next deadline: smaller than a fresh sleep per wait.
+            let wake = sleep_until(Instant::now());
+            tokio::pin!(wake);
+            // Until the session streams, the server's shutdown stops it: a
+            // waiter made once (a fresh `cancelled()` per wait would register
+            // one per wake-up), dropped once the claim's handover takes over.
+            let mut shutdown = Some(Box::pin(self.shared.shutdown.clone().cancelled_owned()));
+            // Whatever lives across an `.await` below is part of every
+            // connection's task for its whole life, so the events, the
+            // deadline and the lateness sample are out of scope by then.
+            loop {
+                // Not `while let`: its scrutinee would be kept across the
+                // `.await`, in the task.
+                #[allow(clippy::while_let_loop)]
+                loop {
+                    let Some(event) = self.next_event() else {
+                        break;
+                    };
+                    // Boxed: admission, the claim and the ending come once a
+                    // connection, and their futures should not size the task
+                    // that streams for hours.
+                    if Box::pin(self.carry_out(event)).await == Carried::Ended {
+                        return;
+                    }
+                }
+                let numbers = self.session.poll_transmit(now(), &mut self.out);
+                if !self.out.is_empty() {
+                    match self.flush().await {
+                        Ok(()) => {
+                            let written = Instant::now();
+                            if numbers > 0 {
+                                let due = self.session.batch_due().map(Instant::from_std);
+                                self.shared.telemetry.sent(numbers, due, written);
+                            }
+                            self.session.handle_flushed(written.into_std());
+                            // The WELCOME grew the buffer; a session that
+                            // then writes one number at a time for hours
+                            // keeps no more than two numbers' worth (burst
+                            // mode, batch after batch, keeps its buffer).
+                            if numbers <= 1 && self.out.capacity() > KEPT_WRITE_BUFFER {
+                                self.out = BytesMut::new();
+                            }
+                        }
+                        Err(Interrupted::Stopped) => self.stopped(),
+                        Err(Interrupted::Failed(why)) => {
+                            self.session.handle_write_failed(now(), why)
+                        }
+                    }
+                }
+                if self.session.is_ended() {
+                    continue;
+                }
+                if self.streaming.is_some() {
+                    shutdown = None;
+                }
+                // Built in a block: only the wait itself is kept across the
+                // `.await`, not the deadline it was computed from.
+                let wait = {
+                    let timed = match self.session.poll_timeout() {
+                        Some(at) => {
+                            wake.as_mut().reset(Instant::from_std(at));
+                            true
+                        }
+                        None => false,
+                    };
+                    let (this, shutdown, mut wake) = (&mut *self, &mut shutdown, wake.as_mut());
+                    std::future::poll_fn(move |cx| {
+                        this.poll_wait(cx, shutdown, wake.as_mut(), timed)
+                    })
+                };
+                wait.await;
+            }
+        }
+    }
+
+    /// The session's next event that needs an `.await`; lease renewals
+    /// are started here, to be polled with the rest of the wait.
+    fn next_event(&mut self) -> Option<Event> {
         loop {
-            while let Some(event) = self.session.poll_event() {
-                match event {
-                    Event::Admit(hello) => {
-                        // Boxed: needed once, it should not size the task.
-                        let result = Box::pin(self.admit(hello)).await;
-                        self.session.handle_attach(now(), result);
-                        if self.shared.shutdown.is_cancelled() {
-                            self.session.handle_shutdown(now());
-                        }
-                    }
-                    Event::Claim {
-                        client_id,
-                        generation,
-                    } => {
-                        let claim =
-                            Box::pin(self.shared.registry.claim(client_id, generation)).await;
-                        self.session.handle_claim(now(), claim.is_some());
-                        if let Some(claim) = claim {
-                            self.start_streaming(claim);
-                        }
-                    }
-                    Event::Renew {
-                        client_id,
-                        generation,
-                    } => {
-                        let store = self.shared.store.clone();
-                        let lease = self.shared.config.lease();
-                        self.renewal = Some(Box::pin(async move {
-                            store.renew(client_id, generation, lease).await
-                        }));
-                    }
-                    Event::Ended(ending) => {
-                        // Boxed: the ending's futures are large and needed
-                        // once, so they should not size the task that
-                        // streams for hours.
-                        return Box::pin(self.finish(ending)).await;
-                    }
-                }
-            }
-            let numbers = self.session.poll_transmit(now(), &mut self.out);
-            if !self.out.is_empty() {
-                let due = self.session.batch_due().map(Instant::from_std);
-                match self.flush().await {
-                    Ok(()) => {
-                        let written = Instant::now();
-                        self.session.handle_flushed(written.into_std());
-                        if numbers > 0 {
-                            metrics.sent(numbers, due, written);
-                        }
-                    }
-                    Err(Interrupted::Stopped) => self.stopped(),
-                    Err(Interrupted::Failed(why)) => self.session.handle_write_failed(now(), why),
-                }
-            }
-            if self.session.is_ended() {
-                continue;
-            }
-            let deadline = self.session.poll_timeout().map(Instant::from_std);
-            if let Some(at) = deadline {
-                wake.as_mut().reset(at);
-            }
-            if self.streaming.is_some() != stopped_streaming {
-                stopped_streaming = self.streaming.is_some();
-                stopped = Box::pin(self.stop_token().cancelled_owned());
-            }
-            let mut chunk = [0u8; READ_CHUNK];
-            tokio::select! {
-                biased;
-                () = &mut stopped => self.stopped(),
-                renewed = OptionFuture::from(self.renewal.as_mut()), if self.renewal.is_some() => {
-                    self.renewal = None;
-                    if let Some(result) = renewed {
-                        self.renewed(result);
-                    }
-                }
-                read = self.stream.read(&mut chunk) => match read {
-                    Ok(0) => self.session.handle_closed(now(), None),
-                    Ok(n) => self.session.handle_bytes(now(), &chunk[..n]),
-                    Err(error) => self.session.handle_closed(now(), Some(error.to_string())),
-                },
-                () = &mut wake, if deadline.is_some() => self.session.handle_timeout(now()),
+            match self.session.poll_event()? {
+                Event::Renew {
+                    client_id,
+                    generation,
+                } => self.start_renewal(client_id, generation),
+                event => return Some(event),
             }
         }
     }
 
-    /// Cancelled when the connection must stop: the claim's token once it
-    /// streams (a takeover or shutdown), the server's shutdown before.
-    fn stop_token(&self) -> CancellationToken {
-        match &self.streaming {
-            Some(streaming) => streaming.claim.stop.clone(),
-            None => self.shared.shutdown.clone(),
+    fn start_renewal(&mut self, client_id: ClientId, generation: u64) {
+        let store = self.shared.store.clone();
+        let lease = self.shared.config.lease();
+        let renewal = Box::pin(async move { store.renew(client_id, generation, lease).await });
+        match &mut self.streaming {
+            Some(streaming) => streaming.renewal = Some(renewal),
+            // The session asks for renewals only while it streams, which
+            // starts with the claim: cannot happen, but must not leave the
+            // renewal unanswered if it did.
+            None => self.session.handle_renewal(
+                now(),
+                Err(StoreFailure::Unavailable("no claim to renew".to_owned())),
+            ),
         }
     }
 
-    /// The stop token fired: a claim's token is a child of the shutdown
-    /// token, so the shutdown token says which.
+    /// Carries out an admission, a claim or the ending.
+    async fn carry_out(&mut self, event: Event) -> Carried {
+        match event {
+            Event::Admit(hello) => {
+                let result = self.admit(hello).await;
+                self.session.handle_attach(now(), result);
+                if self.shared.shutdown.is_cancelled() {
+                    self.session.handle_shutdown(now());
+                }
+            }
+            Event::Claim {
+                client_id,
+                generation,
+            } => {
+                let claim = self.shared.registry.claim(client_id, generation).await;
+                self.session.handle_claim(now(), claim.is_some());
+                if let Some(claim) = claim {
+                    self.start_streaming(claim);
+                }
+            }
+            Event::Renew {
+                client_id,
+                generation,
+            } => self.start_renewal(client_id, generation),
+            Event::Ended(ending) => {
+                self.finish(ending).await;
+                return Carried::Ended;
+            }
+        }
+        Carried::Going
+    }
+
+    /// Waits for the first of a stop, the lease renewal's answer, input,
+    /// and the timer, in that order, and feeds it to the session. One
+    /// poll function rather than a `select!` of futures: nothing of the
+    /// wait (the read buffer included) is kept in the task between polls.
+    fn poll_wait(
+        &mut self,
+        cx: &mut Context<'_>,
+        shutdown: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        wake: Pin<&mut Sleep>,
+        timed: bool,
+    ) -> Poll<()> {
+        let stop = match (&self.streaming, shutdown) {
+            (Some(streaming), _) => streaming.claim.poll_stop(cx),
+            (None, Some(shutdown)) => shutdown.as_mut().poll(cx),
+            (None, None) => Poll::Pending,
+        };
+        if stop.is_ready() {
+            self.stopped();
+            return Poll::Ready(());
+        }
+        if let Some(streaming) = &mut self.streaming
+            && let Some(renewal) = &mut streaming.renewal
+            && let Poll::Ready(result) = renewal.as_mut().poll(cx)
+        {
+            streaming.renewal = None;
+            self.renewed(result);
+            return Poll::Ready(());
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut chunk);
+        if let Poll::Ready(result) = Pin::new(&mut self.stream).poll_read(cx, &mut read) {
+            match result {
+                Ok(()) if read.filled().is_empty() => self.session.handle_closed(now(), None),
+                Ok(()) => self.session.handle_bytes(now(), read.filled()),
+                Err(error) => self.session.handle_closed(now(), Some(error.to_string())),
+            }
+            return Poll::Ready(());
+        }
+        if timed && wake.poll(cx).is_ready() {
+            self.session.handle_timeout(now());
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Whether the connection must stop now: its claim was taken over or
+    /// the server is shutting down.
+    fn must_stop(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+            || self
+                .streaming
+                .as_ref()
+                .is_some_and(|streaming| streaming.claim.must_stop())
+    }
+
+    /// A stop came: the shutdown token says which (at shutdown the
+    /// registry stops every claim too).
     fn stopped(&mut self) {
         if self.shared.shutdown.is_cancelled() {
             self.session.handle_shutdown(now());
@@ -320,7 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 StoreFailure::Superseded | StoreFailure::NotFound | StoreFailure::Expired
             )
         {
-            warn!(error = %failure, "lease renewal failed; retrying");
+            log!(warn, self, error = %failure, "lease renewal failed; retrying");
         }
         self.session.handle_renewal(now(), result);
     }
@@ -335,20 +453,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             self.streaming = Some(Box::new(Streaming {
                 claim,
                 _attached: None,
+                renewal: None,
             }));
             return;
         }
         let telemetry = &self.shared.telemetry;
         let start = self.session.written_up_to();
         if self.session.resumed() {
-            info!(next_index = start, count = grant.count, "session resumed");
+            log!(
+                info,
+                self,
+                next_index = start,
+                count = grant.count,
+                "session resumed"
+            );
             telemetry.session_resumed(grant.client_id, grant.generation, start);
         } else {
-            info!(count = grant.count, "session opened");
+            log!(info, self, count = grant.count, "session opened");
         }
         self.streaming = Some(Box::new(Streaming {
             claim,
             _attached: Some(telemetry.session_attached()),
+            renewal: None,
         }));
     }
 
@@ -358,21 +484,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         // Whatever came, the connection no longer holds a handshake slot.
         self.handshake_done();
         // Every line about a session names it, from its first frame on.
-        tracing::Span::current().record("client_id", tracing::field::display(hello.client_id()));
-        let attached = match hello {
+        self.client_id = Some(hello.client_id());
+        match hello {
             Hello::Open(open) => self.open(open).await,
             Hello::Resume(resume) => self.resume(resume).await,
-        };
-        if let Ok(grant) = &attached {
-            tracing::Span::current().record("generation", grant.generation);
         }
-        attached
     }
 
+    /// Gives the handshake slot back (once: later calls do nothing).
     fn handshake_done(&mut self) {
-        if std::mem::take(&mut self.in_handshake) {
-            self.admission.ticket.handshake_done();
-        }
+        self.admission.ticket.handshake_done();
     }
 
     async fn open(&mut self, open: Open) -> Result<Grant, AttachFailure> {
@@ -383,7 +504,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         // sessions already admitted keep priority.
         let peer = self.admission.ticket.peer();
         let reservation = self.shared.peers.admit_session(peer).map_err(|refusal| {
-            debug!(%peer, ?refusal, "OPEN refused: the address is over its quota");
+            log!(
+                debug,
+                self,
+                ?refusal,
+                "OPEN refused: the address is over its quota"
+            );
             self.shared.admission_refused(refusal.into(), peer);
             AttachFailure::Refused(refusal.error_frame(peer))
         })?;
@@ -395,7 +521,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         )
         .await
         .map_err(|overloaded| {
-            debug!(%peer, %overloaded, "OPEN refused: overloaded");
+            log!(debug, self, %overloaded, "OPEN refused: overloaded");
             self.shared
                 .admission_refused(AdmissionRefusal::Overload, peer);
             AttachFailure::Refused(ErrorFrame::new(
@@ -422,7 +548,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             )));
         }
         // One getrandom call for both the seed and the token.
-        let random: [u8; 48] = random_bytes().map_err(AttachFailure::Refused)?;
+        let random: [u8; 48] = random_bytes().map_err(|error| {
+            log!(warn, self, %error, "the OS random number generator failed");
+            AttachFailure::Refused(ErrorFrame::new(ErrorCode::Internal, "internal"))
+        })?;
         let (mut random_seed, mut token) = ([0u8; 32], [0u8; 16]);
         random_seed.copy_from_slice(&random[..32]);
         token.copy_from_slice(&random[32..]);
@@ -461,7 +590,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             }
             Err(error) => {
                 if error == StoreError::Expired {
-                    info!(client_id = %resume.client_id, "session expired");
+                    log!(info, self, "session expired");
                     self.shared.telemetry.sessions_expired(1);
                 }
                 Err(self.store_refusal(error))
@@ -474,8 +603,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// peers: the session machine answers them generically.
     fn store_refusal(&self, error: StoreError) -> AttachFailure {
         match &error {
-            StoreError::Unavailable(reason) => warn!(%reason, "session store unavailable"),
-            StoreError::Corrupt(reason) => warn!(%reason, "corrupt session record"),
+            StoreError::Unavailable(reason) => {
+                log!(warn, self, %reason, "session store unavailable")
+            }
+            StoreError::Corrupt(reason) => log!(warn, self, %reason, "corrupt session record"),
             _ => {}
         }
         AttachFailure::Store(error.into())
@@ -485,11 +616,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// always fits: no timer, no waiter), else waiting at most the write
     /// timeout, raced against a stop.
     async fn flush(&mut self) -> Result<(), Interrupted> {
-        let stop = match &self.streaming {
-            Some(streaming) => &streaming.claim.stop,
-            None => &self.shared.shutdown,
-        };
-        if stop.is_cancelled() {
+        if self.must_stop() {
             return Err(Interrupted::Stopped);
         }
         match self.stream.write(&self.out).now_or_never() {
@@ -517,11 +644,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 
     async fn flush_when_writable(&mut self) -> Result<(), Interrupted> {
         let write_timeout = self.shared.config.write_timeout;
-        let stop = self.stop_token();
+        let shutdown = self.shared.shutdown.clone();
+        let Self {
+            stream,
+            out,
+            streaming,
+            ..
+        } = self;
+        let stopped = async {
+            match streaming {
+                Some(streaming) => std::future::poll_fn(|cx| streaming.claim.poll_stop(cx)).await,
+                None => shutdown.cancelled().await,
+            }
+        };
         tokio::select! {
             biased;
-            () = stop.cancelled() => Err(Interrupted::Stopped),
-            written = timeout(write_timeout, write_out(&mut self.stream, &mut self.out)) => match written {
+            () = stopped => Err(Interrupted::Stopped),
+            written = timeout(write_timeout, write_out(stream, out)) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(Interrupted::Failed(format!("write failed: {error}"))),
                 Err(_elapsed) => Err(Interrupted::Failed(format!(
@@ -558,7 +697,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             match step {
                 Step::Detach => {
                     if let Some(grant) = &grant {
-                        detach(&self.shared, grant).await;
+                        self.detach(grant).await;
                         if reason != EndReason::ResumeIndexOutOfRange {
                             self.shared.telemetry.session_detached();
                         }
@@ -572,16 +711,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                             .complete(grant.client_id, grant.generation)
                             .await
                         {
-                            Ok(()) => info!("session completed"),
-                            Err(error) => {
-                                warn!(%error, "session completed, but the store did not remove it")
-                            }
+                            Ok(()) => log!(info, self, "session completed"),
+                            Err(error) => log!(
+                                warn,
+                                self,
+                                %error,
+                                "session completed, but the store did not remove it"
+                            ),
                         }
                         self.shared.telemetry.session_completed(grant.client_id);
                     }
                 }
                 Step::Send(error) => {
-                    debug!(code = %error.code, message = %error.message, "sending error");
+                    log!(debug, self, code = %error.code, message = %error.message, "sending error");
                     self.shared.telemetry.rejected(error.code);
                     encode_frame(&Frame::Error(error), &mut self.out);
                     let _ = timeout(
@@ -593,6 +735,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Step::ReleaseClaim => drop(claim.take()),
                 Step::Linger => self.close().await,
             }
+        }
+    }
+
+    /// Hands the session back to the store for a resume within the TTL; a
+    /// stale generation (someone resumed already) is not an error. (`&mut`:
+    /// a shared borrow held across an `.await` would need the connection
+    /// to be `Sync`.)
+    async fn detach(&mut self, session: &Grant) {
+        let shared = &self.shared;
+        let ttl = shared.config.session_ttl;
+        match shared
+            .store
+            .detach(session.client_id, session.generation, ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Superseded { current }) => log!(
+                debug,
+                self,
+                current,
+                "not detaching: a newer connection owns the session"
+            ),
+            Err(error) => log!(
+                warn,
+                self,
+                %error,
+                "could not detach session; it expires when its lease lapses"
+            ),
         }
     }
 
@@ -632,38 +802,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             // Debug, not info: any peer can cause these at will (the
             // periodic digest and the metrics count them).
             EndReason::HelloFailed(failure) => {
-                debug!(?failure, "handshake failed");
+                log!(debug, self, ?failure, "handshake failed");
                 self.shared
                     .handshake_failed(handshake_failure(*failure), peer);
             }
             EndReason::Refused => {}
-            EndReason::ClaimLost => info!("session taken over before streaming started"),
+            EndReason::ClaimLost => {
+                log!(info, self, "session taken over before streaming started")
+            }
             EndReason::ResumeIndexOutOfRange => {}
             EndReason::Completed {
                 client_checksum,
                 server_checksum,
             } => {
                 if client_checksum != server_checksum {
-                    warn!(
+                    log!(
+                        warn,
+                        self,
                         client_checksum = format_args!("{client_checksum:#010x}"),
                         server_checksum = format_args!("{server_checksum:#010x}"),
                         "client acknowledged with a different checksum"
                     );
                 }
             }
-            EndReason::Disconnected(reason) => info!(%reason, "session detached"),
+            EndReason::Disconnected(reason) => log!(info, self, %reason, "session detached"),
             EndReason::ClientViolation(reason) => {
-                info!(%reason, "session detached after a protocol violation")
+                log!(info, self, %reason, "session detached after a protocol violation")
             }
             EndReason::TakenOver => {
                 self.shared.telemetry.session_taken_over();
-                info!("session taken over by a newer connection");
+                log!(info, self, "session taken over by a newer connection");
             }
-            EndReason::Shutdown => info!("session detached by server shutdown"),
+            EndReason::Shutdown => log!(info, self, "session detached by server shutdown"),
             EndReason::Lost(error) => {
-                warn!(%error, "session vanished from the store while streaming")
+                log!(warn, self, %error, "session vanished from the store while streaming")
             }
-            EndReason::LeaseUnconfirmed(why) => warn!(
+            EndReason::LeaseUnconfirmed(why) => log!(
+                warn,
+                self,
                 %why,
                 "stopped streaming: the lease could not be renewed, so another \
                  instance may own the session"
@@ -703,6 +879,13 @@ async fn write_out<S: AsyncWrite + Unpin>(
     stream.flush().await
 }
 
+/// Whether the connection goes on after [`Connection::carry_out`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carried {
+    Going,
+    Ended,
+}
+
 /// Why a write did not finish.
 enum Interrupted {
     /// The connection must stop (takeover or shutdown).
@@ -738,38 +921,9 @@ fn handshake_failure(failure: HelloFailure) -> HandshakeFailure {
     }
 }
 
-/// Hands the session back to the store for a resume within the TTL; a
-/// stale generation (someone resumed already) is not an error.
-async fn detach(shared: &Shared, session: &Grant) {
-    match shared
-        .store
-        .detach(
-            session.client_id,
-            session.generation,
-            shared.config.session_ttl,
-        )
-        .await
-    {
-        Ok(()) => {}
-        Err(StoreError::Superseded { current }) => {
-            debug!(
-                current,
-                "not detaching: a newer connection owns the session"
-            );
-        }
-        Err(error) => warn!(
-            %error,
-            "could not detach session; it expires when its lease lapses"
-        ),
-    }
-}
-
-fn random_bytes<const N: usize>() -> Result<[u8; N], ErrorFrame> {
+fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).map_err(|error| {
-        warn!(%error, "the OS random number generator failed");
-        ErrorFrame::new(ErrorCode::Internal, "internal")
-    })?;
+    getrandom::fill(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -780,11 +934,14 @@ mod tests {
 
     /// Largest acceptable connection task future, in bytes. Every
     /// connection's task is this future, held for the whole session, so
-    /// growing it is memory per session (see BENCHMARKS.md); 880 bytes
-    /// since the protocol state moved into `ServerSession` (1,384 before,
-    /// 2,592 before the handshake, the waiting paths and the number
-    /// generator stopped living in it).
-    const CONNECTION_TASK_BUDGET: usize = 1024;
+    /// growing it is memory per session (see BENCHMARKS.md). tokio
+    /// allocates a task in steps of 128 bytes (its cell is 128-aligned),
+    /// and 528 is the most that fits 640 with tokio's 112 bytes of header
+    /// and trailer: one byte more costs 128 per connection. 880 bytes
+    /// before the wait became one poll function and the events, the
+    /// ending and the lease renewal left it (1,384 before the protocol
+    /// state moved into `ServerSession`, 2,592 before that).
+    const CONNECTION_TASK_BUDGET: usize = 528;
 
     #[tokio::test]
     async fn a_connection_task_stays_small() {

@@ -319,8 +319,9 @@ struct Args {
     /// Log line format on stderr: text (colours only on a terminal, and
     /// not with NO_COLOR) or json (one object per line)
     ///
-    /// Every line about a session carries its client_id and generation
-    /// (in json, under "span"); resume tokens are never logged.
+    /// Every line about a connection carries its peer, and its session's
+    /// client_id and generation once known (in json, as fields of the
+    /// line); resume tokens are never logged.
     ///
     /// Example: --log-format json
     #[arg(long, value_name = "FORMAT", default_value = "text")]
@@ -609,12 +610,12 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => logs
             .with_ansi(numstream_cli_support::stderr_wants_colour())
             .init(),
-        // The connection span (peer, client_id, generation) goes under
-        // "span"; the event's own fields sit at the top level.
+        // The event's fields (peer, client_id, generation and its own)
+        // sit at the top level; the server makes no spans.
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
             .with_span_list(false)
             .init(),
     }

@@ -14,37 +14,91 @@
 //! notice, never per number.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use numstream_protocol::ClientId;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
+
+/// What a streaming connection and the registry share: the signal to stop
+/// (a takeover, or shutdown) one way, and that it has stopped the other.
+///
+/// One small allocation per streaming session, where cancellation tokens
+/// (a tree node each for "stop" and "stopped", and a boxed waiter) took
+/// about 300 bytes: every connection holds this for hours.
+#[derive(Debug, Default)]
+struct Handover {
+    stop: AtomicBool,
+    /// The holder, waiting for [`Handover::stop`].
+    holder: AtomicWaker,
+    stopped: AtomicBool,
+    /// A successor, waiting for [`Handover::stopped`].
+    successor: AtomicWaker,
+}
+
+impl Handover {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.holder.wake();
+    }
+
+    fn poll_flag(flag: &AtomicBool, waker: &AtomicWaker, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the check, so a signal between the two wakes
+        // this task rather than being missed.
+        waker.register(cx.waker());
+        if flag.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    async fn stopped(&self) {
+        std::future::poll_fn(|cx| Self::poll_flag(&self.stopped, &self.successor, cx)).await;
+    }
+}
 
 #[derive(Debug)]
 struct Live {
     generation: u64,
-    /// The holder's [`Claim::stop`].
-    stop: CancellationToken,
-    /// Cancelled by the holder once it has stopped streaming.
-    stopped: CancellationToken,
+    handover: Arc<Handover>,
 }
 
-/// What a connection holds while it streams a session.
+/// What a connection holds while it streams a session. Dropping it tells
+/// a waiting successor that this connection stopped.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    /// Cancelled when the holder must stop streaming: a newer connection
-    /// took the session over, or the server is shutting down (it is a
-    /// child of the shutdown token, so one waiter covers both; the
-    /// shutdown token says which).
-    pub(crate) stop: CancellationToken,
-    /// Dropping it tells a waiting successor that this connection stopped.
-    _stopped: DropGuard,
+    handover: Arc<Handover>,
+}
+
+impl Claim {
+    /// Ready once the holder must stop streaming: a newer connection took
+    /// the session over, or the server is shutting down (the shutdown
+    /// token says which). Registers the task to be woken then.
+    pub(crate) fn poll_stop(&self, cx: &mut Context<'_>) -> Poll<()> {
+        Handover::poll_flag(&self.handover.stop, &self.handover.holder, cx)
+    }
+
+    pub(crate) fn must_stop(&self) -> bool {
+        self.handover.stop.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.handover.stopped.store(true, Ordering::Release);
+        self.handover.successor.wake();
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Registry {
     live: Mutex<HashMap<ClientId, Live>>,
-    /// The server's shutdown token, parent of every claim's `stop`.
+    /// The server's shutdown token: a claim made after it was cancelled
+    /// is stopped at once (see [`Registry::stop_all`] for those before).
     shutdown: CancellationToken,
 }
 
@@ -70,8 +124,7 @@ impl Registry {
     /// generation is already registered: the caller lost a race and must
     /// not stream.
     pub(crate) async fn claim(&self, client_id: ClientId, generation: u64) -> Option<Claim> {
-        let stop = self.shutdown.child_token();
-        let stopped = CancellationToken::new();
+        let handover = Arc::new(Handover::default());
         let previous = {
             let mut live = self.lock();
             if live
@@ -84,22 +137,23 @@ impl Registry {
                 client_id,
                 Live {
                     generation,
-                    stop: stop.clone(),
-                    stopped: stopped.clone(),
+                    handover: handover.clone(),
                 },
             )
         };
+        // After the insert: `stop_all` runs after the cancellation, so
+        // either it saw this entry or this sees the cancellation.
+        if self.shutdown.is_cancelled() {
+            handover.stop();
+        }
         if let Some(previous) = previous {
-            previous.stop.cancel();
+            previous.handover.stop();
             // If the old connection is wedged in a write, it stops at its
             // write timeout at the latest; the store generation has already
             // fenced it, so waiting longer would only delay the client.
-            let _ = tokio::time::timeout(HANDOVER_WAIT, previous.stopped.cancelled()).await;
+            let _ = tokio::time::timeout(HANDOVER_WAIT, previous.handover.stopped()).await;
         }
-        Some(Claim {
-            stop,
-            _stopped: stopped.drop_guard(),
-        })
+        Some(Claim { handover })
     }
 
     /// Forgets the entry for `client_id` if it is still `generation`'s.
@@ -122,10 +176,18 @@ impl Registry {
     pub(crate) fn supersede(&self, client_id: ClientId, generation: u64) -> bool {
         match self.lock().get(&client_id) {
             Some(entry) if entry.generation < generation => {
-                entry.stop.cancel();
+                entry.handover.stop();
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Stops every local streamer: the server is shutting down (call it
+    /// after cancelling the shutdown token).
+    pub(crate) fn stop_all(&self) {
+        for entry in self.lock().values() {
+            entry.handover.stop();
         }
     }
 
@@ -144,9 +206,8 @@ mod tests {
         let registry = Registry::new(CancellationToken::new());
         let id = ClientId::from_bytes([1; 16]);
         let old = registry.claim(id, 1).await.expect("first claim");
-        let old_stop = old.stop.clone();
         let waiter = tokio::spawn(async move {
-            old_stop.cancelled().await;
+            std::future::poll_fn(|cx| old.poll_stop(cx)).await;
             // Simulate the old connection finishing its current write.
             tokio::time::sleep(Duration::from_millis(20)).await;
             drop(old);
@@ -156,7 +217,7 @@ mod tests {
             waiter.is_finished(),
             "claim must wait for the old streamer to stop"
         );
-        assert!(!new.stop.is_cancelled());
+        assert!(!new.must_stop());
         assert!(
             registry.claim(id, 1).await.is_none(),
             "stale generation must lose"
@@ -178,9 +239,9 @@ mod tests {
         let claim = registry.claim(id, 3).await.expect("claim");
         assert!(!registry.supersede(id, 3), "its own generation");
         assert!(!registry.supersede(id, 2), "an older generation");
-        assert!(!claim.stop.is_cancelled());
+        assert!(!claim.must_stop());
         assert!(registry.supersede(id, 4), "a newer generation");
-        assert!(claim.stop.is_cancelled());
+        assert!(claim.must_stop());
         assert!(!registry.supersede(ClientId::from_bytes([9; 16]), 1));
     }
 
@@ -191,8 +252,21 @@ mod tests {
         let first = registry.claim(ClientId::from_bytes([3; 16]), 1).await;
         let second = registry.claim(ClientId::from_bytes([4; 16]), 1).await;
         let (first, second) = (first.expect("claim"), second.expect("claim"));
-        assert!(!first.stop.is_cancelled() && !second.stop.is_cancelled());
+        assert!(!first.must_stop() && !second.must_stop());
+        let waiting = tokio::spawn(async move {
+            std::future::poll_fn(|cx| first.poll_stop(cx)).await;
+        });
         shutdown.cancel();
-        assert!(first.stop.is_cancelled() && second.stop.is_cancelled());
+        registry.stop_all();
+        assert!(second.must_stop());
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("a waiting holder is woken")
+            .expect("the waiter ran");
+        let late = registry.claim(ClientId::from_bytes([5; 16]), 1).await;
+        assert!(
+            late.expect("claim").must_stop(),
+            "a claim made after shutdown must stop at once"
+        );
     }
 }

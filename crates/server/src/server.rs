@@ -210,6 +210,8 @@ pub async fn run_with_telemetry(
         }
     }
 
+    // The shutdown token is cancelled: every streaming connection stops.
+    shared.registry.stop_all();
     drop(listener);
     shared.telemetry.set_accepting(false);
     tracker.close();

@@ -647,11 +647,14 @@ impl Telemetry {
         self.inner.sessions_detached.increment(1);
     }
 
-    /// A streaming connection's handle on the per-number metrics.
-    pub(crate) fn streaming(&self) -> StreamMetrics {
-        StreamMetrics {
-            numbers_sent: self.inner.numbers_sent.clone(),
-            send_lateness: self.inner.send_lateness.clone(),
+    /// `numbers` were written at `written`; the first was due at `due`.
+    /// Per number: atomics only.
+    pub(crate) fn sent(&self, numbers: u32, due: Option<Instant>, written: Instant) {
+        self.inner.numbers_sent.increment(u64::from(numbers));
+        if let Some(due) = due {
+            self.inner
+                .send_lateness
+                .record(written.saturating_duration_since(due).as_secs_f64());
         }
     }
 
@@ -716,24 +719,6 @@ impl Telemetry {
             Some(StoreError::Unavailable(_) | StoreError::Corrupt(_))
         ) {
             self.inner.store_errors[index].increment(1);
-        }
-    }
-}
-
-/// The handles a streaming loop touches per number: atomics only.
-#[derive(Debug, Clone)]
-pub(crate) struct StreamMetrics {
-    numbers_sent: Counter,
-    send_lateness: Histogram,
-}
-
-impl StreamMetrics {
-    /// `numbers` were written at `written`; the first was due at `due`.
-    pub(crate) fn sent(&self, numbers: u32, due: Option<Instant>, written: Instant) {
-        self.numbers_sent.increment(u64::from(numbers));
-        if let Some(due) = due {
-            self.send_lateness
-                .record(written.saturating_duration_since(due).as_secs_f64());
         }
     }
 }

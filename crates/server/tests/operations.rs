@@ -778,8 +778,9 @@ async fn json_logs_are_one_object_per_line_and_never_carry_a_token() {
         let message = value["message"].as_str().unwrap_or_default();
         if message.starts_with("session ") && message != "session expired" {
             session_lines += 1;
-            assert_eq!(value["span"]["client_id"], id.as_str(), "{line}");
-            assert!(value["span"]["generation"].is_u64(), "{line}");
+            assert_eq!(value["client_id"], id.as_str(), "{line}");
+            assert!(value["generation"].is_u64(), "{line}");
+            assert!(value["peer"].is_string(), "{line}");
         }
     }
     assert!(session_lines >= 4, "{log}");
