@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use numstream_harness::raw::RawClient;
 use numstream_protocol::{ClientId, Frame, Resume, ResumeToken, SessionSeed};
+use numstream_server::testing::{TestServer, fast_config};
 use numstream_store::{InMemoryStore, NewSession, SessionStore};
-use numstream_testkit::server::{RawClient, TestServer, fast_config};
 use tokio::runtime::{Builder, Runtime};
 
 const LEASE: Duration = Duration::from_secs(60);

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use numstream_harness::redis::RedisServer;
+use numstream_harness::redis_cluster::RedisCluster;
 use numstream_protocol::{ResumeToken, SessionSeed};
 use numstream_store::{InMemoryStore, NewSession, SessionStore};
 use numstream_store_redis::{RedisStore, RedisStoreConfig};
-use numstream_testkit::redis::RedisServer;
-use numstream_testkit::redis_cluster::RedisCluster;
 use tokio::runtime::{Builder, Runtime};
 use uuid::Uuid;
 
@@ -151,7 +151,7 @@ fn redis_store(c: &mut Criterion) {
     let redis = RedisServer::start();
     let runtime = runtime();
     let store = RedisStore::connect_lazy(&redis.url(), RedisStoreConfig::default())
-        .expect("the testkit's redis:// URL parses");
+        .expect("the harness's redis:// URL parses");
     let store: &dyn SessionStore = &store;
     let mut group = c.benchmark_group("redis store");
     // First: its warm-up makes the connection, which no timed iteration
@@ -172,7 +172,7 @@ fn cluster_store(cluster: &RedisCluster, runtime: &Runtime, wait_replicas: usize
         ..RedisStoreConfig::default()
     };
     let store = RedisStore::connect_lazy(&cluster.url(), config)
-        .expect("the testkit's redis-cluster:// URL parses");
+        .expect("the harness's redis-cluster:// URL parses");
     runtime.block_on(store.ping()).expect("the cluster answers");
     store
 }
@@ -203,7 +203,7 @@ fn renew_many(c: &mut Criterion) {
     let renewals: Vec<_> = batch.iter().map(|s| (s.client_id, 1)).collect();
     let redis = RedisServer::start();
     let single = RedisStore::connect_lazy(&redis.url(), RedisStoreConfig::default())
-        .expect("the testkit's redis:// URL parses");
+        .expect("the harness's redis:// URL parses");
     let cluster = RedisCluster::start();
     let clustered = cluster_store(&cluster, &runtime, 0);
     let mut group = c.benchmark_group("renew_many of 512");

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             n => connections = n.parse().context("the argument is N, a count")?,
         }
     }
-    let pki = numstream_testkit::tls::TestPki::generate();
+    let pki = numstream_harness::tls::TestPki::generate();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = CertificateDer::pem_file_iter(&pki.server.cert)?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(&pki.server.key)?;

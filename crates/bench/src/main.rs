@@ -45,7 +45,7 @@ use servers::{Flavor, ServerOptions, Servers};
 /// Load generator for numstream, measured against a bare tokio baseline.
 #[derive(Debug, Parser)]
 #[command(
-    after_help = "Examples:\n  numstream-bench steady --sessions 19000 --count 40 --ramp-up 10s\n  numstream-bench burst --parallel 100\n  numstream-bench churn --concurrency 64 --duration 10s\n  numstream-bench resume --sessions 10000 --victims 100\n  numstream-bench overload --sessions 80000 --servers 5 --count 40 --ramp-up 25s --server-cpus 0\n\nBuild both binaries first: cargo build --release -p numstream-server -p numstream-bench"
+    after_help = "Examples:\n  numstream-bench steady --sessions 19000 --count 40 --ramp-up 10s\n  numstream-bench burst --parallel 100\n  numstream-bench churn --concurrency 64 --duration 10s\n  numstream-bench resume --sessions 10000 --victims 100\n  numstream-bench overload --sessions 80000 --servers 5 --count 40 --ramp-up 25s --server-cpus 0\n\nBuild both binaries first: cargo build --release -p numstream-server-cli -p numstream-bench"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -227,14 +227,14 @@ impl Common {
     /// Makes the run's CA and server certificate when a TLS flavor is
     /// measured; they are deleted when the returned value drops, so keep
     /// it until the run ends.
-    fn prepare_tls(&mut self) -> anyhow::Result<Option<numstream_testkit::tls::TestPki>> {
+    fn prepare_tls(&mut self) -> anyhow::Result<Option<numstream_harness::tls::TestPki>> {
         if !self.flavors().contains(&Flavor::NumstreamTls) {
             return Ok(None);
         }
         if self.server.placement == servers::Placement::Spawn && !self.server.external.is_empty() {
             bail!("--tls starts its own servers: it cannot measure --connect ones");
         }
-        let pki = numstream_testkit::tls::TestPki::generate();
+        let pki = numstream_harness::tls::TestPki::generate();
         self.server.tls = Some(servers::TlsMaterial {
             ca: pki.ca.clone(),
             cert: pki.server.cert.clone(),

@@ -46,7 +46,7 @@ impl MetricsSum {
         let mut sum = Self::default();
         for &endpoint in endpoints {
             let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            match numstream_testkit::http::try_get_from(local, endpoint, "/metrics").await {
+            match numstream_harness::http::try_get_from(local, endpoint, "/metrics").await {
                 Ok((200, body)) => sum.add(&body),
                 Ok((code, _)) => sum.unreadable.push(format!("{endpoint}: HTTP {code}")),
                 Err(why) => sum.unreadable.push(format!("{endpoint}: {why}")),

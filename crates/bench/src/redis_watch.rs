@@ -1,5 +1,5 @@
 //! The Redis of the overload scenario, and what it says about a run: a
-//! redis-server the load generator starts (testkit's launcher, no
+//! redis-server the load generator starts (the harness's launcher, no
 //! persistence, a free port) and optionally confines to some CPUs; while
 //! the load runs, a PING every 20 ms from an unloaded thread of the load
 //! generator (how long Redis takes to answer someone who reads at once),
@@ -43,14 +43,14 @@ const STATS: &[&str] = &[
 /// A redis-server owned by the scenario; killed when dropped.
 #[derive(Debug)]
 pub(crate) struct Redis {
-    server: numstream_testkit::redis::RedisServer,
+    server: numstream_harness::redis::RedisServer,
 }
 
 impl Redis {
     /// Starts redis-server (confined to `cpus` if given) and sets its slow
     /// thresholds.
     pub(crate) async fn start(cpus: Option<&CpuList>) -> anyhow::Result<Self> {
-        // testkit's launcher panics without redis-server (right for a
+        // the harness's launcher panics without redis-server (right for a
         // test); a command line tool says so instead.
         let found = Command::new("redis-server")
             .arg("--version")
@@ -59,7 +59,7 @@ impl Redis {
         if !found {
             bail!("the Redis store needs redis-server on PATH (apt-get install -y redis-server)");
         }
-        let server = tokio::task::spawn_blocking(numstream_testkit::redis::RedisServer::start)
+        let server = tokio::task::spawn_blocking(numstream_harness::redis::RedisServer::start)
             .await
             .context("starting redis-server")?;
         if let Some(cpus) = cpus {

@@ -84,7 +84,7 @@ pub(crate) struct ServerOptions {
     #[arg(long, value_enum, default_value = "spawn")]
     pub(crate) placement: Placement,
     /// The numstream-server binary (default: next to this binary; build it
-    /// with `cargo build --release -p numstream-server`).
+    /// with `cargo build --release -p numstream-server-cli`).
     #[arg(long)]
     pub(crate) server_bin: Option<PathBuf>,
     /// Use already running numstream servers at these addresses instead of
@@ -391,7 +391,7 @@ fn server_binary(options: &ServerOptions) -> anyhow::Result<PathBuf> {
     };
     if !path.exists() {
         bail!(
-            "{} not found: build it with `cargo build --release -p numstream-server` or pass --server-bin",
+            "{} not found: build it with `cargo build --release -p numstream-server-cli` or pass --server-bin",
             path.display()
         );
     }

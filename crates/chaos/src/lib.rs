@@ -2,9 +2,10 @@
 //!
 //! - [`plan`]: what is done to each connection, drawn from a seeded
 //!   [`plan::Schedule`], so any run replays from its seed.
-//! - [`proxy`]: [`proxy::ChaosProxy`], a loopback-only TCP proxy that applies
-//!   those plans: close (FIN) or reset (RST) at a byte or a moment, stalls
-//!   in one or both directions, added latency, 1-byte writes, half-closes.
+//! - [`proxy`]: the harness's [`proxy::FaultProxy`], a loopback-only TCP
+//!   proxy that applies those plans: close (FIN) or reset (RST) at a byte
+//!   or a moment, stalls in one or both directions, added latency, 1-byte
+//!   writes, half-closes.
 //! - [`attack`]: [`attack::Attacker`], an abusive client (connection hog,
 //!   open-and-drop churn, handshake slowloris) from source addresses of its
 //!   own, run beside the honest clients.
@@ -20,11 +21,11 @@
 
 pub mod attack;
 pub mod plan;
-pub mod proxy;
 pub mod run;
 pub mod servers;
 pub mod starve;
 
 pub use attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker};
+pub use numstream_harness::proxy;
 pub use plan::{ConnectionPlan, Fault, FaultKind, FaultProfile, Schedule};
-pub use proxy::{ChaosProxy, ProxyError};
+pub use proxy::{FaultProxy, ProxyError};

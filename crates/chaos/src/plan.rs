@@ -9,269 +9,24 @@
 //! the same byte on replay; time-triggered ones hit the same moment, which
 //! on a loaded machine may be a slightly different byte.
 
-use std::fmt;
 use std::time::Duration;
 
+use chacha20::ChaCha8Rng;
+use numstream_protocol::codec;
 use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-/// Length of an encoded OPEN: prefix, type, version, client id, count.
-pub const OPEN_LEN: u64 = 4 + 1 + 2 + 16 + 2;
-/// Length of an encoded WELCOME.
-pub const WELCOME_LEN: u64 = 4 + 1 + 2 + 2 + 2 + 16 + 4 + 4;
-/// Length of an encoded NUMBER.
-pub const NUMBER_LEN: u64 = 4 + 1 + 2 + 4;
-/// Length of an encoded RESUME: prefix, type, version, client id, token,
-/// index.
-pub const RESUME_LEN: u64 = 4 + 1 + 2 + 16 + 16 + 2;
+pub use numstream_harness::fault::{
+    ConnectionPlan, Direction, Fault, FaultKind, Side, StallDirections, Trigger, is_early,
+};
+pub use numstream_harness::proxy::Planner;
+
+/// Encoded frame lengths, as byte counts on the proxied streams.
+pub const OPEN_LEN: u64 = codec::OPEN_FRAME_LEN as u64;
+pub const WELCOME_LEN: u64 = codec::WELCOME_FRAME_LEN as u64;
+pub const NUMBER_LEN: u64 = codec::NUMBER_FRAME_LEN as u64;
+pub const RESUME_LEN: u64 = codec::RESUME_FRAME_LEN as u64;
 /// Wire type byte of OPEN (offset 4 of the first client frame).
-pub const OPEN_TYPE: u8 = 0x01;
-
-/// One direction of a proxied connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// Server → client.
-    Downstream,
-    /// Client → server.
-    Upstream,
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Downstream => "downstream",
-            Self::Upstream => "upstream",
-        })
-    }
-}
-
-/// Which directions a stall freezes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StallDirections {
-    Downstream,
-    Upstream,
-    Both,
-}
-
-impl StallDirections {
-    pub fn covers(self, direction: Direction) -> bool {
-        matches!(
-            (self, direction),
-            (Self::Both, _)
-                | (Self::Downstream, Direction::Downstream)
-                | (Self::Upstream, Direction::Upstream)
-        )
-    }
-}
-
-/// The peer a half-close is sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Side {
-    /// The client gets FIN (it sees the server's stream end); what the
-    /// client sends is still forwarded.
-    Client,
-    /// The server gets FIN (it sees the client hang up); what the server
-    /// sends is still forwarded.
-    Server,
-}
-
-/// When a fault strikes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// Once exactly this many bytes went through in this direction (the
-    /// proxy never forwards a byte past it before the fault).
-    Bytes { direction: Direction, after: u64 },
-    /// This long after the connection was accepted.
-    After(Duration),
-}
-
-impl fmt::Display for Trigger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Bytes { direction, after } => write!(f, "after {after} {direction} bytes"),
-            Self::After(delay) => write!(f, "after {} ms", delay.as_millis()),
-        }
-    }
-}
-
-/// The fault that ends (or cripples) a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Both sides get FIN.
-    Close(Trigger),
-    /// Both sides get RST (`SO_LINGER` 0, then close).
-    Reset(Trigger),
-    /// Forwarding stops in the given directions without closing anything,
-    /// as when a path silently dies; the other direction keeps working.
-    /// The proxy closes the connection `hold` after the stall began.
-    Stall {
-        at: Trigger,
-        directions: StallDirections,
-        hold: Duration,
-    },
-    /// One side gets FIN; the other direction keeps flowing until its own
-    /// end, or `hold` after the half-close.
-    HalfClose {
-        at: Trigger,
-        side: Side,
-        hold: Duration,
-    },
-}
-
-impl Fault {
-    pub fn trigger(&self) -> Trigger {
-        match *self {
-            Self::Close(at) | Self::Reset(at) => at,
-            Self::Stall { at, .. } | Self::HalfClose { at, .. } => at,
-        }
-    }
-
-    /// The same fault, struck by another trigger.
-    pub fn with_trigger(self, at: Trigger) -> Self {
-        match self {
-            Self::Close(_) => Self::Close(at),
-            Self::Reset(_) => Self::Reset(at),
-            Self::Stall {
-                directions, hold, ..
-            } => Self::Stall {
-                at,
-                directions,
-                hold,
-            },
-            Self::HalfClose { side, hold, .. } => Self::HalfClose { at, side, hold },
-        }
-    }
-
-    /// Short name for statistics.
-    pub fn kind(&self) -> FaultKind {
-        match self {
-            Self::Close(_) => FaultKind::Close,
-            Self::Reset(_) => FaultKind::Reset,
-            Self::Stall { .. } => FaultKind::Stall,
-            Self::HalfClose { .. } => FaultKind::HalfClose,
-        }
-    }
-}
-
-/// Whether a trigger can strike before the WELCOME is through: inside the
-/// client's hello (a RESUME, the longest, is 41 bytes) or the WELCOME.
-pub fn is_early(trigger: Trigger) -> bool {
-    match trigger {
-        Trigger::Bytes {
-            direction: Direction::Upstream,
-            after,
-        } => after <= RESUME_LEN,
-        Trigger::Bytes {
-            direction: Direction::Downstream,
-            after,
-        } => after < WELCOME_LEN,
-        Trigger::After(_) => false,
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Close(at) => write!(f, "close (FIN) {at}"),
-            Self::Reset(at) => write!(f, "reset (RST) {at}"),
-            Self::Stall {
-                at,
-                directions,
-                hold,
-            } => write!(
-                f,
-                "stall {} {at}, held {} ms",
-                match directions {
-                    StallDirections::Downstream => "downstream",
-                    StallDirections::Upstream => "upstream",
-                    StallDirections::Both => "both directions",
-                },
-                hold.as_millis()
-            ),
-            Self::HalfClose { at, side, hold } => write!(
-                f,
-                "half-close to the {} {at}, held {} ms",
-                match side {
-                    Side::Client => "client",
-                    Side::Server => "server",
-                },
-                hold.as_millis()
-            ),
-        }
-    }
-}
-
-/// Fault kinds, for counting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum FaultKind {
-    Close,
-    Reset,
-    Stall,
-    HalfClose,
-}
-
-impl FaultKind {
-    pub const ALL: [FaultKind; 4] = [Self::Close, Self::Reset, Self::Stall, Self::HalfClose];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Close => "close",
-            Self::Reset => "reset",
-            Self::Stall => "stall",
-            Self::HalfClose => "half-close",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-
-    /// [`FaultKind::parse`] with an error message, for command lines.
-    pub fn parse_arg(name: &str) -> Result<Self, String> {
-        Self::parse(name).ok_or_else(|| {
-            format!("unknown fault {name:?}; one of: close, reset, stall, half-close")
-        })
-    }
-}
-
-/// Everything the proxy does to one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConnectionPlan {
-    /// Added to every chunk, in both directions (order is preserved).
-    pub latency: Option<Duration>,
-    /// Forward this direction one byte per write, so the receiver has to
-    /// reassemble every frame from 1-byte reads.
-    pub split: Option<Direction>,
-    pub fault: Option<Fault>,
-}
-
-impl ConnectionPlan {
-    pub const PASS: ConnectionPlan = ConnectionPlan {
-        latency: None,
-        split: None,
-        fault: None,
-    };
-}
-
-impl fmt::Display for ConnectionPlan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(fault) = self.fault {
-            parts.push(fault.to_string());
-        }
-        if let Some(latency) = self.latency {
-            parts.push(format!("latency {} ms", latency.as_millis()));
-        }
-        if let Some(direction) = self.split {
-            parts.push(format!("1-byte writes {direction}"));
-        }
-        if parts.is_empty() {
-            f.write_str("pass")
-        } else {
-            f.write_str(&parts.join("; "))
-        }
-    }
-}
+pub const OPEN_TYPE: u8 = numstream_protocol::frame::tag::OPEN;
 
 /// How likely and how violent faults are. The same profile and seed always
 /// give the same plans.
@@ -341,6 +96,20 @@ pub struct Schedule {
     profile: FaultProfile,
     /// Plans given by hand (tests, manual experiments) instead of drawn.
     fixed: Option<std::sync::Arc<Vec<ConnectionPlan>>>,
+}
+
+impl Planner for Schedule {
+    fn plan(&self, ordinal: u64) -> ConnectionPlan {
+        Schedule::plan(self, ordinal)
+    }
+
+    fn stream(&self) -> u64 {
+        self.stream
+    }
+
+    fn protect_first_welcome(&self) -> bool {
+        self.profile.protect_first_welcome
+    }
 }
 
 impl Schedule {

@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chacha20::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,7 @@ use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
 
 use crate::attack::{AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker};
 use crate::plan::{FaultKind, FaultProfile, NUMBER_LEN, Schedule, WELCOME_LEN};
-use crate::proxy::{ChaosProxy, ConnectionRecord, ProxyStats};
+use crate::proxy::{ConnectionRecord, FaultProxy, ProxyStats};
 use crate::servers::{ServerProcess, ServerSpec, Signal};
 use crate::starve::{StarveEvent, StarveProfile, Starved, starve, starve_plan};
 
@@ -557,7 +557,7 @@ async fn run_client(spec: ClientSpec, config: &ChaosConfig, addrs: &[SocketAddr]
         let stream = (spec.index as u64) << 8 | server as u64;
         let schedule = Schedule::new(config.seed, stream, profile.clone());
         let source = client_source(config, spec.index);
-        match ChaosProxy::start_local_from(addrs[server], source, schedule).await {
+        match FaultProxy::start_local_from(addrs[server], source, schedule).await {
             Ok(proxy) => proxies.push((server, proxy)),
             Err(error) => {
                 // Cannot happen on loopback short of running out of ports;
@@ -1287,8 +1287,11 @@ mod tests {
     #[test]
     fn clients_and_kills_derive_from_the_seed() {
         let config = ChaosConfig::profile("short", 5, PathBuf::from("x")).expect("profile");
-        assert_eq!(client_specs(&config), client_specs(&config));
-        assert_eq!(kill_plan(&config), kill_plan(&config));
+        // A replay builds its config anew from the seed: the same clients
+        // and kills.
+        let replay = ChaosConfig::profile("short", 5, PathBuf::from("y")).expect("profile");
+        assert_eq!(client_specs(&config), client_specs(&replay));
+        assert_eq!(kill_plan(&config), kill_plan(&replay));
         let other = ChaosConfig::profile("short", 6, PathBuf::from("x")).expect("profile");
         assert_ne!(client_specs(&config), client_specs(&other));
         assert!(

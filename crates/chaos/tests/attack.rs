@@ -11,8 +11,9 @@ use bytes::BytesMut;
 use numstream_chaos::attack::{
     AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker, SlowHello,
 };
+use numstream_harness::raw::RawClient;
 use numstream_protocol::{ErrorCode, Frame, ResumeToken, Welcome, encode_frame};
-use numstream_testkit::server::{RawClient, TestServer, fast_config};
+use numstream_server::testing::{TestServer, fast_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
@@ -42,7 +43,7 @@ async fn wait_for(attacker: &Attacker, what: &str, reached: impl Fn(&AttackRepor
             Instant::now() < deadline,
             "the attacker did not get to {what} within {PATIENCE:?}: {report:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
     }
 }
 
@@ -220,7 +221,7 @@ async fn the_hog_opens_again_what_the_server_closes() {
                 let mut open = [0u8; 25];
                 stream.read_exact(&mut open).await?;
                 stream.write_all(&reply).await?;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await; // the fake server holds the connection a moment, then closes it (its behaviour)
                 stream.shutdown().await
             });
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use numstream_chaos::plan::{
     ConnectionPlan, Direction, Fault, FaultProfile, Schedule, Side, StallDirections, Trigger,
 };
-use numstream_chaos::proxy::{ChaosProxy, ProxyError};
+use numstream_chaos::proxy::{FaultProxy, ProxyError};
+use numstream_harness::wait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -39,13 +40,13 @@ fn fault(fault: Fault) -> ConnectionPlan {
 
 /// A proxy with `plan` for its first connection, a client connected through
 /// it, and the server end of that connection.
-async fn connect(plan: ConnectionPlan) -> (ChaosProxy, TcpStream, TcpStream) {
+async fn connect(plan: ConnectionPlan) -> (FaultProxy<Schedule>, TcpStream, TcpStream) {
     connect_with(Schedule::fixed(vec![plan])).await
 }
 
-async fn connect_with(schedule: Schedule) -> (ChaosProxy, TcpStream, TcpStream) {
+async fn connect_with(schedule: Schedule) -> (FaultProxy<Schedule>, TcpStream, TcpStream) {
     let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy = ChaosProxy::start_local(upstream.local_addr().expect("addr"), schedule)
+    let proxy = FaultProxy::start_local(upstream.local_addr().expect("addr"), schedule)
         .await
         .expect("proxy");
     let client = TcpStream::connect(proxy.addr()).await.expect("connect");
@@ -91,7 +92,7 @@ async fn refuses_anything_but_loopback() {
     let remote: SocketAddr = "192.0.2.1:7000".parse().expect("addr");
     let any: SocketAddr = "0.0.0.0:0".parse().expect("addr");
     for (listen, upstream) in [(loopback, remote), (any, loopback)] {
-        match ChaosProxy::start(listen, upstream, Schedule::pass()).await {
+        match FaultProxy::start(listen, upstream, Schedule::pass()).await {
             Err(error @ ProxyError::NotLoopback { .. }) => {
                 assert!(
                     error.to_string().contains("not a loopback address"),
@@ -101,7 +102,7 @@ async fn refuses_anything_but_loopback() {
             other => panic!("{listen} -> {upstream} must be refused, got {other:?}"),
         }
     }
-    let proxy = ChaosProxy::start_local(loopback, Schedule::pass())
+    let proxy = FaultProxy::start_local(loopback, Schedule::pass())
         .await
         .expect("loopback is fine");
     assert!(proxy.set_upstream(remote).is_err());
@@ -114,12 +115,12 @@ async fn connects_upstream_from_the_assigned_source_address() {
     let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
     let source: IpAddr = "127.1.2.3".parse().expect("addr");
-    let sourced = ChaosProxy::start_local_from(upstream_addr, source, Schedule::pass())
+    let sourced = FaultProxy::start_local_from(upstream_addr, source, Schedule::pass())
         .await
         .expect("proxy");
     assert_eq!(sourced.source(), Some(source));
     // Without a source, the kernel picks (127.0.0.1 towards 127.0.0.1).
-    let plain = ChaosProxy::start_local(upstream_addr, Schedule::pass())
+    let plain = FaultProxy::start_local(upstream_addr, Schedule::pass())
         .await
         .expect("proxy");
     let loopback = IpAddr::from([127, 0, 0, 1]);
@@ -138,19 +139,19 @@ async fn refuses_a_source_it_cannot_use() {
     let upstream: SocketAddr = "127.0.0.1:9".parse().expect("addr");
     let remote: IpAddr = "192.0.2.1".parse().expect("addr");
     let v6: IpAddr = "::1".parse().expect("addr");
-    match ChaosProxy::start_local_from(upstream, remote, Schedule::pass()).await {
+    match FaultProxy::start_local_from(upstream, remote, Schedule::pass()).await {
         Err(error @ ProxyError::NotLoopback { .. }) => {
             assert!(error.to_string().contains("source address"), "{error}");
         }
         other => panic!("a remote source must be refused, got {other:?}"),
     }
-    match ChaosProxy::start_local_from(upstream, v6, Schedule::pass()).await {
+    match FaultProxy::start_local_from(upstream, v6, Schedule::pass()).await {
         Err(error @ ProxyError::FamilyMismatch { .. }) => {
             assert!(error.to_string().contains("address families"), "{error}");
         }
         other => panic!("an IPv6 source towards IPv4 must be refused, got {other:?}"),
     }
-    let proxy = ChaosProxy::start_local_from(
+    let proxy = FaultProxy::start_local_from(
         upstream,
         "127.1.0.1".parse().expect("addr"),
         Schedule::pass(),
@@ -269,13 +270,16 @@ async fn downstream_stall_freezes_one_direction_then_closes_after_the_hold() {
 
 #[tokio::test]
 async fn stall_of_both_directions_is_silent_both_ways() {
-    let (_proxy, mut client, mut server) = connect(fault(Fault::Stall {
+    let (proxy, mut client, mut server) = connect(fault(Fault::Stall {
         at: Trigger::After(Duration::from_millis(50)),
         directions: StallDirections::Both,
         hold: Duration::from_millis(1500),
     }))
     .await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait::until_sync(Duration::from_secs(10), "the stall to strike", || {
+        proxy.records().first().is_some_and(|record| record.fired)
+    })
+    .await;
     client.write_all(b"lost").await.expect("write");
     server.write_all(b"lost").await.expect("write");
     assert_silent(&mut client, Duration::from_millis(400)).await;
@@ -412,7 +416,7 @@ async fn the_same_seed_replays_the_same_plans() {
     let addr = upstream.local_addr().expect("addr");
     let mut records = Vec::new();
     for _ in 0..2 {
-        let proxy = ChaosProxy::start_local(addr, Schedule::new(99, 5, profile.clone()))
+        let proxy = FaultProxy::start_local(addr, Schedule::new(99, 5, profile.clone()))
             .await
             .expect("proxy");
         for _ in 0..6 {
@@ -420,7 +424,8 @@ async fn the_same_seed_replays_the_same_plans() {
             let (server, _) = upstream.accept().await.expect("accept");
             drop((client, server));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each connection's plan is recorded when it is accepted, before
+        // the proxy connects upstream: all six are there.
         let plans: Vec<_> = proxy.records().into_iter().map(|r| r.plan).collect();
         records.push(plans);
     }

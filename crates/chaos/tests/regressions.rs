@@ -3,19 +3,18 @@
 
 use std::time::Duration;
 
-use numstream_chaos::plan::{ConnectionPlan, Direction, Fault, Schedule, Side, Trigger};
-use numstream_chaos::proxy::ChaosProxy;
+use numstream_chaos::plan::{
+    ConnectionPlan, Direction, Fault, NUMBER_LEN, Schedule, Side, Trigger, WELCOME_LEN,
+};
+use numstream_chaos::proxy::FaultProxy;
 use numstream_client::ClientConfig;
 use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
-use numstream_testkit::server::{TestServer, fast_config};
-
-const WELCOME_LEN: u64 = 35;
-const NUMBER_LEN: u64 = 11;
+use numstream_server::testing::{TestServer, fast_config};
 
 /// Runs one client through `proxy` to its end (bounded) and checks that it
 /// printed OK with exactly the reference sequence of the test server
 /// (`fast_config`'s seed 42).
-async fn run_and_verify(proxy: &ChaosProxy, count: u16, handshake_timeout: Duration) {
+async fn run_and_verify(proxy: &FaultProxy<Schedule>, count: u16, handshake_timeout: Duration) {
     let client_id = ClientId::new_v4();
     let client = ClientConfig {
         ports: vec![proxy.port()],
@@ -75,7 +74,7 @@ async fn a_stale_resume_from_an_abandoned_connection_does_not_kill_the_session()
             ..ConnectionPlan::PASS
         },
     ];
-    let proxy = ChaosProxy::start_local(server.addr, Schedule::fixed(plans))
+    let proxy = FaultProxy::start_local(server.addr, Schedule::fixed(plans))
         .await
         .expect("proxy");
     run_and_verify(&proxy, count, ClientConfig::default().handshake_timeout).await;
@@ -107,7 +106,7 @@ async fn a_slow_reader_keeps_its_session_until_it_has_received_it() {
         })),
         ..ConnectionPlan::PASS
     }];
-    let proxy = ChaosProxy::start_local(server.addr, Schedule::fixed(plans))
+    let proxy = FaultProxy::start_local(server.addr, Schedule::fixed(plans))
         .await
         .expect("proxy");
     // The latency applies both ways: OPEN and WELCOME take 6 s.

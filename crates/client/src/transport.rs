@@ -23,8 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::untrusted::escape;
 
-/// The ALPN protocol name of numstream v1 over TLS.
-pub const ALPN_NUMSTREAM: &[u8] = b"numstream/1";
+pub use numstream_protocol::ALPN_NUMSTREAM;
 
 /// Bytes of the server's first answer kept while the TLS handshake runs:
 /// enough for any numstream frame (at most 2 + 512 bytes), so a server

@@ -6,6 +6,8 @@ mod support;
 use std::time::Duration;
 
 use numstream_client::{Backoff, ClientConfig, ClientError, Event};
+use numstream_harness::fake_server::{Expect, FakeServer, Script};
+use numstream_protocol::testing::encoded;
 use numstream_protocol::{Disposition, ErrorCode, ErrorFrame, Frame, Open, Resume};
 use support::memory::MemoryNet;
 use support::*;
@@ -44,19 +46,29 @@ fn error(code: ErrorCode, message: &str) -> Frame {
 
 #[tokio::test]
 async fn happy_path_verifies_and_acks() {
-    let (listener, port) = listen().await;
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(5, 0))
+            .send_numbers(&session(5), 0..5)
+            .expect(Expect::Ack)
+            .expect_closed(),
+    ])
+    .await;
+    let port = server.port();
     let config = config(vec![port], 5);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        assert_open(&recv(&mut conn).await, &expected_config);
-        send(&mut conn, welcome(5, 0)).await;
-        let ack = finish(&mut conn, 5, 0).await;
-        closed_by_client(&mut conn).await;
-        ack
-    });
     let (report, events) = run_client(config.clone()).await;
-    let ack = join(server).await;
+    let received = server.finish().await;
+    let [open, ack] = &received[0][..] else {
+        panic!("expected OPEN and ACK, got {received:?}");
+    };
+    assert_open(open, &config);
+    let Frame::Ack {
+        client_checksum: ack,
+    } = *ack
+    else {
+        panic!("expected ACK, got {ack:?}");
+    };
 
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.exit_code(), 0);
@@ -108,18 +120,20 @@ async fn single_number_session_and_max_count_welcome() {
 
 #[tokio::test]
 async fn heartbeats_are_accepted_between_numbers() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(3, 0)).await;
-        send(&mut conn, Frame::Heartbeat).await;
-        send_numbers(&mut conn, 3, 0..1).await;
-        send(&mut conn, Frame::Heartbeat).await;
-        finish(&mut conn, 3, 1).await
-    });
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(3, 0))
+            .send(Frame::Heartbeat)
+            .send_numbers(&session(3), 0..1)
+            .send(Frame::Heartbeat)
+            .send_numbers(&session(3), 1..3)
+            .expect(Expect::Ack),
+    ])
+    .await;
+    let port = server.port();
     let (report, events) = run_client(config(vec![port], 3)).await;
-    join(server).await;
+    server.finish().await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(events.iter().filter(|e| **e == Event::Heartbeat).count(), 2);
 }
@@ -216,18 +230,13 @@ async fn wrong_checksum_fails_with_exit_code_1() {
 
 /// A misbehaving server is never retried: exit 5, at once, on the first
 /// connection.
-async fn assert_violation(count: u16, script: Vec<Vec<u8>>, expect_in_error: &str) {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        for bytes in script {
-            send_raw(&mut conn, &bytes).await;
-        }
-        closed_by_client(&mut conn).await;
-    });
-    let (report, events) = run_client(config(vec![port], count)).await;
-    join(server).await;
+async fn assert_violation(count: u16, raw: Vec<Vec<u8>>, expect_in_error: &str) {
+    let script = raw
+        .into_iter()
+        .fold(Script::new().expect(Expect::Open), Script::send_raw);
+    let server = FakeServer::start(vec![script.expect_closed()]).await;
+    let (report, events) = run_client(config(vec![server.port()], count)).await;
+    server.finish().await;
     assert!(!report.ok);
     assert_eq!(report.exit_code(), 5, "{}", report.render_human());
     let Some(ClientError::ProtocolViolation(text)) = &report.error else {
@@ -241,17 +250,15 @@ async fn assert_violation(count: u16, script: Vec<Vec<u8>>, expect_in_error: &st
     assert_eq!(report.reconnects, 0);
 }
 
-fn wire(frame: Frame) -> Vec<u8> {
-    let mut buf = bytes::BytesMut::new();
-    numstream_protocol::encode_frame(&frame, &mut buf);
-    buf.to_vec()
-}
-
 #[tokio::test]
 async fn duplicate_index_is_a_protocol_violation() {
     assert_violation(
         5,
-        vec![wire(welcome(5, 0)), wire(number(5, 0)), wire(number(5, 0))],
+        vec![
+            encoded(&welcome(5, 0)),
+            encoded(&number(5, 0)),
+            encoded(&number(5, 0)),
+        ],
         "expected number 1, server sent number 0",
     )
     .await;
@@ -261,7 +268,11 @@ async fn duplicate_index_is_a_protocol_violation() {
 async fn skipped_index_is_a_protocol_violation() {
     assert_violation(
         5,
-        vec![wire(welcome(5, 0)), wire(number(5, 0)), wire(number(5, 2))],
+        vec![
+            encoded(&welcome(5, 0)),
+            encoded(&number(5, 0)),
+            encoded(&number(5, 2)),
+        ],
         "expected number 1, server sent number 2",
     )
     .await;
@@ -271,7 +282,7 @@ async fn skipped_index_is_a_protocol_violation() {
 async fn malformed_bytes_are_a_protocol_violation() {
     assert_violation(
         5,
-        vec![wire(welcome(5, 0)), vec![0, 0, 0, 1, 0x7f]],
+        vec![encoded(&welcome(5, 0)), vec![0, 0, 0, 1, 0x7f]],
         "unknown frame type 0x7f",
     )
     .await;
@@ -284,7 +295,7 @@ async fn oversized_frame_during_handshake_is_a_protocol_violation() {
 
 #[tokio::test]
 async fn welcome_with_the_wrong_count_is_a_protocol_violation() {
-    assert_violation(5, vec![wire(welcome(6, 0))], "WELCOME says count 6").await;
+    assert_violation(5, vec![encoded(&welcome(6, 0))], "WELCOME says count 6").await;
 }
 
 #[tokio::test]
@@ -337,17 +348,20 @@ async fn session_expired_on_resume_fails_with_exit_code_3() {
     assert_eq!(report.received, 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn session_unknown_after_the_ttl_counts_as_expired() {
-    let (listener, port) = listen().await;
+    // In-memory connections under paused time: the TTL passes on the
+    // test's clock, not the machine's.
+    let net = MemoryNet::default();
+    let mut listener = net.listen(7000);
     let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
+        let mut first = listener.accept().await;
         recv(&mut first).await;
         send(&mut first, welcome_with(5, 0, 0, 100)).await;
         drop(first);
-        // Let the TTL pass while the client's RESUME waits in the backlog.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let mut second = accept(&listener).await;
+        // The TTL passes before the client's RESUME is answered.
+        tokio::time::sleep(Duration::from_millis(150)).await; // paused time: the TTL passes on the test clock
+        let mut second = listener.accept().await;
         recv(&mut second).await;
         send(
             &mut second,
@@ -355,7 +369,7 @@ async fn session_unknown_after_the_ttl_counts_as_expired() {
         )
         .await;
     });
-    let (report, _) = run_client(config(vec![port], 5)).await;
+    let (report, _) = run_client_in(&net, config(vec![7000], 5)).await;
     join(server).await;
     assert_eq!(report.exit_code(), 3);
     assert!(
@@ -417,7 +431,7 @@ async fn late_welcomes(
         let mut second = listener.accept().await;
         // No WELCOME reached the client, so it opens again.
         assert_open(&recv(&mut second).await, &expected_config);
-        tokio::time::sleep(second_after).await;
+        tokio::time::sleep(second_after).await; // paused time: the WELCOME is late on the test clock
         send(&mut second, welcome(2, 0)).await;
         finish(&mut second, 2, 0).await
     });

@@ -123,6 +123,16 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
 /// Encoded size of a NUMBER frame, prefix included; useful for sizing
 /// buffers on the streaming path.
 pub const NUMBER_FRAME_LEN: usize = LENGTH_PREFIX_LEN + 1 + 2 + 4;
+/// Encoded size of an OPEN frame: prefix, type, version, client id, count.
+pub const OPEN_FRAME_LEN: usize = LENGTH_PREFIX_LEN + 1 + 2 + 16 + 2;
+/// Encoded size of a RESUME frame: prefix, type, version, client id,
+/// token, index.
+pub const RESUME_FRAME_LEN: usize = LENGTH_PREFIX_LEN + 1 + 2 + 16 + 16 + 2;
+/// Encoded size of a WELCOME frame: prefix, type, version, count, next
+/// index, token, interval, session TTL.
+pub const WELCOME_FRAME_LEN: usize = LENGTH_PREFIX_LEN + 1 + 2 + 2 + 2 + 16 + 4 + 4;
+/// Encoded size of a FINAL frame: a NUMBER's fields and the checksum.
+pub const FINAL_FRAME_LEN: usize = NUMBER_FRAME_LEN + 4;
 
 fn truncate_utf8(text: &str, max: usize) -> &str {
     if text.len() <= max {
@@ -473,11 +483,38 @@ mod tests {
     }
 
     #[test]
-    fn number_frame_len_matches_encoding() {
+    fn fixed_frame_lengths_match_encoding() {
         assert_eq!(
             encoded(&Frame::Number { index: 1, value: 2 }).len(),
             NUMBER_FRAME_LEN
         );
+        let client_id = crate::frame::ClientId::from_bytes([1; 16]);
+        let token = ResumeToken([2; 16]);
+        let open = Frame::Open(Open {
+            client_id,
+            count: 3,
+        });
+        assert_eq!(encoded(&open).len(), OPEN_FRAME_LEN);
+        let resume = Frame::Resume(Resume {
+            client_id,
+            token,
+            next_index: 4,
+        });
+        assert_eq!(encoded(&resume).len(), RESUME_FRAME_LEN);
+        let welcome = Frame::Welcome(Welcome {
+            count: 5,
+            next_index: 6,
+            token,
+            interval_us: 7,
+            session_ttl_ms: 8,
+        });
+        assert_eq!(encoded(&welcome).len(), WELCOME_FRAME_LEN);
+        let last = Frame::Final {
+            index: 9,
+            value: 10,
+            checksum: 11,
+        };
+        assert_eq!(encoded(&last).len(), FINAL_FRAME_LEN);
     }
 
     #[test]

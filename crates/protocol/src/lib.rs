@@ -16,6 +16,8 @@ pub mod frame;
 pub mod prng;
 pub mod receiver;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use checksum::SequenceChecksum;
 pub use codec::{DecodeError, decode_frame, encode_frame};
@@ -43,6 +45,10 @@ pub const MAX_COUNT: u16 = u16::MAX;
 
 /// Longest human-readable message an ERROR frame may carry, in bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 400;
+
+/// The ALPN protocol name of numstream v1 over TLS (PROTOCOL.md §2.1): what
+/// a client offers and a server insists on.
+pub const ALPN_NUMSTREAM: &[u8] = b"numstream/1";
 
 /// Longest silence the server allows itself on a streaming connection: when
 /// the interval is longer, it sends HEARTBEAT frames in between.

@@ -8,8 +8,8 @@
 //! any server instance can continue any session at any point and produce
 //! exactly the numbers the first one would have.
 
-use rand_chacha::ChaCha20Rng;
-use rand_chacha::rand_core::{Rng, SeedableRng};
+use chacha20::ChaCha20Rng;
+use chacha20::rand_core::{Rng, SeedableRng};
 use std::fmt;
 
 use crate::frame::ClientId;
@@ -96,6 +96,14 @@ mod tests {
         assert_eq!(number_at(&seed, 15), 0x8665_eeb2);
         // word 16 is the first word of block 1 (RFC 8439 A.1 test vector #2)
         assert_eq!(number_at(&seed, 16), 0xbee7_079f);
+    }
+
+    #[test]
+    fn seed_debug_is_redacted() {
+        // Exactly the redacted form: a derived Debug would print the key.
+        let seed = SessionSeed([0xab; 32]);
+        assert_eq!(format!("{seed:?}"), "SessionSeed(<redacted>)");
+        assert_eq!(format!("{seed:#?}"), "SessionSeed(<redacted>)");
     }
 
     #[test]

@@ -246,6 +246,12 @@ enum Phase {
     Admitting {
         hello: Option<Hello>,
         next_index: u16,
+        /// How long the hello waited, from the connection's start until
+        /// it was read, in milliseconds, saturating at 65 s (with
+        /// `requested`: how long the client has been waiting; compared
+        /// with a few seconds). Not an `Instant`: the bytes more here
+        /// cost every connection's task 128.
+        hello_waited_ms: u16,
     },
     /// The store attached the session; the caller claims it locally.
     Claiming {
@@ -448,6 +454,25 @@ impl ServerSession {
                 } => Some(hello.client_id()),
                 _ => None,
             })
+    }
+
+    /// While its hello is being admitted, how long the client has been
+    /// waiting for its answer at `now` (since the connection started, to
+    /// the millisecond), for a caller that must not start work the client
+    /// will not wait for.
+    pub fn client_waiting(&self, now: Instant) -> Option<Duration> {
+        match (&self.phase, self.requested) {
+            (
+                Phase::Admitting {
+                    hello_waited_ms, ..
+                },
+                Some(requested),
+            ) => Some(
+                Duration::from_millis(u64::from(*hello_waited_ms))
+                    + now.saturating_duration_since(requested),
+            ),
+            _ => None,
+        }
     }
 
     /// The session attached to this connection, if any.
@@ -911,9 +936,17 @@ impl ServerSession {
         } else {
             self.deferred = Deferred::Bytes;
         }
+        let started = match self.phase {
+            Phase::AwaitHello { deadline } => deadline.checked_sub(self.config.handshake_timeout),
+            _ => None,
+        };
+        let hello_waited = started.map_or(Duration::ZERO, |started| {
+            now.saturating_duration_since(started)
+        });
         self.phase = Phase::Admitting {
             hello: Some(hello),
             next_index,
+            hello_waited_ms: u16::try_from(hello_waited.as_millis()).unwrap_or(u16::MAX),
         };
     }
 

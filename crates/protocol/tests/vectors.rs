@@ -2,15 +2,14 @@
 //! the checksum (8.1, 8.3), the version-first rule (3.1) and the
 //! transcripts with the reference server's answers (9), the latter produced
 //! by driving the sans-IO server session exactly as the reference server
-//! does. A silent change in a dependency (`rand_chacha`'s word positions,
+//! does. A silent change in a dependency (`chacha20`'s word positions,
 //! `crc32c`) or in the encoder fails here, not in the field.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rand_chacha::ChaCha20Rng;
-use rand_chacha::rand_core::{Rng, SeedableRng};
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 
 use numstream_protocol::server::{
     Event, Grant, ServerSession, SessionConfig, StoreFailure, new_grant, store_error, taken_over,
@@ -99,11 +98,10 @@ fn section_7_4_derivation() {
     let seed = hex(
         "d4 1d 75 e8 50 b0 c5 5c 81 b5 90 e7 98 7f 3a 25 e4 0e 4c 39 12 41 bb ad 88 8d 9f 47 bd 29 13 11",
     );
-    // The seed is the first 32 keystream bytes under that key.
-    let mut keystream = [0u8; 32];
+    // The seed is the first 32 keystream bytes under that key: the RFC 8439
+    // cipher itself (zero nonce, counter 0), not the generator's RNG path.
     let key: [u8; 32] = key.try_into().expect("32 bytes");
-    ChaCha20Rng::from_seed(key).fill_bytes(&mut keystream);
-    assert_eq!(keystream.to_vec(), seed);
+    assert_eq!(rfc8439_keystream(&key, 0, 32), seed);
     let derived = SessionSeed::derive(42, client());
     assert_eq!(derived.0.to_vec(), seed);
     let rows = [
@@ -116,6 +114,23 @@ fn section_7_4_derivation() {
         assert_eq!(value, decimal);
         assert_eq!(number_at(&derived, i), value, "index {i}");
     }
+    // Number i is keystream word i, wherever the generator starts: checked
+    // against the cipher's own seek, across block boundaries and at the end.
+    for i in [0u16, 15, 16, 17, 1000, 65_534, 65_535] {
+        let word = rfc8439_keystream(&derived.0, 4 * u64::from(i), 4);
+        let expected = u32::from_le_bytes(word.try_into().expect("4 bytes"));
+        assert_eq!(number_at(&derived, i), expected, "index {i}");
+    }
+}
+
+/// `len` bytes of the RFC 8439 ChaCha20 keystream under `key` with a zero
+/// nonce, from byte `offset` on.
+fn rfc8439_keystream(key: &[u8; 32], offset: u64, len: usize) -> Vec<u8> {
+    let mut cipher = chacha20::ChaCha20::new(&(*key).into(), &[0u8; 12].into());
+    cipher.seek(offset);
+    let mut bytes = vec![0u8; len];
+    cipher.apply_keystream(&mut bytes);
+    bytes
 }
 
 #[test]

@@ -530,13 +530,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             ))
         })?;
         let config = &self.shared.config;
-        let since_accept = self
-            .admission
-            .handshake_deadline
-            .checked_sub(config.handshake_timeout)
-            .map_or(Duration::ZERO, |accepted| accepted.elapsed());
+        let since_accept = self.session.client_waiting(now()).unwrap_or_default();
         if since_accept > crate::overload::LATEST_CREATE {
-            debug!(%peer, ?since_accept, "OPEN refused: too late to be answered in time");
+            log!(
+                debug,
+                self,
+                ?since_accept,
+                "OPEN refused: too late to be answered in time"
+            );
             self.shared
                 .admission_refused(AdmissionRefusal::Overload, peer);
             return Err(AttachFailure::Refused(ErrorFrame::new(

@@ -50,10 +50,11 @@ mod renewals;
 mod server;
 mod socket;
 mod status;
-pub mod store_url;
 pub mod telemetry;
 #[cfg(test)]
 mod test_store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};

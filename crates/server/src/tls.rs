@@ -28,10 +28,10 @@ use numstream_protocol::{ErrorCode, ErrorFrame, Frame, encode_frame};
 use crate::connection::{self, Admission, Shared};
 use crate::telemetry::HandshakeFailure;
 
-/// The ALPN protocol name of numstream v1 over TLS. A peer that offers
-/// ALPN without it is refused by the TLS stack (`no_application_protocol`);
-/// one that offers none is refused after the handshake.
-pub const ALPN_NUMSTREAM: &[u8] = b"numstream/1";
+/// A peer that offers ALPN without [`ALPN_NUMSTREAM`] is refused by the
+/// TLS stack (`no_application_protocol`); one that offers none is refused
+/// after the handshake.
+pub use numstream_protocol::ALPN_NUMSTREAM;
 
 /// A TLS record of type handshake starts with this byte. A numstream
 /// frame starts with the high byte of its u32 length, 0x00 (frames are at

@@ -31,11 +31,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use numstream_client::{ClientConfig, Report};
+use numstream_harness::redis::RedisServer;
 use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
 use numstream_server::telemetry::names;
 use numstream_server::{IsolatedStore, OverloadLimits, ServerConfig, Telemetry};
 use numstream_store_redis::{RedisStore, RedisStoreConfig};
-use numstream_testkit::redis::RedisServer;
 
 const SEED: u64 = 42;
 /// Sessions per wave.
@@ -137,7 +137,7 @@ impl Drop for StarvedServer {
 /// run once, and again, until `stop`.
 async fn hog(stop: CancellationToken) {
     while !stop.is_cancelled() {
-        std::thread::sleep(HOG_BLOCK);
+        std::thread::sleep(HOG_BLOCK); // the starvation itself: the runtime thread blocked
         tokio::task::yield_now().await;
     }
 }
@@ -200,7 +200,7 @@ async fn a_starved_server_loses_no_admitted_stream_and_refuses_new_ones() {
             "the starved server never set a stream limit (lag {} s)",
             server.metric(names::SCHEDULING_LAG, "")
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
     }
     clients.extend(spawn_clients(server.port, WAVE));
 

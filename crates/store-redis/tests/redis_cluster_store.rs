@@ -1,14 +1,14 @@
-//! `RedisStore` on a local Redis Cluster started by the testkit: the shared
+//! `RedisStore` on a local Redis Cluster started by the harness: the shared
 //! conformance suite, sessions spread over every master, the per-group
 //! bound, and takeover notices on shard channels.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use numstream_harness::redis_cluster::{MASTERS, RedisCluster};
 use numstream_store::conformance::{self, LONG, next_notice, random_session};
 use numstream_store::{Occupancy, SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{CLUSTER_GROUPS, DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
-use numstream_testkit::redis_cluster::{MASTERS, RedisCluster};
 
 async fn cluster_store(cluster: &RedisCluster, prefix: &str, max_sessions: usize) -> RedisStore {
     let config = RedisStoreConfig {
@@ -26,7 +26,7 @@ async fn cluster_store(cluster: &RedisCluster, prefix: &str, max_sessions: usize
             Instant::now() < deadline,
             "the cluster never answered: {error}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll step of the bounded wait above
     }
     store
 }
@@ -148,7 +148,7 @@ async fn takeovers_are_announced_on_shard_channels_to_every_instance() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while cluster.shard_subscribers(&channels) < 2 {
         assert!(Instant::now() < deadline, "the stores never subscribed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
     }
     // Every group's channel is subscribed, whichever master it is on:
     // sessions of many groups are each announced to both instances.
@@ -209,7 +209,7 @@ async fn a_session_created_with_a_replica_wait_survives_its_masters_kill() {
             Ok(info) => break info,
             Err(error) => {
                 assert!(Instant::now() < deadline, "never answered: {error}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await; // poll step of the bounded wait above
             }
         }
     };

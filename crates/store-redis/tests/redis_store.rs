@@ -1,15 +1,15 @@
 //! `RedisStore` against real `redis-server` processes started by the
-//! testkit: the shared conformance suite, the key layout other tools rely
+//! harness: the shared conformance suite, the key layout other tools rely
 //! on, the per-deployment bound, outages, and two store instances sharing
 //! one Redis as two servers do.
 
 use std::time::{Duration, Instant};
 
+use numstream_harness::redis::RedisServer;
 use numstream_protocol::{ClientId, SequenceChecksum};
 use numstream_store::conformance::{self, LONG, next_notice, random_session};
 use numstream_store::{NewSession, Occupancy, SessionStore, StoreError, TakeoverNotice};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
-use numstream_testkit::redis::RedisServer;
 use redis::aio::MultiplexedConnection;
 
 /// What a test allows an operation against a dead Redis to take. The store
@@ -530,7 +530,7 @@ async fn idle_through_an_outage_then_create_succeeds_first_time() {
     // No traffic while Redis is down: the store must not hand its next
     // caller the dead connection.
     server.stop();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // the outage: Redis stays down this long while the store is idle
     server.restart();
     let session = random_session();
     let attachment = store
@@ -691,7 +691,7 @@ async fn await_subscribers(server: &RedisServer, channel: &str, expected: usize)
             Instant::now() < deadline,
             "{count} subscribers to {channel}, expected {expected}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
     }
 }
 

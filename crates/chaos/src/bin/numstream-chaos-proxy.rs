@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use numstream_chaos::plan::{FaultKind, FaultProfile, Schedule};
-use numstream_chaos::proxy::ChaosProxy;
+use numstream_chaos::proxy::FaultProxy;
 use tracing_subscriber::EnvFilter;
 
 /// Forwards TCP between numstream clients and a server on loopback, injecting
@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         ..FaultProfile::default()
     };
     let schedule = Schedule::new(args.seed, args.stream, profile);
-    let proxy = ChaosProxy::start_from(args.listen, args.upstream, args.source, schedule)
+    let proxy = FaultProxy::start_from(args.listen, args.upstream, args.source, schedule)
         .await
         .context("cannot start the proxy")?;
     tracing::info!(

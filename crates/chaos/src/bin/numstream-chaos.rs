@@ -1,7 +1,7 @@
 //! `numstream-chaos`: the chaos run (see `numstream_chaos::run`).
 //!
 //! ```sh
-//! cargo build -p numstream-server -p numstream-chaos
+//! cargo build -p numstream-server-cli -p numstream-chaos
 //! target/debug/numstream-chaos --profile short            # about a minute
 //! target/debug/numstream-chaos --profile long --seed 7    # thousands of sessions, an attacker beside them
 //! target/debug/numstream-chaos --profile short --attack hog,churn,slowloris
@@ -18,7 +18,7 @@ use clap::Parser;
 use numstream_chaos::attack::AttackKind;
 use numstream_chaos::plan::FaultKind;
 use numstream_chaos::run::{ChaosConfig, StoreMode};
-use numstream_testkit::redis_cluster::RedisCluster;
+use numstream_harness::redis_cluster::RedisCluster;
 use rand::{RngExt, SeedableRng};
 
 /// Puts real numstream servers and clients through seeded network faults,
@@ -124,7 +124,7 @@ fn default_server_bin() -> anyhow::Result<PathBuf> {
     let bin = me.with_file_name(format!("numstream-server{}", std::env::consts::EXE_SUFFIX));
     if !bin.exists() {
         bail!(
-            "{} not found: build it first (cargo build -p numstream-server, with the same \
+            "{} not found: build it first (cargo build -p numstream-server-cli, with the same \
              profile as numstream-chaos) or pass --server-bin",
             bin.display()
         );
@@ -193,16 +193,24 @@ async fn real_main() -> anyhow::Result<bool> {
     config.client_addresses = args.client_addresses.map(|n| n as usize);
     config.server_args = args.server_arg;
     // Kept alive (its files on disk) for the whole run when used.
-    let _pki = args.tls.then(|| {
-        let pki = numstream_testkit::tls::TestPki::generate();
+    let _pki = if args.tls {
+        let pki = numstream_harness::tls::TestPki::generate();
         let path = |path: &std::path::Path| path.display().to_string();
         config.server_args.extend([
             format!("--tls-cert={}", path(&pki.server.cert)),
             format!("--tls-key={}", path(&pki.server.key)),
         ]);
-        config.tls = Some(pki.client_tls(None));
-        pki
-    });
+        config.tls = Some(
+            numstream_client::ClientTls::new(&numstream_client::TlsOptions {
+                ca: Some(pki.ca.clone()),
+                ..numstream_client::TlsOptions::default()
+            })
+            .context("the generated CA loads")?,
+        );
+        Some(pki)
+    } else {
+        None
+    };
     raise_open_file_limit();
 
     // Kept alive for the whole run when used.
@@ -225,7 +233,7 @@ async fn real_main() -> anyhow::Result<bool> {
         }
     }
     if args.redis {
-        let redis = numstream_testkit::redis::RedisServer::start();
+        let redis = numstream_harness::redis::RedisServer::start();
         config.store = StoreMode::Redis(redis.url());
         _redis = Some(redis);
     }
@@ -264,7 +272,7 @@ fn kill_a_master_later(
     config: &numstream_chaos::run::ChaosConfig,
 ) -> tokio::task::JoinHandle<(Option<RedisCluster>, String)> {
     let (from, to) = config.kill_window;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6d61_7374_6572);
+    let mut rng = chacha20::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6d61_7374_6572);
     let at = from + (to.saturating_sub(from)).mul_f64(rng.random::<f64>());
     tokio::spawn(async move {
         tokio::time::sleep(at).await;
