@@ -620,9 +620,8 @@ fn announce(
     ready_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    // A closed stdout (a launcher that does not read it) is not an error.
-    let _ = writeln!(stdout, "listening on {bound}").and_then(|()| stdout.flush());
+    // The file first: a launcher that reads the stdout line may then read
+    // the file too (CI caught a test reading it between the two).
     if let Some(path) = ready_file {
         let mut partial = path.as_os_str().to_owned();
         partial.push(".partial");
@@ -631,6 +630,9 @@ fn announce(
             .and_then(|()| std::fs::rename(&partial, path))
             .with_context(|| format!("cannot write --ready-file {}", path.display()))?;
     }
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (a launcher that does not read it) is not an error.
+    let _ = writeln!(stdout, "listening on {bound}").and_then(|()| stdout.flush());
     Ok(())
 }
 
