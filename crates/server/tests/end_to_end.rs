@@ -178,9 +178,13 @@ async fn a_client_away_longer_than_the_ttl_fails_with_session_expired() {
     };
     let server = TestServer::start(config).await;
     let proxy = FaultProxy::start_queue(server.addr).await.expect("proxy");
+    // Cut a second into the session (200 numbers at 5 ms): the test must
+    // have pointed the proxy at the dead end before the client's first
+    // reconnect, and a cut after 3 numbers left it 15 ms to do so (a
+    // loaded machine missed it and the client resumed on the server).
     proxy
         .planner()
-        .push([close_downstream(WELCOME_LEN + 3 * NUMBER_LEN)]);
+        .push([close_downstream(WELCOME_LEN + 200 * NUMBER_LEN)]);
     // After the cut, the path to the server is down for longer than the TTL.
     let dead_end = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
