@@ -944,19 +944,13 @@ mod tests {
     /// state moved into `ServerSession`, 2,592 before that).
     const CONNECTION_TASK_BUDGET: usize = 528;
 
-    #[tokio::test]
-    async fn a_connection_task_stays_small() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("address"))
-            .await
-            .expect("connect");
-        let (stream, peer) = listener.accept().await.expect("accept");
-        let shared = Arc::new(Shared {
-            config: ServerConfig::default(),
-            session_config: Arc::new(session_config(&ServerConfig::default(), false)),
-            store: Arc::new(numstream_store::InMemoryStore::new(10)),
+    /// What every connection shares, for a server with default config,
+    /// no limits and `store`.
+    fn test_shared(store: Arc<dyn SessionStore>) -> Arc<Shared> {
+        let config = ServerConfig::default();
+        Arc::new(Shared {
+            session_config: Arc::new(session_config(&config, false)),
+            store,
             registry: Registry::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
             telemetry: Telemetry::disabled(),
@@ -970,7 +964,20 @@ mod tests {
                 crate::overload::OverloadLimits::OFF,
             )),
             digest: Arc::new(LogDigest::new()),
-        });
+            config,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let shared = test_shared(Arc::new(numstream_store::InMemoryStore::new(10)));
         let admission = Admission::new(
             Arc::new(tokio::sync::Semaphore::new(1))
                 .try_acquire_owned()
@@ -1007,26 +1014,8 @@ mod tests {
         numstream_protocol::encode_frame(&hello, &mut bytes);
         client.write_all(&bytes).await.expect("send the hello");
         let (stream, peer) = listener.accept().await.expect("accept");
-        let config = ServerConfig::default();
         let store: Arc<dyn SessionStore> = Arc::new(numstream_store::InMemoryStore::new(10));
-        let shared = Arc::new(Shared {
-            session_config: Arc::new(session_config(&config, false)),
-            store: store.clone(),
-            registry: Registry::new(CancellationToken::new()),
-            shutdown: CancellationToken::new(),
-            telemetry: Telemetry::disabled(),
-            socket_options: crate::socket::SocketOptions {
-                dead_peer_timeout: Duration::from_secs(10),
-                send_buffer: None,
-            },
-            socket_options_inherited: false,
-            peers: Arc::new(Peers::new(crate::peers::PeerLimits::UNLIMITED)),
-            overload: Arc::new(crate::overload::Overload::new(
-                crate::overload::OverloadLimits::OFF,
-            )),
-            digest: Arc::new(LogDigest::new()),
-            config,
-        });
+        let shared = test_shared(store.clone());
         let accepted = Instant::now() - accepted_ago;
         let admission = Admission::new(
             Arc::new(tokio::sync::Semaphore::new(1))
