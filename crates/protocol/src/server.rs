@@ -907,24 +907,7 @@ impl ServerSession {
                 );
             }
         };
-        if let Hello::Open(open) = &hello
-            && !(MIN_COUNT..=MAX_COUNT).contains(&open.count)
-        {
-            let error = ErrorFrame::new(
-                ErrorCode::CountOutOfRange,
-                format!(
-                    "count must be between {MIN_COUNT} and {MAX_COUNT}, got {}",
-                    open.count
-                ),
-            );
-            return self.refuse(error);
-        }
-        let client_id = hello.client_id();
-        if client_id.is_nil() || client_id.is_max() {
-            let error = ErrorFrame::new(
-                ErrorCode::Malformed,
-                "client id must be a UUID other than the nil and max UUIDs",
-            );
+        if let Some(error) = invalid_hello(&hello) {
             return self.refuse(error);
         }
         self.resumed = matches!(hello, Hello::Resume(_));
@@ -1100,6 +1083,55 @@ fn encode_numbers(grant: &Grant, from: u32, to: u32, out: &mut BytesMut) {
     }
 }
 
+/// Why a decoded hello is refused before anything is looked up, or
+/// `None`: a count outside `MIN_COUNT..=MAX_COUNT`, or a nil or max client
+/// id (PROTOCOL.md 4.2).
+fn invalid_hello(hello: &Hello) -> Option<ErrorFrame> {
+    if let Hello::Open(open) = hello
+        && !(MIN_COUNT..=MAX_COUNT).contains(&open.count)
+    {
+        return Some(ErrorFrame::new(
+            ErrorCode::CountOutOfRange,
+            format!(
+                "count must be between {MIN_COUNT} and {MAX_COUNT}, got {}",
+                open.count
+            ),
+        ));
+    }
+    let client_id = hello.client_id();
+    (client_id.is_nil() || client_id.is_max()).then(|| {
+        ErrorFrame::new(
+            ErrorCode::Malformed,
+            "client id must be a UUID other than the nil and max UUIDs",
+        )
+    })
+}
+
+/// The OPEN that `bytes` are, exactly (one whole frame, nothing before or
+/// after it), when a [`ServerSession`] would take it to admission; `None`
+/// for anything else (a RESUME, part of a frame, more than one, anything
+/// malformed or refused by the hello checks).
+///
+/// For the accept loop: while the server turns new sessions away, an OPEN
+/// already waiting in a socket it accepts can be refused there and then
+/// (`server_busy`), without a task, a session machine or a trip through a
+/// runtime that is running late; anything this does not recognise takes
+/// the ordinary path and gets the answer a session machine gives it.
+pub fn open_at_door(bytes: &[u8]) -> Option<Open> {
+    if bytes.len() != crate::codec::OPEN_FRAME_LEN {
+        return None;
+    }
+    let mut frame = BytesMut::from(bytes);
+    match decode_frame(&mut frame) {
+        Ok(Some(Frame::Open(open)))
+            if frame.is_empty() && invalid_hello(&Hello::Open(open)).is_none() =>
+        {
+            Some(open)
+        }
+        _ => None,
+    }
+}
+
 /// Describes input that arrived while the client had to stay silent, and
 /// discards it.
 fn stray_input(rx: &mut BytesMut) -> String {
@@ -1237,6 +1269,44 @@ mod tests {
             client_id: client(),
             count,
         }))
+    }
+
+    #[test]
+    fn only_a_whole_valid_open_is_recognised_at_the_door() {
+        assert_eq!(
+            open_at_door(&open(40)),
+            Some(Open {
+                client_id: client(),
+                count: 40
+            })
+        );
+        let whole = open(40);
+        // Anything a session machine would not take to admission as an
+        // OPEN takes the ordinary path, and gets its ordinary answer.
+        let resume = bytes_of(&Frame::Resume(Resume {
+            client_id: client(),
+            token: ResumeToken([1; 16]),
+            next_index: 3,
+        }));
+        let nil = bytes_of(&Frame::Open(Open {
+            client_id: ClientId::nil(),
+            count: 40,
+        }));
+        let mut pipelined = whole.clone();
+        pipelined.extend_from_slice(&whole);
+        let mut version_2 = whole.clone();
+        version_2[6] = 2;
+        for (what, bytes) in [
+            ("a RESUME", resume),
+            ("part of an OPEN", whole[..whole.len() - 1].to_vec()),
+            ("an OPEN with bytes behind it", pipelined),
+            ("an OPEN of count 0", open(0)),
+            ("an OPEN from the nil client id", nil),
+            ("an OPEN of another version", version_2),
+            ("nothing", Vec::new()),
+        ] {
+            assert_eq!(open_at_door(&bytes), None, "{what}");
+        }
     }
 
     fn grant(count: u16) -> Grant {

@@ -30,6 +30,7 @@ use numstream_store::{NewSession, SessionStore, StoreError};
 
 use crate::config::ServerConfig;
 use crate::digest::LogDigest;
+use crate::door::Early;
 use crate::peers::{PeerKey, PeerTicket, Peers};
 use crate::registry::{Claim, Registry};
 use crate::telemetry::{AdmissionRefusal, GaugeGuard, HandshakeFailure, Telemetry};
@@ -96,6 +97,8 @@ pub(crate) struct Admission {
     /// When the hello must be in: the handshake timeout counts from
     /// accept, so a TLS handshake before it spends the same allowance.
     pub(crate) handshake_deadline: Instant,
+    /// What the accept loop already read of the connection (`door`).
+    early: Early,
 }
 
 /// What an admitted connection holds until it ends: its place under the
@@ -113,6 +116,7 @@ impl Admission {
         open: GaugeGuard,
         ticket: PeerTicket,
         handshake_deadline: Instant,
+        early: Early,
     ) -> Self {
         Self {
             held: Held {
@@ -121,6 +125,7 @@ impl Admission {
                 ticket,
             },
             handshake_deadline,
+            early,
         }
     }
 }
@@ -205,7 +210,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             .handshake_deadline
             .checked_sub(shared.config.handshake_timeout)
             .unwrap_or_else(Instant::now);
-        let session = ServerSession::new(shared.session_config.clone(), accepted.into_std());
+        let mut session = ServerSession::new(shared.session_config.clone(), accepted.into_std());
+        if !admission.early.bytes().is_empty() {
+            session.handle_bytes(now(), admission.early.bytes());
+        }
         Self {
             stream,
             session,
@@ -524,10 +532,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             log!(debug, self, %overloaded, "OPEN refused: overloaded");
             self.shared
                 .admission_refused(AdmissionRefusal::Overload, peer);
-            AttachFailure::Refused(ErrorFrame::new(
-                ErrorCode::ServerBusy,
-                format!("server is {overloaded}; try again shortly or on another instance"),
-            ))
+            AttachFailure::Refused(overloaded.refusal())
         })?;
         let config = &self.shared.config;
         let since_accept = self.session.client_waiting(now()).unwrap_or_default();
@@ -929,7 +934,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::net::TcpStream;
 
@@ -946,7 +951,7 @@ mod tests {
 
     /// What every connection shares, for a server with default config,
     /// no limits and `store`.
-    fn test_shared(store: Arc<dyn SessionStore>) -> Arc<Shared> {
+    pub(crate) fn test_shared(store: Arc<dyn SessionStore>) -> Arc<Shared> {
         let config = ServerConfig::default();
         Arc::new(Shared {
             session_config: Arc::new(session_config(&config, false)),
@@ -988,6 +993,7 @@ mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             Instant::now() + shared.config.handshake_timeout,
+            Early::NOTHING,
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);
@@ -1027,6 +1033,7 @@ mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             accepted + shared.config.handshake_timeout,
+            Early::NOTHING,
         );
         let task = tokio::spawn(serve(stream, peer, shared, admission));
         let mut received = BytesMut::new();

@@ -41,6 +41,7 @@
 mod config;
 mod connection;
 mod digest;
+mod door;
 mod instrumented;
 mod isolated;
 mod overload;

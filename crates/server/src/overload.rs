@@ -74,6 +74,16 @@ pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
 pub(crate) const LATEST_CREATE: Duration = Duration::from_secs(3);
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
+/// The hold takes at most this many times the OPENs that places freed for
+/// over the last [`OPEN_HOLD`] (see [`Overload::hold_capacity`]): room for
+/// the rate to climb, since the hold's own size caps what it can show.
+const HOLD_SLACK: f64 = 2.0;
+/// The hold takes at least this many OPENs, whatever the rate: enough for
+/// it to show a rate at all when places start to free.
+const HOLD_FLOOR: usize = 64;
+/// Weight of one probe's count of held OPENs admitted in their smoothed
+/// rate: about the last two seconds count.
+const HOLD_RATE_SMOOTHING: f64 = 0.05;
 
 /// When to refuse new sessions; `None` turns a signal off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +324,16 @@ impl std::fmt::Display for Overloaded {
     }
 }
 
+impl Overloaded {
+    /// The answer to an OPEN turned away for this.
+    pub(crate) fn refusal(&self) -> numstream_protocol::ErrorFrame {
+        numstream_protocol::ErrorFrame::new(
+            numstream_protocol::ErrorCode::ServerBusy,
+            format!("server is {self}; try again shortly or on another instance"),
+        )
+    }
+}
+
 /// The signals and the admission state, shared by the probe, the store
 /// wrapper that times operations, the connections and `/readyz`.
 #[derive(Debug)]
@@ -342,6 +362,10 @@ pub struct Overload {
     /// first served.
     waiting: AtomicUsize,
     room: tokio::sync::Notify,
+    /// Held OPENs admitted since the last probe, and their smoothed rate
+    /// (thousandths per second): how fast places free for the hold.
+    held_admitted: AtomicUsize,
+    hold_rate_milli: AtomicU64,
 }
 
 fn to_ns(duration: Duration) -> u64 {
@@ -384,6 +408,8 @@ impl Overload {
             decided: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
+            held_admitted: AtomicUsize::new(0),
+            hold_rate_milli: AtomicU64::new(0),
         }
     }
 
@@ -509,8 +535,9 @@ impl Overload {
 
     /// [`Overload::try_admit`], but an OPEN that finds the server at its
     /// stream limit waits up to `hold` for a place (streams end all the
-    /// time) before it is refused, behind at most as many others as the
-    /// limit. `streams` counts the streams now.
+    /// time) before it is refused, behind at most as many others as places
+    /// can be expected to free meanwhile ([`Overload::hold_capacity`]).
+    /// `streams` counts the streams now.
     ///
     /// Why wait rather than refuse at once: a refused client comes back,
     /// and an overloaded server has many of them. Each attempt costs a
@@ -531,8 +558,7 @@ impl Overload {
             Err(state) if state.at_stream_limit.is_none() || hold.is_zero() => return Err(state),
             Err(state) => state,
         };
-        let limit = self.stream_limit().unwrap_or(usize::MAX);
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.hold_capacity() {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(refused);
         }
@@ -544,15 +570,77 @@ impl Overload {
                 .is_err()
             {
                 // A place freed since the last probe is still a place.
-                return self.try_admit(streams());
+                let last_chance = self.try_admit(streams());
+                if last_chance.is_ok() {
+                    self.held_admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                return last_chance;
             }
             match self.try_admit(streams()) {
-                Ok(admitted) => return Ok(admitted),
+                Ok(admitted) => {
+                    self.held_admitted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(admitted);
+                }
                 Err(state) if state.at_stream_limit.is_none() => return Err(state),
                 // Someone else took the place (a resume, a racing OPEN).
                 Err(_) => continue,
             }
         }
+    }
+
+    /// How many OPENs the hold takes at once: about as many as places
+    /// freed for held OPENs over the last [`OPEN_HOLD`] (times
+    /// [`HOLD_SLACK`]), at least [`HOLD_FLOOR`], at most the stream limit.
+    ///
+    /// Why bound it by the rate: a held OPEN that gets no place is refused
+    /// at the end of its hold all the same, having cost a task, a timer and
+    /// two trips through a runtime that is running late, and having kept
+    /// its client from hearing so for 2 s. At 80,000 sessions on one core
+    /// the hold, bounded only by the limit, held thousands of OPENs per
+    /// server for the few dozen places a second that freed (issue 15). The
+    /// rest are better told at once, at the door (`crate::door`).
+    pub(crate) fn hold_capacity(&self) -> usize {
+        let per_second = self.hold_rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        let expected = (per_second * OPEN_HOLD.as_secs_f64() * HOLD_SLACK) as usize;
+        let limit = self.stream_limit().unwrap_or(usize::MAX);
+        expected.max(HOLD_FLOOR).min(limit)
+    }
+
+    /// Whether an OPEN arriving now, with `streams` sessions streaming,
+    /// would be refused without waiting: at the stream limit with the hold
+    /// full, or shedding everything. `None` when it might be admitted or
+    /// held; the ordinary path then decides (it is the one that spreads
+    /// proportional shedding evenly, so partial shedding is left to it).
+    pub(crate) fn refuses_at_once(&self, streams: usize) -> Option<Overloaded> {
+        if !self.refusing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let opening = self.opening.load(Ordering::Relaxed);
+        let state = self.state(streams.saturating_add(opening));
+        let hold_full = self.waiting.load(Ordering::Relaxed) >= self.hold_capacity();
+        let refused = (state.at_stream_limit.is_some() && hold_full) || state.shedding >= 1.0;
+        refused.then_some(state)
+    }
+
+    /// Puts the server at a stream limit of 0 with a hold of 0, so that
+    /// every OPEN is refused at once (the door's tests).
+    #[cfg(test)]
+    pub(crate) fn force_refusing_at_once(&self) {
+        self.set_stream_limit(Some(0), 0);
+    }
+
+    /// Folds the held OPENs admitted since the last probe, `elapsed` ago,
+    /// into their smoothed rate.
+    fn sample_hold_rate(&self, elapsed: Duration) {
+        let admitted = self.held_admitted.swap(0, Ordering::Relaxed) as f64;
+        let seconds = elapsed.as_secs_f64();
+        if seconds <= 0.0 {
+            return;
+        }
+        let sample = admitted / seconds * 1000.0;
+        let old = self.hold_rate_milli.load(Ordering::Relaxed) as f64;
+        let new = old + HOLD_RATE_SMOOTHING * (sample - old);
+        self.hold_rate_milli.store(new as u64, Ordering::Relaxed);
     }
 
     /// Wakes one waiting OPEN per free place under the stream limit.
@@ -610,6 +698,7 @@ impl Overload {
                     .as_mut()
                     .and_then(|limit| limit.on_sample(lag, now - last, streams));
                 overload.set_stream_limit(learned, streams);
+                overload.sample_hold_rate(now - last);
                 overload.hand_out_room(streams);
                 reported.maybe_log(now, learned, streams, overload.scheduling_lag());
                 last = now;
@@ -818,6 +907,57 @@ mod tests {
         assert!(overload.overloaded().is_some());
         overload.set_stream_limit(Some(2_000), 1_500);
         assert_eq!(overload.overloaded(), None);
+    }
+
+    #[test]
+    fn the_hold_takes_about_as_many_opens_as_places_free_during_it() {
+        let overload = Overload::new(OverloadLimits::default());
+        overload.set_stream_limit(Some(10_000), 10_000);
+        assert_eq!(overload.hold_capacity(), HOLD_FLOOR, "no rate seen yet");
+        // Held OPENs get places at 100 a second, long enough to count.
+        for _ in 0..100 {
+            overload.held_admitted.store(10, Ordering::Relaxed);
+            overload.sample_hold_rate(ms(100));
+        }
+        // 100 a second, over a 2 s hold, with twice the room.
+        let capacity = overload.hold_capacity();
+        assert!((380..=400).contains(&capacity), "{capacity}");
+        overload.set_stream_limit(Some(300), 300);
+        assert_eq!(overload.hold_capacity(), 300, "never more than the limit");
+    }
+
+    #[test]
+    fn an_open_is_refused_at_once_only_at_the_limit_with_the_hold_full_or_when_shedding_all() {
+        let overload = Overload::new(OverloadLimits::default());
+        assert_eq!(overload.refuses_at_once(5_000), None, "healthy");
+        overload.set_stream_limit(Some(2_000), 2_000);
+        assert_eq!(overload.refuses_at_once(1_000), None, "under the limit");
+        assert_eq!(
+            overload.refuses_at_once(2_000),
+            None,
+            "at the limit, the hold has room"
+        );
+        overload.waiting.store(HOLD_FLOOR, Ordering::Relaxed);
+        let refused = overload
+            .refuses_at_once(2_000)
+            .expect("at the limit with the hold full");
+        assert_eq!(refused.at_stream_limit, Some((2_000, 2_000)));
+        assert_eq!(
+            refused.refusal().code,
+            numstream_protocol::ErrorCode::ServerBusy
+        );
+        // Shedding everything, even under the limit (the lag at ten times
+        // its target: twice where shedding starts).
+        overload.waiting.store(0, Ordering::Relaxed);
+        overload.set_stream_limit(None, 100);
+        overload.lag_ns.store(to_ns(ms(5_000)), Ordering::Relaxed);
+        overload.update();
+        assert!(overload.refuses_at_once(100).is_some(), "shedding all");
+        // Shedding a share is left to the ordinary path, which spreads it.
+        overload.lag_ns.store(to_ns(ms(3_000)), Ordering::Relaxed);
+        overload.update();
+        assert!(overload.shedding() > 0.0 && overload.shedding() < 1.0);
+        assert_eq!(overload.refuses_at_once(100), None, "shedding a share");
     }
 
     #[tokio::test(start_paused = true)]
