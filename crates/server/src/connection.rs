@@ -98,7 +98,7 @@ pub(crate) struct Admission {
     /// accept, so a TLS handshake before it spends the same allowance.
     pub(crate) handshake_deadline: Instant,
     /// What the accept loop already read of the connection (`door`).
-    early: Early,
+    pub(crate) early: Early,
 }
 
 /// What an admitted connection holds until it ends: its place under the
@@ -116,7 +116,6 @@ impl Admission {
         open: GaugeGuard,
         ticket: PeerTicket,
         handshake_deadline: Instant,
-        early: Early,
     ) -> Self {
         Self {
             held: Held {
@@ -125,7 +124,7 @@ impl Admission {
                 ticket,
             },
             handshake_deadline,
-            early,
+            early: Early::NOTHING,
         }
     }
 }
@@ -993,7 +992,6 @@ pub(crate) mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             Instant::now() + shared.config.handshake_timeout,
-            Early::NOTHING,
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);
@@ -1033,7 +1031,6 @@ pub(crate) mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             accepted + shared.config.handshake_timeout,
-            Early::NOTHING,
         );
         let task = tokio::spawn(serve(stream, peer, shared, admission));
         let mut received = BytesMut::new();
