@@ -98,7 +98,7 @@ pub(crate) struct Admission {
     /// accept, so a TLS handshake before it spends the same allowance.
     pub(crate) handshake_deadline: Instant,
     /// What the accept loop already read of the connection (`door`).
-    pub(crate) early: Early,
+    early: Early,
 }
 
 /// What an admitted connection holds until it ends: its place under the
@@ -116,6 +116,7 @@ impl Admission {
         open: GaugeGuard,
         ticket: PeerTicket,
         handshake_deadline: Instant,
+        early: Early,
     ) -> Self {
         Self {
             held: Held {
@@ -124,7 +125,7 @@ impl Admission {
                 ticket,
             },
             handshake_deadline,
-            early: Early::NOTHING,
+            early,
         }
     }
 }
@@ -992,6 +993,7 @@ pub(crate) mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             Instant::now() + shared.config.handshake_timeout,
+            Early::NOTHING,
         );
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);
@@ -1031,6 +1033,7 @@ pub(crate) mod tests {
                 .admit_connection(PeerKey::from(peer.ip()))
                 .expect("unlimited"),
             accepted + shared.config.handshake_timeout,
+            Early::NOTHING,
         );
         let task = tokio::spawn(serve(stream, peer, shared, admission));
         let mut received = BytesMut::new();

@@ -24,12 +24,8 @@ use std::net::Shutdown;
 
 use bytes::BytesMut;
 use socket2::SockRef;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use numstream_protocol::codec::LENGTH_PREFIX_LEN;
 use numstream_protocol::{Frame, encode_frame};
 
 use crate::connection::Shared;
@@ -59,24 +55,6 @@ impl Early {
     }
 }
 
-impl Early {
-    /// Whether what was read is a whole frame, or cannot become a hello
-    /// (a length prefix no hello has): either way there is nothing more to
-    /// wait for here.
-    fn settled(&self) -> bool {
-        let bytes = self.bytes();
-        let Some(prefix) = bytes.first_chunk::<LENGTH_PREFIX_LEN>() else {
-            return false;
-        };
-        let frame_len = LENGTH_PREFIX_LEN + u32::from_be_bytes(*prefix) as usize;
-        bytes.len() >= frame_len || frame_len > EARLY_BYTES
-    }
-
-    fn is_full(&self) -> bool {
-        usize::from(self.len) == EARLY_BYTES
-    }
-}
-
 /// Reads what has arrived on `stream` without waiting: nothing if nothing
 /// has (or on end of stream or an error, which the connection's own first
 /// read then finds).
@@ -88,40 +66,6 @@ pub(crate) fn read_now(stream: &TcpStream) -> Early {
     match (&*SockRef::from(stream)).read(&mut early.bytes) {
         Ok(n) => early.len = u8::try_from(n).unwrap_or(0),
         Err(_) => early.len = 0,
-    }
-    early
-}
-
-/// Reads the hello: what has arrived, then more until a whole frame is in,
-/// the handshake `deadline` passes, the peer closes or fails, or the server
-/// shuts down. Whatever it has then goes to the connection's session
-/// machine, which judges it (a partial hello past the deadline is its
-/// `handshake_timeout`, as it would have been without the door).
-///
-/// On the door's thread, so that a client slow to send its hello waits
-/// there, not in the streams' run queue: when the door accepts promptly
-/// and the streams' runtime runs seconds late, a hello that arrived a
-/// moment after accept would otherwise be read seconds later, past the
-/// handshake timeout (measured: 66,000 `handshake_timeout`s in one
-/// 80,000-session run with the read left to the connection's task).
-pub(crate) async fn read_hello(
-    stream: &mut TcpStream,
-    deadline: Instant,
-    shutdown: &CancellationToken,
-) -> Early {
-    let mut early = read_now(stream);
-    while !early.settled() && !early.is_full() {
-        let start = usize::from(early.len);
-        let read = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep_until(deadline) => break,
-            read = stream.read(&mut early.bytes[start..]) => read,
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => early.len = u8::try_from(start + n).unwrap_or(early.len),
-        }
     }
     early
 }
@@ -250,37 +194,6 @@ mod tests {
             assert!(!turned_away(&server, &early, peer, &shared));
             assert_eq!(early.bytes(), hello, "what was read goes to the connection");
         }
-    }
-
-    #[tokio::test]
-    async fn the_hello_is_read_whole_when_it_comes_in_parts_and_not_waited_for_past_the_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let mut client = TcpStream::connect(listener.local_addr().expect("address"))
-            .await
-            .expect("connect");
-        let (mut server, _) = listener.accept().await.expect("accept");
-        let hello = encoded(&open());
-        let never = CancellationToken::new();
-        let far = Instant::now() + Duration::from_secs(60);
-        let reading = tokio::spawn(async move {
-            let early = read_hello(&mut server, far, &never).await;
-            (early, server)
-        });
-        client.write_all(&hello[..3]).await.expect("send");
-        tokio::task::yield_now().await;
-        client.write_all(&hello[3..]).await.expect("send");
-        let (early, mut server) = reading.await.expect("task");
-        assert_eq!(early.bytes(), hello, "the whole OPEN, from two parts");
-        // Part of a hello and then silence: handed on at the deadline with
-        // what came, for the session machine to time out.
-        client.write_all(&hello[..5]).await.expect("send");
-        let soon = Instant::now() + Duration::from_millis(200);
-        let early = read_hello(&mut server, soon, &CancellationToken::new()).await;
-        assert_eq!(early.bytes(), &hello[..5]);
-        assert!(
-            Instant::now() >= soon,
-            "it waited for the rest until the deadline"
-        );
     }
 
     #[tokio::test]
