@@ -34,14 +34,6 @@ use crate::telemetry::{AdmissionRefusal, Telemetry};
 /// the descriptor limit must leave room for them.
 pub const MAX_CONCURRENT_REJECTIONS: usize = 256;
 const REJECTION_TIMEOUT: Duration = Duration::from_millis(500);
-/// Connections the accept loop takes before it lets the runtime's other
-/// tasks run. Tokio's own budget would yield every 128; behind a hundred
-/// thousand tasks that is 128 connections per trip round a run queue that
-/// takes seconds when the server is short of CPU, and the listen backlog
-/// overflows, which clients see as connections that never answer. With
-/// the door (`crate::door`) most of what arrives then is refused in the
-/// loop itself, at a few system calls each.
-const ACCEPT_BATCH: u32 = 1024;
 
 /// Fatal server errors. Per-connection problems are logged, never returned.
 #[derive(Debug, thiserror::Error)]
@@ -137,17 +129,11 @@ pub async fn run_with_telemetry(
     shared.telemetry.set_accepting(true);
 
     let mut accept_backoff = Duration::from_millis(5);
-    let mut accepted_in_a_row = 0u32;
     loop {
-        accepted_in_a_row += 1;
-        if accepted_in_a_row > ACCEPT_BATCH {
-            accepted_in_a_row = 0;
-            tokio::task::yield_now().await;
-        }
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            accepted = tokio::task::unconstrained(listener.accept()) => accepted,
+            accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(connection) => {
