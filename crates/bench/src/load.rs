@@ -83,6 +83,13 @@ pub(crate) struct LoadResult {
     pub(crate) sessions: HistData,
     pub(crate) wall_s: f64,
     pub(crate) outcomes: Outcomes,
+    /// How late the load generator's own runtime ran a 100 ms timer, over
+    /// the load: its clients read, time out and send that much later than
+    /// they mean to, so a run where this is high measures the load
+    /// generator as much as the server (issue 15's one-core runs, where
+    /// it shared a saturated core with Redis).
+    #[serde(default)]
+    pub(crate) own_lag: HistData,
 }
 
 /// How the sessions got to their end, beyond verified or not (sessions the
@@ -186,6 +193,7 @@ impl LoadResult {
         self.sessions.merge(&other.sessions);
         self.wall_s = self.wall_s.max(other.wall_s);
         self.outcomes.merge(&other.outcomes);
+        self.own_lag.merge(&other.own_lag);
     }
 }
 
@@ -200,6 +208,7 @@ struct Tally {
     lateness: Shards,
     resume: Shards,
     sessions: Shards,
+    own_lag: Shards,
 }
 
 impl Tally {
@@ -213,6 +222,7 @@ impl Tally {
             lateness: Shards::new(),
             resume: Shards::new(),
             sessions: Shards::new(),
+            own_lag: Shards::new(),
         })
     }
 
@@ -269,7 +279,23 @@ impl Tally {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            own_lag: self.own_lag.data(),
         }
+    }
+}
+
+/// How often the load generator samples its own lag.
+const OWN_LAG_EVERY: Duration = Duration::from_millis(100);
+
+/// Samples how late this runtime runs a timer, every [`OWN_LAG_EVERY`],
+/// until aborted.
+async fn sample_own_lag(tally: Arc<Tally>) {
+    loop {
+        let asked = Instant::now() + OWN_LAG_EVERY;
+        tokio::time::sleep_until(asked).await;
+        tally
+            .own_lag
+            .record(0, Instant::now().saturating_duration_since(asked));
     }
 }
 
@@ -332,6 +358,7 @@ pub(crate) async fn run(mut load: Load) -> LoadResult {
     let load = Arc::new(load);
     let tally = Tally::new();
     let began = Instant::now();
+    let own_lag = tokio::spawn(sample_own_lag(tally.clone()));
     let mut tasks = JoinSet::new();
     match load.kind.clone() {
         LoadKind::Steady {
@@ -420,6 +447,7 @@ pub(crate) async fn run(mut load: Load) -> LoadResult {
         }
     }
     while tasks.join_next().await.is_some() {}
+    own_lag.abort();
     tally.result(began.elapsed())
 }
 

@@ -90,6 +90,8 @@ pub(crate) struct FlavorReport {
     pub(crate) lateness: Summary,
     pub(crate) resume: Summary,
     pub(crate) session_time: Summary,
+    /// The load generator's own timer lateness (`LoadResult::own_lag`).
+    pub(crate) loadgen_lag: Summary,
     pub(crate) server: ServerUsage,
     pub(crate) outcomes: Outcomes,
 }
@@ -116,6 +118,7 @@ impl FlavorReport {
             lateness: load.lateness.summary(),
             resume: load.resume.summary(),
             session_time: load.sessions.summary(),
+            loadgen_lag: load.own_lag.summary(),
             server,
             outcomes: load.outcomes.clone(),
         }
@@ -283,6 +286,8 @@ impl Report {
             ("resume max ms", Box::new(|f| f.resume.max_ms)),
             ("session p50 ms", Box::new(|f| f.session_time.p50_ms)),
             ("session p99 ms", Box::new(|f| f.session_time.p99_ms)),
+            ("loadgen lag p99 ms", Box::new(|f| f.loadgen_lag.p99_ms)),
+            ("loadgen lag max ms", Box::new(|f| f.loadgen_lag.max_ms)),
             ("server CPU % of a core", Box::new(|f| f.server.cpu_percent)),
             (
                 "server CPU µs/number",
