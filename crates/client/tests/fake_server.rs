@@ -438,7 +438,7 @@ async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
 
 #[tokio::test]
 async fn refused_port_is_skipped_for_the_next_one() {
-    let closed = closed_port().await;
+    let closed = closed_port();
     let server = FakeServer::start(vec![whole_session(4)]).await;
     let port = server.port();
     let (report, events) = run_client(config(vec![closed, port], 4)).await;

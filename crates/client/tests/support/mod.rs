@@ -17,13 +17,8 @@ pub(crate) use numstream_harness::fake_server::{
     Expect, FakeServer, PATIENCE, SEED, Script, TOKEN, accept, acked, expected, finish, join,
     join_within, listen, number, recv, send, session, welcome, welcome_with,
 };
-
-/// A port on which nothing listens: bound, then released.
-pub(crate) async fn closed_port() -> u16 {
-    let (listener, port) = listen().await;
-    drop(listener);
-    port
-}
+#[allow(unused_imports)]
+pub(crate) use numstream_harness::raw::closed_port;
 
 /// A config with fast retries, so tests that reconnect stay quick.
 pub(crate) fn config(ports: Vec<u16>, count: u16) -> ClientConfig {
