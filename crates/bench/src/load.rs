@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::probe::{Probe, SessionPath};
-use crate::proxy::CutProxy;
+use crate::proxy::CutSwitch;
 use crate::servers::Flavor;
 use crate::stats::{HistData, Shards};
 
@@ -394,18 +394,19 @@ pub(crate) async fn run(mut load: Load) -> LoadResult {
                 tasks.spawn(async move {
                     tokio::time::sleep_until(at).await;
                     let started = Instant::now();
-                    let proxy = match CutProxy::start(addr).await {
-                        Ok(proxy) => proxy,
+                    let switch = match CutSwitch::start(addr).await {
+                        Ok(switch) => Arc::new(switch),
                         Err(error) => {
                             let error = Err(format!("starting a cut proxy: {error}"));
                             let probe = Probe::new(v, interval, None);
                             return tally.finish_cut(v, started, &probe, error);
                         }
                     };
-                    let cutter = tokio::spawn(cut_repeatedly(proxy.switch.clone(), drops));
+                    let cutter = tokio::spawn(cut_repeatedly(switch.clone(), drops));
                     let mut probe =
-                        Probe::new(v, interval, None).with_resume(&proxy.switch, &tally.resume);
-                    let result = session(&load, v, proxy.addr, count, interval, &mut probe).await;
+                        Probe::new(v, interval, None).with_resume(&switch, &tally.resume);
+                    let result =
+                        session(&load, v, switch.addr(), count, interval, &mut probe).await;
                     cutter.abort();
                     tally.finish_cut(v, started, &probe, result);
                 });
@@ -453,7 +454,7 @@ pub(crate) async fn run(mut load: Load) -> LoadResult {
 
 /// Cuts a victim's connection `drops` times, each 1 to 3 s after it is
 /// streaming again, so every cut lands mid-stream.
-async fn cut_repeatedly(switch: Arc<crate::proxy::CutSwitch>, drops: u32) {
+async fn cut_repeatedly(switch: Arc<CutSwitch>, drops: u32) {
     let mut done = 0;
     while done < drops {
         let wait = Duration::from_millis(rand::rng().random_range(1000..3000));

@@ -158,6 +158,7 @@ enum Command {
     /// The bare baseline server (started by the scenarios).
     #[command(hide = true)]
     BareServer {
+        /// 0: a port of the kernel's choice (see --ready-file).
         #[arg(long)]
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
@@ -165,6 +166,10 @@ enum Command {
         /// Share the port with other bare servers (SO_REUSEPORT).
         #[arg(long)]
         reuse_port: bool,
+        /// Once listening, write `address=ADDR:PORT` to this file, as
+        /// numstream-server does: how the scenarios learn the port.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Runs one share of a load and prints its result as JSON (started by
     /// the scenarios past the per-process descriptor limit).
@@ -371,6 +376,7 @@ fn main() -> anyhow::Result<()> {
                 port,
                 bind,
                 reuse_port,
+                ready_file,
             } => {
                 // The same listen backlog and options as numstream-server,
                 // so the baseline differs only in what it serves.
@@ -380,6 +386,11 @@ fn main() -> anyhow::Result<()> {
                 };
                 let listener = numstream_server::listen(SocketAddr::new(bind, port), options)
                     .with_context(|| format!("cannot listen on {bind}:{port}"))?;
+                if let Some(path) = ready_file {
+                    let ready = format!("address={}\n", listener.local_addr()?);
+                    numstream_cli_support::write_ready_file(&path, &ready)
+                        .with_context(|| format!("cannot write --ready-file {}", path.display()))?;
+                }
                 bare::serve(listener).await;
                 Ok(())
             }
@@ -584,7 +595,7 @@ async fn measure_steady(
     } else {
         Some(MetricsSum::read(&servers.metrics).await)
     };
-    servers.stop();
+    servers.stop().await;
     let mut usage = ServerUsage::between(
         &idle,
         &from,
@@ -754,7 +765,7 @@ async fn burst(
                 best = Some((result, usage));
             }
         }
-        servers.stop();
+        servers.stop().await;
         let (mut result, usage) = best.unwrap_or_default();
         result.failed += failed.failed;
         result.errors.extend(failed.errors);
@@ -817,7 +828,7 @@ async fn churn(
         })
         .await;
         let (to, loadgen_to) = (servers.sample(), samples(&loadgen));
-        servers.stop();
+        servers.stop().await;
         let mut usage = ServerUsage::between(&idle, &idle, &to, (&loadgen_from, &loadgen_to), 0);
         if result.ok > 0 {
             usage.cpu_us_per_session =

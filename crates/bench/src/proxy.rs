@@ -1,16 +1,18 @@
-//! Forced drops: a one-session TCP forwarder in front of the server whose
-//! current connection the load generator can cut at any moment. The client
-//! library owns its socket, so cutting in between is the way to make it
-//! lose a connection without changing it; the bare client goes through the
-//! same forwarder so both pay the same extra hop.
+//! Forced drops: the harness's fault proxy in front of the server, one per
+//! victim session, whose current connection the load generator cuts at
+//! any moment. The client library owns its socket, so cutting in between
+//! is the way to make it lose a connection without changing it; the bare
+//! client goes through the same proxy so both pay the same extra hop.
+//! What this module adds is the measurement: a cut only lands while the
+//! session streams, and its time is kept until the resumed stream picks it
+//! up.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
-use tokio::net::{TcpListener, TcpStream};
+use numstream_harness::proxy::{FaultProxy, ProxyError};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -18,12 +20,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Cuts one session's current connection and remembers when.
-#[derive(Debug, Default)]
+/// A proxy on 127.0.0.1 with a free port that cuts one session's current
+/// connection on demand and remembers when; stops when dropped.
+#[derive(Debug)]
 pub(crate) struct CutSwitch {
-    /// Cancelled to cut the connection being forwarded; replaced by a
-    /// fresh token for the next one.
-    current: Mutex<CancellationToken>,
+    /// Passes every connection untouched; [`FaultProxy::cut_all`] closes
+    /// the one open.
+    proxy: FaultProxy,
     /// When the last cut happened, until the resumed stream picks it up.
     pending: Mutex<Option<Instant>>,
     /// True while the session is welcomed on a live connection.
@@ -31,13 +34,26 @@ pub(crate) struct CutSwitch {
 }
 
 impl CutSwitch {
+    pub(crate) async fn start(upstream: SocketAddr) -> Result<Self, ProxyError> {
+        Ok(Self {
+            proxy: FaultProxy::start_queue(upstream).await?,
+            pending: Mutex::new(None),
+            streaming: AtomicBool::new(false),
+        })
+    }
+
+    /// Where the session connects.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.proxy.addr()
+    }
+
     /// Cuts the current connection if the session is streaming on one.
     pub(crate) fn cut(&self) -> bool {
         if !self.streaming.swap(false, Ordering::AcqRel) {
             return false;
         }
         *lock(&self.pending) = Some(Instant::now());
-        std::mem::take(&mut *lock(&self.current)).cancel();
+        self.proxy.cut_all();
         true
     }
 
@@ -48,61 +64,4 @@ impl CutSwitch {
     pub(crate) fn set_streaming(&self, streaming: bool) {
         self.streaming.store(streaming, Ordering::Release);
     }
-
-    fn token(&self) -> CancellationToken {
-        lock(&self.current).clone()
-    }
-}
-
-/// A forwarder on 127.0.0.1 with a free port; stops when dropped.
-#[derive(Debug)]
-pub(crate) struct CutProxy {
-    pub(crate) addr: SocketAddr,
-    pub(crate) switch: Arc<CutSwitch>,
-    stop: CancellationToken,
-}
-
-impl CutProxy {
-    pub(crate) async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let switch = Arc::new(CutSwitch::default());
-        let stop = CancellationToken::new();
-        tokio::spawn({
-            let (switch, stop) = (switch.clone(), stop.clone());
-            async move {
-                loop {
-                    let accepted = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        accepted = listener.accept() => accepted,
-                    };
-                    let Ok((client, _)) = accepted else { continue };
-                    let cut = switch.token();
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = cut.cancelled() => {}
-                            _ = stop.cancelled() => {}
-                            _ = forward(client, upstream) => {}
-                        }
-                    });
-                }
-            }
-        });
-        Ok(Self { addr, switch, stop })
-    }
-}
-
-impl Drop for CutProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn forward(mut client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
-    let mut server = TcpStream::connect(upstream).await?;
-    client.set_nodelay(true)?;
-    server.set_nodelay(true)?;
-    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
-    Ok(())
 }

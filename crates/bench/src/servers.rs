@@ -4,18 +4,19 @@
 //! the end), run inside the load generator, or given as external addresses
 //! and pids.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use numstream_harness::process::{ServerCommand, ServerProcess};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cpus::{self, CpuList};
+use crate::cpus::CpuList;
 use crate::procfs::ProcSample;
 
 /// The per-address limits of numstream-server. The load generator's few
@@ -101,7 +102,8 @@ pub(crate) struct ServerOptions {
     /// Pids of the external bare servers (repeatable).
     #[arg(long = "bare-pid")]
     pub(crate) external_bare_pids: Vec<u32>,
-    /// Where spawned numstream servers log (default: discarded).
+    /// Where spawned numstream servers log (default: a temporary file,
+    /// removed when they stop, shown if one fails to start).
     #[arg(long)]
     pub(crate) server_log: Option<PathBuf>,
     /// Extra argument for every spawned numstream server (repeatable), e.g.
@@ -153,12 +155,13 @@ pub(crate) struct Servers {
     pub(crate) pids: Vec<u32>,
     /// Status endpoints of spawned numstream servers (`--server-metrics`).
     pub(crate) metrics: Vec<SocketAddr>,
-    children: Vec<Child>,
+    /// Spawned servers, killed when dropped.
+    processes: Vec<ServerProcess>,
     inproc: Option<CancellationToken>,
 }
 
 impl Servers {
-    /// Starts (or adopts) the servers and waits until each accepts.
+    /// Starts (or adopts) the servers; each accepts connections on return.
     pub(crate) async fn start(
         flavor: Flavor,
         options: &ServerOptions,
@@ -168,7 +171,7 @@ impl Servers {
             addrs: Vec::new(),
             pids: Vec::new(),
             metrics: Vec::new(),
-            children: Vec::new(),
+            processes: Vec::new(),
             inproc: None,
         };
         let (external, pids) = match flavor {
@@ -216,102 +219,36 @@ impl Servers {
                 servers.inproc = Some(stop);
             }
             Placement::Spawn => {
-                let shared_port = if options.reuse_port {
-                    Some(free_port()?)
-                } else {
-                    None
-                };
+                // With --reuse-port the first process picks the port (the
+                // kernel's choice, read from its ready file) and the others
+                // share it.
+                let mut shared_port = None;
                 for _ in 0..processes {
-                    let port = match shared_port {
-                        Some(port) => port,
-                        None => free_port()?,
-                    };
-                    let cpus = options.server_cpus.as_ref();
-                    let mut command = match flavor {
-                        Flavor::Numstream | Flavor::NumstreamTls => {
-                            let mut command = cpus::command(server_binary(options)?, cpus);
-                            command.args([
-                                "--port".to_owned(),
-                                port.to_string(),
-                                "--interval".to_owned(),
-                                format!("{}us", interval.as_micros()),
-                            ]);
-                            if flavor == Flavor::NumstreamTls {
-                                let material = options.tls_material()?;
-                                command.arg("--tls-cert").arg(&material.cert);
-                                command.arg("--tls-key").arg(&material.key);
-                            }
-                            command.args(&options.server_args);
-                            for flag in PER_ADDRESS_LIMITS {
-                                if !options.sets(flag) {
-                                    command.args([flag, "0"]);
-                                }
-                            }
-                            if options.reuse_port {
-                                command.arg("--reuse-port");
-                            }
-                            if options.server_metrics {
-                                let status = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-                                command.arg("--metrics-addr").arg(status.to_string());
-                                servers.metrics.push(status);
-                            }
-                            command
-                        }
-                        Flavor::Bare => {
-                            let mut command = cpus::command(std::env::current_exe()?, cpus);
-                            command.args(["bare-server", "--port", &port.to_string()]);
-                            if options.reuse_port {
-                                command.arg("--reuse-port");
-                            }
-                            command
-                        }
-                    };
-                    let stderr = match (&options.server_log, flavor) {
-                        (Some(path), Flavor::Numstream | Flavor::NumstreamTls) => Stdio::from(
-                            std::fs::OpenOptions::new()
-                                .create(true)
-                                .append(true)
-                                .open(path)
-                                .with_context(|| format!("opening {}", path.display()))?,
-                        ),
-                        _ => Stdio::null(),
-                    };
-                    let child = command
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(stderr)
-                        .spawn()
+                    let mut command = spawn_command(flavor, options, interval)?;
+                    if let Some(port) = shared_port {
+                        command = command.port(port);
+                    }
+                    let process = command
+                        .start()
+                        .await
                         .with_context(|| format!("starting the {} server", flavor.name()))?;
-                    servers.pids.push(child.id());
-                    servers.children.push(child);
-                    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                    if options.reuse_port {
+                        shared_port = Some(process.port());
+                    }
+                    servers.pids.extend(process.pid());
+                    servers.metrics.extend(process.status_address());
                     // One address for all when they share a port: the
                     // kernel, not the load generator, spreads the load.
-                    if !servers.addrs.contains(&addr) {
-                        servers.addrs.push(addr);
+                    if !servers.addrs.contains(&process.addr()) {
+                        servers.addrs.push(process.addr());
                     }
+                    servers.processes.push(process);
                 }
             }
         }
-        for addr in servers.addrs.clone() {
-            servers.wait_ready(addr).await?;
-        }
+        // Every listener is listening by now: in-process ones are bound
+        // above, and each process reported in its ready file.
         Ok(servers)
-    }
-
-    async fn wait_ready(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
-        for _ in 0..200 {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(());
-            }
-            for child in &mut self.children {
-                if let Some(status) = child.try_wait()? {
-                    bail!("a server process exited at startup ({status})");
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("server at {addr} did not accept connections within 10 s")
     }
 
     /// CPU and RSS of every server process right now.
@@ -322,22 +259,12 @@ impl Servers {
             .collect()
     }
 
-    pub(crate) fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.inproc.take() {
             stop.cancel();
         }
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for process in &mut self.processes {
+            process.kill().await;
         }
     }
 }
@@ -398,8 +325,58 @@ fn server_binary(options: &ServerOptions) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A port that was free a moment ago (the kernel's choice).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+/// How to start one server process of `flavor` (the harness adds `--port`
+/// and `--ready-file`), under `taskset` with `--server-cpus`.
+fn spawn_command(
+    flavor: Flavor,
+    options: &ServerOptions,
+    interval: Duration,
+) -> anyhow::Result<ServerCommand> {
+    let program = match flavor {
+        Flavor::Numstream | Flavor::NumstreamTls => server_binary(options)?,
+        Flavor::Bare => std::env::current_exe()?,
+    };
+    let mut command = match &options.server_cpus {
+        // taskset runs the server in its own place (same pid).
+        Some(cpus) => ServerCommand::new("taskset").leading_args([
+            OsString::from("-c"),
+            OsString::from(cpus.to_string()),
+            program.into_os_string(),
+        ]),
+        None => ServerCommand::new(program),
+    };
+    match flavor {
+        Flavor::Numstream | Flavor::NumstreamTls => {
+            command = command.args([
+                "--interval".to_owned(),
+                format!("{}us", interval.as_micros()),
+            ]);
+            if flavor == Flavor::NumstreamTls {
+                let material = options.tls_material()?;
+                command = command
+                    .arg("--tls-cert")
+                    .arg(&material.cert)
+                    .arg("--tls-key")
+                    .arg(&material.key);
+            }
+            command = command.args(&options.server_args);
+            for flag in PER_ADDRESS_LIMITS {
+                if !options.sets(flag) {
+                    command = command.args([flag, "0"]);
+                }
+            }
+            if options.server_metrics {
+                // Its port is read from the ready file.
+                command = command.args(["--metrics-addr", "127.0.0.1:0"]);
+            }
+            if let Some(path) = &options.server_log {
+                command = command.log_file(path);
+            }
+        }
+        Flavor::Bare => command = command.leading_args(["bare-server"]),
+    }
+    if options.reuse_port {
+        command = command.arg("--reuse-port");
+    }
+    Ok(command)
 }

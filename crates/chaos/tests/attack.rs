@@ -12,11 +12,12 @@ use numstream_chaos::attack::{
     AttackConfig, AttackKind, AttackPlan, AttackReport, Attacker, SlowHello,
 };
 use numstream_harness::raw::RawClient;
+use numstream_harness::wait;
 use numstream_protocol::{ErrorCode, Frame, ResumeToken, Welcome, encode_frame};
 use numstream_server::testing::{TestServer, fast_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 /// Bound on every wait for the attacker to get somewhere.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -33,18 +34,14 @@ fn config(kinds: &[AttackKind], max_connections: usize) -> AttackConfig {
 /// Polls the attacker's report until `reached` holds; panics with the last
 /// report after `PATIENCE`.
 async fn wait_for(attacker: &Attacker, what: &str, reached: impl Fn(&AttackReport) -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let report = attacker.report();
-        if reached(&report) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the attacker did not get to {what} within {PATIENCE:?}: {report:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    let what = format!("the attacker to get to {what}");
+    wait::until_value(
+        PATIENCE,
+        &what,
+        || std::future::ready(attacker.report()),
+        reached,
+    )
+    .await;
 }
 
 async fn stop(attacker: Attacker) -> AttackReport {

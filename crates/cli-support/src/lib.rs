@@ -1,8 +1,8 @@
 //! What `numstream-server` and `numstream-client` share on the command
 //! line: `--generate` (a man page or a shell completion script, from the
 //! program's own clap definition, on stdout), whether stderr gets
-//! colours, and value parsers whose errors name the accepted range
-//! (`values`).
+//! colours, the `--ready-file` a launcher waits for, and value parsers
+//! whose errors name the accepted range (`values`).
 //!
 //! ```no_run
 //! let command = clap::Command::new("demo").arg(clap::Arg::new("port").long("port"));
@@ -112,6 +112,15 @@ pub fn write(what: Generate, mut command: Command, out: &mut dyn Write) -> std::
 /// and not when `NO_COLOR` is set (<https://no-color.org>).
 pub fn stderr_wants_colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Writes a `--ready-file`: whole or not at all (written beside it, then
+/// renamed), so a launcher polling for it never reads half of it.
+pub fn write_ready_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path))
 }
 
 #[cfg(test)]

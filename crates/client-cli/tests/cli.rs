@@ -132,23 +132,12 @@ async fn human_mode_reports_a_protocol_violation_with_exit_code_5() {
 /// value that should have been refused but was accepted must fail the
 /// test, not hang it.
 fn output_within(args: &[&std::ffi::OsStr], limit: std::time::Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_numstream-client"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start numstream-client");
-    let started = std::time::Instant::now();
-    while child.try_wait().expect("poll the client").is_none() {
-        if started.elapsed() > limit {
-            child.kill().expect("kill the client");
-            let out = child.wait_with_output().expect("reap the client");
-            panic!("{args:?} still running after {limit:?}: {}", stderr(&out));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20)); // poll step: waiting (bounded) for the client process to exit
-    }
-    child.wait_with_output().expect("client output")
+    numstream_harness::process::output_within(
+        Command::new(env!("CARGO_BIN_EXE_numstream-client"))
+            .args(args)
+            .env_remove("RUST_LOG"),
+        limit,
+    )
 }
 
 #[test]
@@ -258,11 +247,7 @@ fn every_flag_refuses_extreme_values_with_a_usage_error_naming_the_range() {
 
     // A run that wrongly started must end quickly: nothing listens on
     // this port, and the open timeout is short unless it is under test.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-        .to_string();
+    let port = numstream_harness::raw::closed_port().to_string();
     let limit = std::time::Duration::from_secs(30);
     let mut cases: Vec<(Vec<String>, &str)> = Vec::new();
     for (flag, expected, values) in &ranges {

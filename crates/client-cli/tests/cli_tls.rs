@@ -4,10 +4,11 @@
 //! and exit 6 (3 for a plaintext client, which the server refuses).
 
 use std::ffi::OsString;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use numstream_harness::process::output_within;
 use numstream_harness::tls::{CertFiles, TestPki};
 use numstream_server::testing::{TestServer, fast_config};
 use numstream_server::{ServerConfig, ServerTls};
@@ -18,28 +19,14 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs the client with `roots` as the platform's trusted roots.
 fn run_client(args: Vec<OsString>, roots: &std::path::Path) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_numstream-client"))
-        .args(&args)
-        .env_remove("RUST_LOG")
-        .env("SSL_CERT_FILE", roots)
-        .env_remove("SSL_CERT_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start numstream-client");
-    let started = Instant::now();
-    while child.try_wait().expect("poll the client").is_none() {
-        if started.elapsed() > LIMIT {
-            child.kill().expect("kill the client");
-            let out = child.wait_with_output().expect("reap the client");
-            panic!(
-                "{args:?} still running after {LIMIT:?} (retrying?): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll step: waiting (bounded) for the client process to exit
-    }
-    child.wait_with_output().expect("client output")
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_numstream-client"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .env("SSL_CERT_FILE", roots)
+            .env_remove("SSL_CERT_DIR"),
+        LIMIT,
+    )
 }
 
 /// The client, trusting (unless given --tls-ca) only a CA that signed

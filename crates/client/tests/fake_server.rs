@@ -6,7 +6,6 @@ mod support;
 use std::time::Duration;
 
 use numstream_client::{Backoff, ClientConfig, ClientError, Event};
-use numstream_harness::fake_server::{Expect, FakeServer, Script};
 use numstream_protocol::testing::encoded;
 use numstream_protocol::{Disposition, ErrorCode, ErrorFrame, Frame, Open, Resume};
 use support::memory::MemoryNet;
@@ -42,6 +41,19 @@ fn assert_resume(frame: &Frame, config: &ClientConfig, next_index: u16) {
 
 fn error(code: ErrorCode, message: &str) -> Frame {
     Frame::Error(ErrorFrame::new(code, message))
+}
+
+/// A connection whose OPEN is answered with `refusal`, then closed.
+fn refuses_open(refusal: Frame) -> Script {
+    Script::new().expect(Expect::Open).send(refusal).cut()
+}
+
+/// A connection that opens and gets the whole `count`-number session.
+fn whole_session(count: u16) -> Script {
+    Script::new()
+        .expect(Expect::Open)
+        .send(welcome(count, 0))
+        .finish(&session(count), 0)
 }
 
 #[tokio::test]
@@ -104,15 +116,15 @@ async fn happy_path_verifies_and_acks() {
 
 #[tokio::test]
 async fn single_number_session_and_max_count_welcome() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(1, 0)).await;
-        finish(&mut conn, 1, 0).await
-    });
-    let (report, _) = run_client(config(vec![port], 1)).await;
-    assert_eq!(join(server).await, expected(1).checksum());
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(1, 0))
+            .finish(&session(1), 0),
+    ])
+    .await;
+    let (report, _) = run_client(config(vec![server.port()], 1)).await;
+    assert_eq!(acked(&server.finish().await[0]), expected(1).checksum());
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.received, 1);
     assert_eq!(report.sum, expected(1).sum());
@@ -140,23 +152,20 @@ async fn heartbeats_are_accepted_between_numbers() {
 
 #[tokio::test]
 async fn dropped_connection_is_resumed_at_the_first_missing_index() {
-    let (listener, port) = listen().await;
-    let config = config(vec![port], 5);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
-        assert_open(&recv(&mut first).await, &expected_config);
-        send(&mut first, welcome(5, 0)).await;
-        send_numbers(&mut first, 5, 0..2).await;
-        drop(first);
-
-        let mut second = accept(&listener).await;
-        assert_resume(&recv(&mut second).await, &expected_config, 2);
-        send(&mut second, welcome(5, 2)).await;
-        finish(&mut second, 5, 2).await
-    });
-    let (report, events) = run_client(config).await;
-    let ack = join(server).await;
+    let server = FakeServer::start(vec![
+        streamed_then_cut(5, 2),
+        Script::new()
+            .expect(Expect::Any)
+            .send(welcome(5, 2))
+            .finish(&session(5), 2),
+    ])
+    .await;
+    let config = config(vec![server.port()], 5);
+    let (report, events) = run_client(config.clone()).await;
+    let received = server.finish().await;
+    assert_open(&received[0][0], &config);
+    assert_resume(&received[1][0], &config, 2);
+    let ack = acked(&received[1]);
 
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 1);
@@ -177,37 +186,27 @@ async fn dropped_connection_is_resumed_at_the_first_missing_index() {
 
 #[tokio::test]
 async fn wrong_checksum_fails_with_exit_code_1() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(3, 0)).await;
-        send_numbers(&mut conn, 3, 0..2).await;
-        let right = expected(3).checksum();
-        let Frame::Final { index, value, .. } = number(3, 2) else {
-            panic!("index 2 of 3 is FINAL");
-        };
-        send(
-            &mut conn,
-            Frame::Final {
+    let right = expected(3).checksum();
+    let Frame::Final { index, value, .. } = number(3, 2) else {
+        panic!("index 2 of 3 is FINAL");
+    };
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Any)
+            .send(welcome(3, 0))
+            .send_numbers(&session(3), 0..2)
+            .send(Frame::Final {
                 index,
                 value,
                 checksum: right ^ 1,
-            },
-        )
-        .await;
-        // The client still ACKs, with its own checksum, so the server can
-        // log the disagreement.
-        recv(&mut conn).await
-    });
-    let (report, events) = run_client(config(vec![port], 3)).await;
-    let right = expected(3).checksum();
-    assert_eq!(
-        join(server).await,
-        Frame::Ack {
-            client_checksum: right
-        }
-    );
+            })
+            // The client still ACKs, with its own checksum, so the server
+            // can log the disagreement.
+            .expect(Expect::Ack),
+    ])
+    .await;
+    let (report, events) = run_client(config(vec![server.port()], 3)).await;
+    assert_eq!(acked(&server.finish().await[0]), right);
 
     assert!(!report.ok);
     assert_eq!(report.exit_code(), 1);
@@ -228,28 +227,6 @@ async fn wrong_checksum_fails_with_exit_code_1() {
     );
 }
 
-/// A misbehaving server is never retried: exit 5, at once, on the first
-/// connection.
-async fn assert_violation(count: u16, raw: Vec<Vec<u8>>, expect_in_error: &str) {
-    let script = raw
-        .into_iter()
-        .fold(Script::new().expect(Expect::Open), Script::send_raw);
-    let server = FakeServer::start(vec![script.expect_closed()]).await;
-    let (report, events) = run_client(config(vec![server.port()], count)).await;
-    server.finish().await;
-    assert!(!report.ok);
-    assert_eq!(report.exit_code(), 5, "{}", report.render_human());
-    let Some(ClientError::ProtocolViolation(text)) = &report.error else {
-        panic!("expected a protocol violation, got {:?}", report.error);
-    };
-    assert!(text.contains(expect_in_error), "{text}");
-    assert!(
-        reconnect_events(&events).is_empty(),
-        "violations are not retried"
-    );
-    assert_eq!(report.reconnects, 0);
-}
-
 #[tokio::test]
 async fn duplicate_index_is_a_protocol_violation() {
     assert_violation(
@@ -259,6 +236,7 @@ async fn duplicate_index_is_a_protocol_violation() {
             encoded(&number(5, 0)),
             encoded(&number(5, 0)),
         ],
+        1,
         "expected number 1, server sent number 0",
     )
     .await;
@@ -273,6 +251,7 @@ async fn skipped_index_is_a_protocol_violation() {
             encoded(&number(5, 0)),
             encoded(&number(5, 2)),
         ],
+        1,
         "expected number 1, server sent number 2",
     )
     .await;
@@ -283,6 +262,7 @@ async fn malformed_bytes_are_a_protocol_violation() {
     assert_violation(
         5,
         vec![encoded(&welcome(5, 0)), vec![0, 0, 0, 1, 0x7f]],
+        0,
         "unknown frame type 0x7f",
     )
     .await;
@@ -290,53 +270,52 @@ async fn malformed_bytes_are_a_protocol_violation() {
 
 #[tokio::test]
 async fn oversized_frame_during_handshake_is_a_protocol_violation() {
-    assert_violation(5, vec![vec![0xff, 0xff, 0xff, 0xff]], "exceeds the maximum").await;
+    assert_violation(
+        5,
+        vec![vec![0xff, 0xff, 0xff, 0xff]],
+        0,
+        "exceeds the maximum",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn welcome_with_the_wrong_count_is_a_protocol_violation() {
-    assert_violation(5, vec![encoded(&welcome(6, 0))], "WELCOME says count 6").await;
+    assert_violation(5, vec![encoded(&welcome(6, 0))], 0, "WELCOME says count 6").await;
 }
 
 #[tokio::test]
 async fn resume_welcome_with_another_token_is_a_protocol_violation() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
-        recv(&mut first).await;
-        send(&mut first, welcome(5, 0)).await;
-        send_numbers(&mut first, 5, 0..2).await;
-        drop(first);
-        let mut second = accept(&listener).await;
-        recv(&mut second).await;
-        let Frame::Welcome(mut other) = welcome(5, 2) else {
-            unreachable!()
-        };
-        other.token.0[0] ^= 1;
-        send(&mut second, Frame::Welcome(other)).await;
-        closed_by_client(&mut second).await;
-    });
-    let (report, _) = run_client(config(vec![port], 5)).await;
-    join(server).await;
+    let Frame::Welcome(mut other) = welcome(5, 2) else {
+        unreachable!()
+    };
+    other.token.0[0] ^= 1;
+    let server = FakeServer::start(vec![
+        streamed_then_cut(5, 2),
+        Script::new()
+            .expect(Expect::Any)
+            .send(Frame::Welcome(other))
+            .expect_closed(),
+    ])
+    .await;
+    let (report, _) = run_client(config(vec![server.port()], 5)).await;
+    server.finish().await;
     assert_eq!(report.exit_code(), 5, "{}", report.render_human());
     assert_eq!(report.received, 2);
 }
 
 #[tokio::test]
 async fn session_expired_on_resume_fails_with_exit_code_3() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
-        recv(&mut first).await;
-        send(&mut first, welcome(5, 0)).await;
-        send_numbers(&mut first, 5, 0..2).await;
-        drop(first);
-        let mut second = accept(&listener).await;
-        assert!(matches!(recv(&mut second).await, Frame::Resume(_)));
-        send(&mut second, error(ErrorCode::SessionExpired, "ttl passed")).await;
-    });
-    let (report, _) = run_client(config(vec![port], 5)).await;
-    join(server).await;
+    let server = FakeServer::start(vec![
+        streamed_then_cut(5, 2),
+        Script::new()
+            .expect(Expect::Resume { next_index: 2 })
+            .send(error(ErrorCode::SessionExpired, "ttl passed"))
+            .cut(),
+    ])
+    .await;
+    let (report, _) = run_client(config(vec![server.port()], 5)).await;
+    server.finish().await;
     assert!(!report.ok);
     assert_eq!(report.exit_code(), 3);
     assert!(matches!(
@@ -353,22 +332,18 @@ async fn session_unknown_after_the_ttl_counts_as_expired() {
     // In-memory connections under paused time: the TTL passes on the
     // test's clock, not the machine's.
     let net = MemoryNet::default();
-    let mut listener = net.listen(7000);
-    let server = tokio::spawn(async move {
-        let mut first = listener.accept().await;
-        recv(&mut first).await;
-        send(&mut first, welcome_with(5, 0, 0, 100)).await;
-        drop(first);
+    let server = net.listen(7000).serve(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome_with(5, 0, 0, 100))
+            .cut(),
         // The TTL passes before the client's RESUME is answered.
-        tokio::time::sleep(Duration::from_millis(150)).await; // paused time: the TTL passes on the test clock
-        let mut second = listener.accept().await;
-        recv(&mut second).await;
-        send(
-            &mut second,
-            error(ErrorCode::SessionUnknown, "no such session"),
-        )
-        .await;
-    });
+        Script::new()
+            .expect(Expect::Resume { next_index: 0 })
+            .pause(Duration::from_millis(150))
+            .send(error(ErrorCode::SessionUnknown, "no such session"))
+            .cut(),
+    ]);
     let (report, _) = run_client_in(&net, config(vec![7000], 5)).await;
     join(server).await;
     assert_eq!(report.exit_code(), 3);
@@ -385,25 +360,24 @@ async fn session_unknown_after_the_ttl_counts_as_expired() {
 #[tokio::test(start_paused = true)]
 async fn silent_server_is_abandoned_and_the_session_resumed() {
     let net = MemoryNet::default();
-    let mut listener = net.listen(7000);
     let config = config(vec![7000], 5);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = listener.accept().await;
-        recv(&mut first).await;
-        send(&mut first, welcome_with(5, 0, 1_000, 30_000)).await;
-        send_numbers(&mut first, 5, 0..2).await;
-        // `first` stays open and silent until the client gives up on it
-        // and comes back on a second connection.
-        let mut second = listener.accept().await;
-        assert_resume(&recv(&mut second).await, &expected_config, 2);
-        send(&mut second, welcome_with(5, 2, 1_000, 30_000)).await;
-        let ack = finish(&mut second, 5, 2).await;
-        drop(first);
-        ack
-    });
-    let (report, events) = run_client_in(&net, config).await;
-    assert_eq!(join(server).await, expected(5).checksum());
+    let server = net.listen(7000).serve(vec![
+        // Open and silent after two numbers until the client gives up on
+        // it and comes back on a second connection.
+        Script::new()
+            .expect(Expect::Any)
+            .send(welcome_with(5, 0, 1_000, 30_000))
+            .send_numbers(&session(5), 0..2)
+            .expect_closed(),
+        Script::new()
+            .expect(Expect::Any)
+            .send(welcome_with(5, 2, 1_000, 30_000))
+            .finish(&session(5), 2),
+    ]);
+    let (report, events) = run_client_in(&net, config.clone()).await;
+    let received = join(server).await;
+    assert_resume(&received[1][0], &config, 2);
+    assert_eq!(acked(&received[1]), expected(5).checksum());
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 1);
     let reconnects = reconnect_events(&events);
@@ -420,23 +394,21 @@ async fn late_welcomes(
     second_after: Duration,
 ) -> (numstream_client::Report, Vec<(String, Duration)>) {
     let net = MemoryNet::default();
-    let mut listener = net.listen(7000);
     let mut config = config(vec![7000], 2);
     config.handshake_timeout = handshake_timeout;
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = listener.accept().await;
-        assert_open(&recv(&mut first).await, &expected_config);
-        closed_by_client(&mut first).await;
-        let mut second = listener.accept().await;
-        // No WELCOME reached the client, so it opens again.
-        assert_open(&recv(&mut second).await, &expected_config);
-        tokio::time::sleep(second_after).await; // paused time: the WELCOME is late on the test clock
-        send(&mut second, welcome(2, 0)).await;
-        finish(&mut second, 2, 0).await
-    });
-    let (report, events) = run_client_in(&net, config).await;
-    join(server).await;
+    let server = net.listen(7000).serve(vec![
+        Script::new().expect(Expect::Any).expect_closed(),
+        Script::new()
+            .expect(Expect::Any)
+            .pause(second_after)
+            .send(welcome(2, 0))
+            .finish(&session(2), 0),
+    ]);
+    let (report, events) = run_client_in(&net, config.clone()).await;
+    let received = join(server).await;
+    assert_open(&received[0][0], &config);
+    // No WELCOME reached the client, so it opens again.
+    assert_open(&received[1][0], &config);
     (report, reconnect_events(&events))
 }
 
@@ -466,16 +438,11 @@ async fn a_slow_server_gets_longer_to_welcome_after_each_handshake_timeout() {
 
 #[tokio::test]
 async fn refused_port_is_skipped_for_the_next_one() {
-    let closed = closed_port().await;
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(4, 0)).await;
-        finish(&mut conn, 4, 0).await
-    });
+    let closed = closed_port();
+    let server = FakeServer::start(vec![whole_session(4)]).await;
+    let port = server.port();
     let (report, events) = run_client(config(vec![closed, port], 4)).await;
-    join(server).await;
+    server.finish().await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 0);
     let reconnects = reconnect_events(&events);
@@ -496,25 +463,16 @@ async fn refused_port_is_skipped_for_the_next_one() {
 
 #[tokio::test]
 async fn server_busy_is_retried_with_a_fresh_open() {
-    let (listener, port) = listen().await;
-    let config = config(vec![port], 3);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await;
-        assert_open(&recv(&mut first).await, &expected_config);
-        send(
-            &mut first,
-            error(ErrorCode::ServerBusy, "too many sessions"),
-        )
-        .await;
-        drop(first);
-        let mut second = accept(&listener).await;
-        assert_open(&recv(&mut second).await, &expected_config);
-        send(&mut second, welcome(3, 0)).await;
-        finish(&mut second, 3, 0).await
-    });
-    let (report, events) = run_client(config).await;
-    join(server).await;
+    let server = FakeServer::start(vec![
+        refuses_open(error(ErrorCode::ServerBusy, "too many sessions")),
+        whole_session(3),
+    ])
+    .await;
+    let config = config(vec![server.port()], 3);
+    let (report, events) = run_client(config.clone()).await;
+    let received = server.finish().await;
+    assert_open(&received[0][0], &config);
+    assert_open(&received[1][0], &config);
     assert!(report.ok, "{}", report.render_human());
     let reconnects = reconnect_events(&events);
     assert_eq!(reconnects.len(), 1);
@@ -527,32 +485,34 @@ async fn server_busy_is_retried_with_a_fresh_open() {
 
 #[tokio::test]
 async fn retry_now_resumes_at_once_on_the_next_port() {
-    let (draining, draining_port) = listen().await;
-    let (healthy, healthy_port) = listen().await;
-    let mut config = config(vec![draining_port, healthy_port], 5);
+    let drain = ErrorFrame::new(ErrorCode::ShuttingDown, "draining")
+        .with_disposition(Disposition::RetryNow);
+    let draining = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(5, 0))
+            .send_numbers(&session(5), 0..2)
+            .send(Frame::Error(drain))
+            .cut(),
+    ])
+    .await;
+    let healthy = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Any)
+            .send(welcome(5, 2))
+            .finish(&session(5), 2),
+    ])
+    .await;
+    let mut config = config(vec![draining.port(), healthy.port()], 5);
     // Any backoff at all would blow the test's time budget.
     config.backoff = Backoff {
         initial: Duration::from_secs(60),
         max: Duration::from_secs(60),
         multiplier: 2.0,
     };
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut first = accept(&draining).await;
-        recv(&mut first).await;
-        send(&mut first, welcome(5, 0)).await;
-        send_numbers(&mut first, 5, 0..2).await;
-        let drain = ErrorFrame::new(ErrorCode::ShuttingDown, "draining")
-            .with_disposition(Disposition::RetryNow);
-        send(&mut first, Frame::Error(drain)).await;
-        drop(first);
-        let mut second = accept(&healthy).await;
-        assert_resume(&recv(&mut second).await, &expected_config, 2);
-        send(&mut second, welcome(5, 2)).await;
-        finish(&mut second, 5, 2).await
-    });
-    let (report, events) = run_client(config).await;
-    join(server).await;
+    let (report, events) = run_client(config.clone()).await;
+    draining.finish().await;
+    assert_resume(&healthy.finish().await[0][0], &config, 2);
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 1);
     let reconnects = reconnect_events(&events);
@@ -563,16 +523,17 @@ async fn retry_now_resumes_at_once_on_the_next_port() {
 
 #[tokio::test]
 async fn final_shutting_down_ends_the_run() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(5, 0)).await;
-        send_numbers(&mut conn, 5, 0..1).await;
-        send(&mut conn, error(ErrorCode::ShuttingDown, "in-memory store")).await;
-    });
-    let (report, events) = run_client(config(vec![port], 5)).await;
-    join(server).await;
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(5, 0))
+            .send_numbers(&session(5), 0..1)
+            .send(error(ErrorCode::ShuttingDown, "in-memory store"))
+            .cut(),
+    ])
+    .await;
+    let (report, events) = run_client(config(vec![server.port()], 5)).await;
+    server.finish().await;
     assert_eq!(report.exit_code(), 3);
     assert!(matches!(
         report.error,
@@ -589,27 +550,26 @@ async fn final_shutting_down_ends_the_run() {
 
 #[tokio::test]
 async fn taken_over_is_resumed_twice_then_ends_the_run() {
-    let (listener, port) = listen().await;
-    let config = config(vec![port], 5);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(5, 0)).await;
-        send_numbers(&mut conn, 5, 0..1).await;
-        send(&mut conn, error(ErrorCode::TakenOver, "resumed elsewhere")).await;
-        drop(conn);
-        // The taker may have been the client's own stale RESUME: it comes
-        // back, and is taken over again, twice; the third time it stops.
-        for _ in 0..2 {
-            let mut conn = accept(&listener).await;
-            assert_resume(&recv(&mut conn).await, &expected_config, 1);
-            send(&mut conn, welcome(5, 1)).await;
-            send(&mut conn, error(ErrorCode::TakenOver, "resumed elsewhere")).await;
-        }
-    });
-    let (report, events) = run_client(config).await;
-    join(server).await;
+    let taken_over = error(ErrorCode::TakenOver, "resumed elsewhere");
+    let first = Script::new()
+        .expect(Expect::Open)
+        .send(welcome(5, 0))
+        .send_numbers(&session(5), 0..1)
+        .send(taken_over.clone())
+        .cut();
+    // The taker may have been the client's own stale RESUME: it comes
+    // back, and is taken over again, twice; the third time it stops.
+    let again = Script::new()
+        .expect(Expect::Any)
+        .send(welcome(5, 1))
+        .send(taken_over)
+        .cut();
+    let server = FakeServer::start(vec![first, again.clone(), again]).await;
+    let config = config(vec![server.port()], 5);
+    let (report, events) = run_client(config.clone()).await;
+    let received = server.finish().await;
+    assert_resume(&received[1][0], &config, 1);
+    assert_resume(&received[2][0], &config, 1);
     assert_eq!(report.exit_code(), 3);
     assert!(matches!(report.error, Some(ClientError::TakenOver { .. })));
     let reconnects = reconnect_events(&events);
@@ -619,14 +579,13 @@ async fn taken_over_is_resumed_twice_then_ends_the_run() {
 
 #[tokio::test]
 async fn other_final_errors_are_rejections() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, error(ErrorCode::SessionExists, "already live")).await;
-    });
-    let (report, _) = run_client(config(vec![port], 5)).await;
-    join(server).await;
+    let server = FakeServer::start(vec![refuses_open(error(
+        ErrorCode::SessionExists,
+        "already live",
+    ))])
+    .await;
+    let (report, _) = run_client(config(vec![server.port()], 5)).await;
+    server.finish().await;
     assert_eq!(report.exit_code(), 3);
     assert_eq!(
         report.error,
@@ -639,28 +598,21 @@ async fn other_final_errors_are_rejections() {
 
 #[tokio::test]
 async fn lost_first_welcome_waits_for_the_orphan_instead_of_failing() {
-    let (listener, port) = listen().await;
-    let config = config(vec![port], 3);
-    let expected_config = config.clone();
-    let server = tokio::spawn(async move {
+    let server = FakeServer::start(vec![
         // The first OPEN creates the session, but the connection dies
         // before the WELCOME (and with it the token) reaches the client.
-        let mut first = accept(&listener).await;
-        assert_open(&recv(&mut first).await, &expected_config);
-        drop(first);
+        Script::new().expect(Expect::Open).cut(),
         // Until the orphan expires, a second OPEN meets `session_exists`.
-        let mut second = accept(&listener).await;
-        assert_open(&recv(&mut second).await, &expected_config);
-        send(&mut second, error(ErrorCode::SessionExists, "already live")).await;
-        drop(second);
+        refuses_open(error(ErrorCode::SessionExists, "already live")),
         // Once it has expired, the OPEN succeeds.
-        let mut third = accept(&listener).await;
-        assert_open(&recv(&mut third).await, &expected_config);
-        send(&mut third, welcome(3, 0)).await;
-        finish(&mut third, 3, 0).await
-    });
-    let (report, events) = run_client(config).await;
-    join(server).await;
+        whole_session(3),
+    ])
+    .await;
+    let config = config(vec![server.port()], 3);
+    let (report, events) = run_client(config.clone()).await;
+    for connection in server.finish().await {
+        assert_open(&connection[0], &config);
+    }
     assert!(report.ok, "{}", report.render_human());
     let reconnects = reconnect_events(&events);
     assert_eq!(reconnects.len(), 2, "{reconnects:?}");
@@ -813,14 +765,15 @@ async fn a_server_busy_past_the_open_timeout_ends_the_run_with_exit_code_4() {
 #[tokio::test(start_paused = true)]
 async fn open_session_gives_up_when_its_ttl_has_passed() {
     let net = MemoryNet::default();
-    let mut listener = net.listen(7000);
-    let server = tokio::spawn(async move {
-        let mut conn = listener.accept().await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome_with(5, 0, 0, 300)).await;
-        send_numbers(&mut conn, 5, 0..3).await;
-        // The server vanishes: connection and listener both.
-    });
+    // The server vanishes after three numbers: connection and listener
+    // both.
+    let server = net.listen(7000).serve(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome_with(5, 0, 0, 300))
+            .send_numbers(&session(5), 0..3)
+            .cut(),
+    ]);
     let (report, events) = run_client_in(&net, config(vec![7000], 5)).await;
     join(server).await;
     assert_eq!(report.exit_code(), 4);
@@ -843,14 +796,8 @@ async fn invalid_config_is_reported_not_panicked() {
 
 #[tokio::test]
 async fn run_future_is_send_and_accepts_foreign_observers() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(3, 0)).await;
-        finish(&mut conn, 3, 0).await
-    });
-    let config = config(vec![port], 3);
+    let server = FakeServer::start(vec![whole_session(3)]).await;
+    let config = config(vec![server.port()], 3);
     // Spawning requires Send: load generators run many clients as tasks.
     let client = tokio::spawn(async move {
         let mut observer = Counting::default();
@@ -858,27 +805,21 @@ async fn run_future_is_send_and_accepts_foreign_observers() {
         (report, observer.numbers)
     });
     let (report, numbers) = join(client).await;
-    join(server).await;
+    server.finish().await;
     assert!(report.ok);
     assert_eq!(numbers, 3);
 }
 
 #[tokio::test]
 async fn absurd_timeouts_do_not_panic() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome(2, 0)).await;
-        finish(&mut conn, 2, 0).await
-    });
-    let mut config = config(vec![port], 2);
+    let server = FakeServer::start(vec![whole_session(2)]).await;
+    let mut config = config(vec![server.port()], 2);
     config.connect_timeout = Duration::MAX;
     config.handshake_timeout = Duration::MAX;
     config.open_timeout = Duration::MAX;
     config.backoff.max = Duration::MAX;
     let (report, _) = run_client(config).await;
-    join(server).await;
+    server.finish().await;
     assert!(report.ok, "{}", report.render_human());
 }
 
@@ -887,17 +828,19 @@ async fn absurd_timeouts_do_not_panic() {
 /// resuming after that hour (virtual time).
 #[tokio::test(start_paused = true)]
 async fn a_huge_ttl_in_welcome_is_clamped_to_an_hour() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome_with(5, 0, 0, u32::MAX)).await;
-        send_numbers(&mut conn, 5, 0..2).await;
-        // The listener goes with the script: every resume is refused.
-    });
+    // The listener goes with the script: every resume is refused.
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome_with(5, 0, 0, u32::MAX))
+            .send_numbers(&session(5), 0..2)
+            .cut(),
+    ])
+    .await;
     let started = tokio::time::Instant::now();
-    let (report, _) = run_client_within(config(vec![port], 5), Duration::from_secs(3 * 3600)).await;
-    join_within(server, Duration::from_secs(3 * 3600)).await;
+    let config = config(vec![server.port()], 5);
+    let (report, _) = run_client_within(config, Duration::from_secs(3 * 3600)).await;
+    server.finish().await;
     match &report.error {
         Some(ClientError::GaveUp { ttl, away, .. }) => {
             assert_eq!(*ttl, numstream_client::MAX_TRUSTED_TTL);
@@ -919,23 +862,23 @@ async fn a_huge_ttl_in_welcome_is_clamped_to_an_hour() {
 /// (virtual time).
 #[tokio::test(start_paused = true)]
 async fn max_duration_ends_a_run_against_a_server_that_stalls() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await;
-        recv(&mut conn).await;
-        send(&mut conn, welcome_with(5, 0, u32::MAX, u32::MAX)).await;
-        // Never a number; the connection stays open.
-        closed_by_client(&mut conn).await;
-    });
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome_with(5, 0, u32::MAX, u32::MAX))
+            // Never a number; the connection stays open.
+            .expect_closed(),
+    ])
+    .await;
     let limit = Duration::from_secs(600);
     let config = ClientConfig {
         max_duration: Some(limit),
-        ..config(vec![port], 5)
+        ..config(vec![server.port()], 5)
     };
     let started = tokio::time::Instant::now();
     let (report, _) = run_client_within(config, Duration::from_secs(3 * 3600)).await;
     assert_eq!(report.error, Some(ClientError::MaxDuration { limit }));
     assert_eq!(report.exit_code(), numstream_client::EXIT_CANNOT_CONNECT);
     assert!(started.elapsed() >= limit);
-    join_within(server, Duration::from_secs(3 * 3600)).await;
+    server.finish().await;
 }

@@ -12,101 +12,46 @@
 //! suite adds the rest, plus trickled and torn frames that must *not* be
 //! mistaken for violations.
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use futures::StreamExt;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use numstream_client::{
-    Backoff, ClientConfig, EXIT_CANNOT_CONNECT, EXIT_CHECKSUM_MISMATCH, EXIT_PROTOCOL_VIOLATION,
-    Report,
-};
-use numstream_harness::fake_server::{
-    SEED, TOKEN, expected as reference, hello, linger, listen, number, send, send_raw,
-    try_accept as accept, welcome, welcome_with,
+    ClientConfig, EXIT_CANNOT_CONNECT, EXIT_CHECKSUM_MISMATCH, EXIT_PROTOCOL_VIOLATION, Report,
 };
 use numstream_protocol::frame::tag;
 use numstream_protocol::testing::encoded as wire;
 use numstream_protocol::{Frame, Open, Resume, number_at};
+use support::{
+    Expect, FakeServer, SEED, Script, TOKEN, assert_failed, assert_violation,
+    expected as reference, number, session, streamed_then_cut, welcome, welcome_with,
+};
 
-/// Bound on a whole client run: past it, the client hung.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
-
+/// The shared test config with the bounds the timing assertions below
+/// rely on: a 1 s handshake timeout and a 10 s open deadline.
 fn config(port: u16, count: u16) -> ClientConfig {
     ClientConfig {
-        ports: vec![port],
-        count,
-        backoff: Backoff {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-            multiplier: 2.0,
-        },
-        connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(1),
         open_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
+        ..support::config(vec![port], count)
     }
 }
 
-/// Runs the client to its end; a run past [`RUN_LIMIT`] is a hang.
+/// Runs the client to its end; a run past [`support::PATIENCE`] is a hang.
 async fn run_client(config: ClientConfig) -> Report {
-    let started = Instant::now();
-    let report = tokio::time::timeout(RUN_LIMIT, numstream_client::run(config, &mut ()))
-        .await
-        .unwrap_or_else(|_| panic!("the client hung: no result after {RUN_LIMIT:?}"));
-    assert!(started.elapsed() < RUN_LIMIT);
-    report
+    support::run_client(config).await.0
 }
 
-/// The run failed with `exit_code`, and nothing in its output says OK.
-fn assert_failed(report: &Report, exit_code: u8, expect_in_error: &str) {
-    let text = report.render_human();
-    assert!(!report.ok, "{text}");
-    assert_eq!(report.exit_code(), exit_code, "{text}");
-    assert!(!text.contains("result           OK"), "{text}");
-    assert_eq!(report.to_json()["ok"], serde_json::Value::Bool(false));
-    let error = report
-        .error
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    assert!(
-        error.contains(expect_in_error),
-        "error {error:?} should mention {expect_in_error:?}"
-    );
-}
-
-/// A one-connection fake server: takes the hello, then writes `script`
-/// (raw bytes) and waits for the client to hang up.
-fn scripted(listener: TcpListener, script: Vec<Vec<u8>>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let Some(mut conn) = accept(&listener).await else {
-            return;
-        };
-        hello(&mut conn).await;
-        for bytes in script {
-            send_raw(&mut conn, &bytes).await;
-        }
-        // Keep the connection open until the client is done with it.
-        linger(&mut conn).await;
-    })
-}
-
-/// Script: WELCOME, then the correct numbers `0..upto`, then `tail`.
+/// WELCOME, then the correct numbers `0..upto`, then `tail`: a protocol
+/// violation after `upto` numbers.
 async fn violation(count: u16, upto: u16, tail: Vec<Vec<u8>>, expect_in_error: &str) {
-    let (listener, port) = listen().await;
-    let mut script = vec![wire(&welcome(count, 0))];
-    script.extend((0..upto).map(|i| wire(&number(count, i))));
-    script.extend(tail);
-    let server = scripted(listener, script);
-    let report = run_client(config(port, count)).await;
-    assert_failed(&report, EXIT_PROTOCOL_VIOLATION, expect_in_error);
-    assert_eq!(report.received, upto, "numbers before the violation count");
-    assert_eq!(report.reconnects, 0, "a lying server is never retried");
-    server.abort();
+    let mut raw = vec![wire(&welcome(count, 0))];
+    raw.extend((0..upto).map(|i| wire(&number(count, i))));
+    raw.extend(tail);
+    assert_violation(count, raw, upto, expect_in_error).await;
 }
 
 #[tokio::test]
@@ -146,15 +91,13 @@ async fn indices_past_the_count_or_from_the_past() {
 
 #[tokio::test]
 async fn first_welcome_at_the_wrong_index() {
-    let (listener, port) = listen().await;
-    let server = scripted(listener, vec![wire(&welcome(10, 3))]);
-    let report = run_client(config(port, 10)).await;
-    assert_failed(
-        &report,
-        EXIT_PROTOCOL_VIOLATION,
+    assert_violation(
+        10,
+        vec![wire(&welcome(10, 3))],
+        0,
         "WELCOME starts at index 3",
-    );
-    server.abort();
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -173,15 +116,7 @@ async fn frames_only_a_client_sends() {
     ];
     for frame in &client_frames {
         // In place of the WELCOME...
-        let (listener, port) = listen().await;
-        let server = scripted(listener, vec![wire(frame)]);
-        let report = run_client(config(port, 5)).await;
-        assert_failed(
-            &report,
-            EXIT_PROTOCOL_VIOLATION,
-            "which a server never sends",
-        );
-        server.abort();
+        assert_violation(5, vec![wire(frame)], 0, "which a server never sends").await;
         // ...and in the middle of the stream.
         violation(5, 2, vec![wire(frame)], "which a server never sends").await;
     }
@@ -235,8 +170,7 @@ async fn a_tampered_value_is_caught_by_the_checksum() {
     // structurally perfect, so only the checksum can tell.
     for tampered in [0u16, 3, 7] {
         let count = 8;
-        let (listener, port) = listen().await;
-        let mut script = vec![wire(&welcome(count, 0))];
+        let mut script = Script::new().expect(Expect::Open).send(welcome(count, 0));
         for index in 0..count {
             let mut frame = number(count, index);
             if index == tampered {
@@ -245,42 +179,33 @@ async fn a_tampered_value_is_caught_by_the_checksum() {
                     _ => unreachable!(),
                 }
             }
-            script.push(wire(&frame));
+            script = script.send(frame);
         }
-        let server = scripted(listener, script);
-        let report = run_client(config(port, count)).await;
+        let server = FakeServer::start(vec![script]).await;
+        let report = run_client(config(server.port(), count)).await;
+        server.finish().await;
         assert_failed(&report, EXIT_CHECKSUM_MISMATCH, "checksum mismatch");
         assert_eq!(report.server_checksum, Some(reference(count).checksum()));
         assert_ne!(report.client_checksum, reference(count).checksum());
-        server.abort();
     }
 }
 
 #[tokio::test]
 async fn numbers_replayed_after_a_resume() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await.expect("first connection");
-        hello(&mut first).await;
-        send(&mut first, welcome(10, 0)).await;
-        for index in 0..4 {
-            send(&mut first, number(10, index)).await;
-        }
-        drop(first);
-        let mut second = accept(&listener).await.expect("second connection");
-        let Some(Frame::Resume(resume)) = hello(&mut second).await else {
-            panic!("expected RESUME");
-        };
-        assert_eq!(resume.next_index, 4);
+    let server = FakeServer::start(vec![
+        streamed_then_cut(10, 4),
         // The right WELCOME, then the numbers from 2 again.
-        send(&mut second, welcome(10, 4)).await;
-        send(&mut second, number(10, 2)).await;
-        let _ = tokio::time::timeout(RUN_LIMIT, second.next()).await;
-    });
-    let report = run_client(config(port, 10)).await;
+        Script::new()
+            .expect(Expect::Resume { next_index: 4 })
+            .send(welcome(10, 4))
+            .send(number(10, 2))
+            .expect_closed(),
+    ])
+    .await;
+    let report = run_client(config(server.port(), 10)).await;
+    server.finish().await;
     assert_failed(&report, EXIT_PROTOCOL_VIOLATION, "expected number 4");
     assert_eq!(report.received, 4);
-    server.abort();
 }
 
 #[tokio::test]
@@ -289,26 +214,12 @@ async fn a_welcome_trickled_byte_by_byte_is_cut_off_by_the_handshake_timeout() {
     // connection (a whole WELCOME would take 10 s). The client's handshake
     // timeout (1 s here, doubled after each timeout up to 4 s) bounds each
     // attempt, and its open deadline (10 s) ends the run.
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let bytes = wire(&welcome(5, 0));
-        let mut connections = Vec::new();
-        while let Some(mut conn) = accept(&listener).await {
-            hello(&mut conn).await;
-            let bytes = bytes.clone();
-            connections.push(tokio::spawn(async move {
-                for byte in bytes {
-                    send_raw(&mut conn, &[byte]).await;
-                    tokio::time::sleep(Duration::from_millis(300)).await; // the slowloris pace of this hostile server (its behaviour)
-                }
-            }));
-            if connections.len() >= 10 {
-                break;
-            }
-        }
-    });
+    let slowloris = Script::new()
+        .hello()
+        .send_trickled(&wire(&welcome(5, 0)), Duration::from_millis(300));
+    let server = FakeServer::start_concurrent(Vec::new(), slowloris).await;
     let started = Instant::now();
-    let report = run_client(config(port, 5)).await;
+    let report = run_client(config(server.port(), 5)).await;
     assert_failed(&report, EXIT_CANNOT_CONNECT, "no WELCOME");
     // The deadline plus scheduling slack: no handshake wait overshoots it.
     assert!(
@@ -316,7 +227,7 @@ async fn a_welcome_trickled_byte_by_byte_is_cut_off_by_the_handshake_timeout() {
         "{:?}",
         started.elapsed()
     );
-    server.abort();
+    server.stop().await;
 }
 
 /// The right frames, written one byte per write with pauses: reassembly
@@ -324,26 +235,21 @@ async fn a_welcome_trickled_byte_by_byte_is_cut_off_by_the_handshake_timeout() {
 #[tokio::test]
 async fn frames_trickled_one_byte_at_a_time_still_verify() {
     let count = 20;
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut conn = accept(&listener).await.expect("connection");
-        hello(&mut conn).await;
-        let mut bytes = wire(&welcome(count, 0));
-        for index in 0..count {
-            bytes.extend(wire(&number(count, index)));
-        }
-        for (i, byte) in bytes.iter().enumerate() {
-            send_raw(&mut conn, &[*byte]).await;
-            if i % 7 == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await; // trickle pace, so the bytes arrive in many reads (its behaviour)
-            }
-        }
-        let _ = tokio::time::timeout(RUN_LIMIT, conn.next()).await;
-    });
-    let report = run_client(config(port, count)).await;
+    let mut bytes = wire(&welcome(count, 0));
+    for index in 0..count {
+        bytes.extend(wire(&number(count, index)));
+    }
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send_trickled(&bytes, Duration::from_millis(1))
+            .expect(Expect::Ack),
+    ])
+    .await;
+    let report = run_client(config(server.port(), count)).await;
+    server.finish().await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.sum, reference(count).sum());
-    server.abort();
 }
 
 /// A connection torn in the middle of a frame is a lost connection, not a
@@ -351,30 +257,24 @@ async fn frames_trickled_one_byte_at_a_time_still_verify() {
 #[tokio::test]
 async fn a_frame_torn_by_a_dropped_connection_is_resumed() {
     let count = 6;
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        let mut first = accept(&listener).await.expect("first connection");
-        hello(&mut first).await;
-        send(&mut first, welcome(count, 0)).await;
-        send(&mut first, number(count, 0)).await;
-        send_raw(&mut first, &wire(&number(count, 1))[..5]).await;
-        drop(first);
-        let mut second = accept(&listener).await.expect("second connection");
-        let Some(Frame::Resume(resume)) = hello(&mut second).await else {
-            panic!("expected RESUME");
-        };
-        assert_eq!(resume.next_index, 1);
-        send(&mut second, welcome(count, 1)).await;
-        for index in 1..count {
-            send(&mut second, number(count, index)).await;
-        }
-        let _ = tokio::time::timeout(RUN_LIMIT, second.next()).await;
-    });
-    let report = run_client(config(port, count)).await;
+    let server = FakeServer::start(vec![
+        Script::new()
+            .expect(Expect::Open)
+            .send(welcome(count, 0))
+            .send(number(count, 0))
+            .send_raw(&wire(&number(count, 1))[..5])
+            .cut(),
+        Script::new()
+            .expect(Expect::Resume { next_index: 1 })
+            .send(welcome(count, 1))
+            .finish(&session(count), 1),
+    ])
+    .await;
+    let report = run_client(config(server.port(), count)).await;
+    server.finish().await;
     assert!(report.ok, "{}", report.render_human());
     assert_eq!(report.reconnects, 1);
     assert_eq!(report.sum, reference(count).sum());
-    server.abort();
 }
 
 /// A server that keeps the connection alive with HEARTBEATs but never sends
@@ -383,27 +283,23 @@ async fn a_frame_torn_by_a_dropped_connection_is_resumed() {
 #[tokio::test]
 
 async fn heartbeats_without_progress_do_not_hold_the_client_forever() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        while let Some(mut conn) = accept(&listener).await {
-            let next_index = match hello(&mut conn).await {
-                Some(Frame::Resume(resume)) => resume.next_index,
-                _ => 0,
-            };
-            send(&mut conn, welcome_with(100, next_index, 10_000, 2_000)).await;
-            if next_index == 0 {
-                send(&mut conn, number(100, 0)).await;
-            }
-            tokio::spawn(async move {
-                for _ in 0..300 {
-                    send(&mut conn, Frame::Heartbeat).await;
-                    tokio::time::sleep(Duration::from_millis(100)).await; // heartbeat pace of this stalling server (its behaviour)
-                }
-            });
-        }
-    });
+    let heartbeat = Script::new()
+        .send(Frame::Heartbeat)
+        .pause(Duration::from_millis(100));
+    // Number 0 on the first connection; a resume (at 1) gets its WELCOME
+    // and heartbeats only.
+    let first = Script::new()
+        .hello()
+        .send(welcome_with(100, 0, 10_000, 2_000))
+        .send(number(100, 0))
+        .repeat(300, &heartbeat);
+    let resumed = Script::new()
+        .hello()
+        .send(welcome_with(100, 1, 10_000, 2_000))
+        .repeat(300, &heartbeat);
+    let server = FakeServer::start_concurrent(vec![first], resumed).await;
     let started = Instant::now();
-    let report = run_client(config(port, 100)).await;
+    let report = run_client(config(server.port(), 100)).await;
     assert!(!report.ok, "{}", report.render_human());
     assert_ne!(report.exit_code(), 0);
     assert!(
@@ -411,7 +307,7 @@ async fn heartbeats_without_progress_do_not_hold_the_client_forever() {
         "gave up only after {:?}, with a 2 s session TTL",
         started.elapsed()
     );
-    server.abort();
+    server.stop().await;
 }
 
 /// A server that welcomes every resume and drops the connection before any
@@ -420,23 +316,20 @@ async fn heartbeats_without_progress_do_not_hold_the_client_forever() {
 #[tokio::test]
 
 async fn welcomes_without_progress_do_not_loop_forever() {
-    let (listener, port) = listen().await;
-    let server = tokio::spawn(async move {
-        // As long as the client keeps coming back (the test bounds it).
-        while let Some(mut conn) = accept(&listener).await {
-            let next_index = match hello(&mut conn).await {
-                Some(Frame::Resume(resume)) => resume.next_index,
-                _ => 0,
-            };
-            send(&mut conn, welcome_with(100, next_index, 1_000, 1_000)).await;
-            if next_index == 0 {
-                send(&mut conn, number(100, 0)).await;
-            }
-            drop(conn);
-        }
-    });
+    // Number 0 on the first connection; every resume (at 1), as long as
+    // the client keeps coming back, gets its WELCOME and nothing more.
+    let first = Script::new()
+        .hello()
+        .send(welcome_with(100, 0, 1_000, 1_000))
+        .send(number(100, 0))
+        .cut();
+    let resumed = Script::new()
+        .hello()
+        .send(welcome_with(100, 1, 1_000, 1_000))
+        .cut();
+    let server = FakeServer::start_concurrent(vec![first], resumed).await;
     let started = Instant::now();
-    let report = run_client(config(port, 100)).await;
+    let report = run_client(config(server.port(), 100)).await;
     assert_failed(&report, EXIT_CANNOT_CONNECT, "");
     assert_eq!(report.received, 1);
     assert!(
@@ -444,5 +337,5 @@ async fn welcomes_without_progress_do_not_loop_forever() {
         "gave up only after {:?}, with a 1 s session TTL",
         started.elapsed()
     );
-    server.abort();
+    server.stop().await;
 }

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
 
 use numstream_protocol::codec::FrameCodec;
 use numstream_protocol::testing::ServedSession;
@@ -159,6 +160,16 @@ pub async fn finish<S: Wire>(conn: &mut Conn<S>, count: u16, from: u16) -> u32 {
     }
 }
 
+/// The checksum of the ACK that ends what the client sent on one
+/// connection (a [`Script::run`]'s frames). Panics if it did not end with
+/// an ACK.
+pub fn acked(received: &[Frame]) -> u32 {
+    match received.last() {
+        Some(Frame::Ack { client_checksum }) => *client_checksum,
+        other => panic!("expected the client to end with ACK, got {other:?}"),
+    }
+}
+
 /// Waits (bounded by [`PATIENCE`]) for a spawned fake-server task, and
 /// fails the test with its panic if it panicked.
 pub async fn join<T>(server: JoinHandle<T>) -> T {
@@ -173,6 +184,15 @@ pub async fn join_within<T>(server: JoinHandle<T>, limit: Duration) -> T {
         Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Ok(Err(error)) => panic!("the fake server was cancelled: {error}"),
         Err(_) => panic!("the fake server hung"),
+    }
+}
+
+/// Fails the test with a script's panic, if it panicked.
+fn resume_panic(ended: Result<Vec<Frame>, tokio::task::JoinError>) {
+    if let Err(error) = ended
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
     }
 }
 
@@ -208,6 +228,7 @@ impl Expect {
 #[derive(Debug, Clone)]
 enum Step {
     Expect(Expect),
+    Hello,
     Send(Frame),
     SendRaw(Vec<u8>),
     Pause(Duration),
@@ -236,6 +257,14 @@ impl Script {
         self
     }
 
+    /// Waits for the client's first frame, whichever it is; if the client
+    /// goes away instead, the script ends there. For servers a client may
+    /// abandon at any moment (one it keeps reconnecting to).
+    pub fn hello(mut self) -> Self {
+        self.steps.push(Step::Hello);
+        self
+    }
+
     pub fn send(mut self, frame: Frame) -> Self {
         self.steps.push(Step::Send(frame));
         self
@@ -251,6 +280,32 @@ impl Script {
     pub fn send_numbers(mut self, session: &ServedSession, indices: Range<u16>) -> Self {
         self.steps
             .extend(indices.map(|index| Step::Send(session.number(index))));
+        self
+    }
+
+    /// The session's numbers from `from` to its end, then the client's
+    /// ACK: the rest of a session that goes well.
+    pub fn finish(self, session: &ServedSession, from: u16) -> Self {
+        self.send_numbers(session, from..session.count)
+            .expect(Expect::Ack)
+    }
+
+    /// `bytes` one byte per write, waiting `pause` after each: a slow or
+    /// fragmenting server whose frames arrive in many reads.
+    pub fn send_trickled(mut self, bytes: &[u8], pause: Duration) -> Self {
+        for &byte in bytes {
+            self.steps.push(Step::SendRaw(vec![byte]));
+            self.steps.push(Step::Pause(pause));
+        }
+        self
+    }
+
+    /// `steps`' steps, `times` times over (a server that heartbeats on a
+    /// schedule).
+    pub fn repeat(mut self, times: usize, steps: &Script) -> Self {
+        for _ in 0..times {
+            self.steps.extend(steps.steps.iter().cloned());
+        }
         self
     }
 
@@ -274,7 +329,7 @@ impl Script {
     }
 
     /// Runs the steps on `conn`; returns every frame the client sent at an
-    /// expect step, in order.
+    /// expect or hello step, in order.
     pub async fn run<S: Wire>(self, mut conn: Conn<S>) -> Vec<Frame> {
         let mut received = Vec::new();
         let mut steps = self.steps;
@@ -291,6 +346,10 @@ impl Script {
                     expect.check(&frame);
                     received.push(frame);
                 }
+                Step::Hello => match hello(&mut conn).await {
+                    Some(frame) => received.push(frame),
+                    None => return received,
+                },
                 Step::Send(frame) => send(&mut conn, frame).await,
                 Step::SendRaw(bytes) => send_raw(&mut conn, &bytes).await,
                 Step::Pause(time) => tokio::time::sleep(time).await,
@@ -304,14 +363,18 @@ impl Script {
 }
 
 /// A fake server on 127.0.0.1 that runs one [`Script`] per connection, in
-/// the order the connections come.
+/// the order the connections come. With [`FakeServer::start`] it stops
+/// listening when the last script ends (later connects are refused).
 #[derive(Debug)]
 pub struct FakeServer {
     port: u16,
     task: Option<JoinHandle<Vec<Vec<Frame>>>>,
+    /// Ends a [`FakeServer::start_concurrent`] server.
+    stop: Option<CancellationToken>,
 }
 
 impl FakeServer {
+    /// One script per connection, one connection at a time.
     pub async fn start(scripts: Vec<Script>) -> Self {
         let (listener, port) = listen().await;
         let task = tokio::spawn(async move {
@@ -324,7 +387,56 @@ impl FakeServer {
         Self {
             port,
             task: Some(task),
+            stop: None,
         }
+    }
+
+    /// `first` for the first connections, then `rest` for every later
+    /// one, each connection served in a task of its own as it comes (a
+    /// client that gives up on a connection is served again at once, while
+    /// the old one's script goes on). Runs until [`FakeServer::stop`];
+    /// a script that fails fails the test there.
+    pub async fn start_concurrent(first: Vec<Script>, rest: Script) -> Self {
+        let (listener, port) = listen().await;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut first = first.into_iter();
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => {
+                        // Scripts that ended have their say; the rest are
+                        // cut off with the set.
+                        while let Some(ended) = connections.try_join_next() {
+                            resume_panic(ended);
+                        }
+                        return Vec::new();
+                    }
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let script = first.next().unwrap_or_else(|| rest.clone());
+                        connections.spawn(script.run(Framed::new(stream, FrameCodec)));
+                    }
+                    Some(ended) = connections.join_next() => resume_panic(ended),
+                }
+            }
+        });
+        Self {
+            port,
+            task: Some(task),
+            stop: Some(stop),
+        }
+    }
+
+    /// Ends a [`FakeServer::start_concurrent`] server and every script
+    /// still running; fails the test if one of them failed.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.cancel();
+        }
+        let task = self.task.take().expect("stopped once");
+        join_within(task, PATIENCE).await;
     }
 
     pub fn port(&self) -> u16 {
@@ -335,12 +447,7 @@ impl FakeServer {
     /// each connection. A script's failed expectation fails the test here.
     pub async fn finish(mut self) -> Vec<Vec<Frame>> {
         let task = self.task.take().expect("finished once");
-        match tokio::time::timeout(PATIENCE * 2, task).await {
-            Ok(Ok(received)) => received,
-            Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Ok(Err(error)) => panic!("the fake server was cancelled: {error}"),
-            Err(_) => panic!("the fake server's scripts did not end"),
-        }
+        join_within(task, PATIENCE * 2).await
     }
 }
 

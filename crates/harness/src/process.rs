@@ -76,7 +76,10 @@ pub enum ProcessError {
 #[derive(Debug, Clone)]
 pub struct ServerCommand {
     binary: PathBuf,
+    /// Arguments before `--port` and `--ready-file`.
+    leading_args: Vec<OsString>,
     args: Vec<OsString>,
+    port: u16,
     env: Vec<(OsString, OsString)>,
     open_files: Option<u64>,
     log: Option<PathBuf>,
@@ -86,7 +89,9 @@ impl ServerCommand {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            leading_args: Vec::new(),
             args: Vec::new(),
+            port: 0,
             env: Vec::new(),
             open_files: None,
             log: None,
@@ -105,6 +110,26 @@ impl ServerCommand {
     {
         self.args
             .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Arguments that go before `--port` and `--ready-file`: a subcommand
+    /// (`numstream-bench bare-server`), or the real program and what
+    /// precedes it when `binary` is a launcher (`taskset -c 0 SERVER`).
+    pub fn leading_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.leading_args
+            .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Listens on `port` instead of one of the kernel's choice: for
+    /// processes sharing a port (`--reuse-port`) that another one chose.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
         self
     }
 
@@ -148,7 +173,8 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `command` with `--port 0` and waits until the server reports
+    /// Starts `command` with `--port 0` (or [`ServerCommand::port`]) and
+    /// waits until the server reports
     /// (in its ready file) that it accepts connections.
     pub async fn start(command: ServerCommand) -> Result<Self, ProcessError> {
         let unique = unique_name();
@@ -165,7 +191,8 @@ impl ServerProcess {
             log,
             starts: 0,
         };
-        server.launch(0).await?;
+        let port = server.command.port;
+        server.launch(port).await?;
         Ok(server)
     }
 
@@ -278,6 +305,7 @@ impl ServerProcess {
             None => Command::new(&binary),
         };
         command
+            .args(&self.command.leading_args)
             .arg("--port")
             .arg(port.to_string())
             .arg("--ready-file")
@@ -350,6 +378,42 @@ impl Drop for ServerProcess {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// Runs `command` to its end with stdout and stderr captured, for tests
+/// of a binary that must not hang: past `limit` the process is killed and
+/// the test fails with what it wrote to stderr. Blocking (for synchronous
+/// tests): a thread collects the output, so a chatty process never stalls
+/// on a full pipe, and nothing polls.
+pub fn output_within(command: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let (output, timed_out) = match finished.recv_timeout(limit) {
+        Ok(output) => (output, false),
+        Err(_) => {
+            let _ = signal(pid, Signal::KILL);
+            let output = finished
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the output thread died")));
+            (output, true)
+        }
+    };
+    let output = output.unwrap_or_else(|error| panic!("reading {command:?}'s output: {error}"));
+    assert!(
+        !timed_out,
+        "{command:?} still running after {limit:?}; its stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// Sends `signal` to process `pid`.

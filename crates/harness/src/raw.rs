@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use numstream_protocol::codec::{CodecError, FrameCodec};
@@ -16,12 +16,17 @@ use numstream_protocol::{ErrorCode, Frame};
 /// Connects to `addr` from `source`, the port left to the kernel: bind
 /// before connect.
 pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = match source {
-        IpAddr::V4(_) => TcpSocket::new_v4()?,
-        IpAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(addr).await
+    crate::proxy::socket_from(addr, source)?.connect(addr).await
+}
+
+/// A port on 127.0.0.1 that nothing listens on, for a client's "server
+/// down" path: the kernel picks a free one, and it is released at once,
+/// so connects to it are refused.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .unwrap_or_else(|error| panic!("cannot bind a probe socket on 127.0.0.1: {error}"))
+        .port()
 }
 
 /// How long raw-client reads wait before a test fails instead of hanging.

@@ -72,6 +72,39 @@ impl RedisServer {
         )
     }
 
+    /// A server that also listens for TLS (on [`tls_port`](Self::tls_port))
+    /// with `pki`'s server certificate, not asking clients for one; the
+    /// plain port stays, so the harness sees it answer PING.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_tls(pki: &crate::tls::TestPki) -> Self {
+        let path = |path: &std::path::Path| path.to_string_lossy().into_owned();
+        let tls_port = free_port().to_string();
+        let (cert, key, ca) = (path(&pki.server.cert), path(&pki.server.key), path(&pki.ca));
+        Self::start_with(
+            free_port,
+            &[
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+        )
+    }
+
+    /// The TLS port of a [`start_tls`](Self::start_tls) server.
+    pub fn tls_port(&self) -> Option<u16> {
+        let at = self.extra_args.iter().position(|arg| arg == "--tls-port")?;
+        self.extra_args.get(at + 1)?.parse().ok()
+    }
+
     /// A server on a port from `pick_port` with `extra_args` after the
     /// defaults, retried on fresh ports while the port turns out taken.
     pub(crate) fn start_with(pick_port: impl Fn() -> u16, extra_args: &[&str]) -> Self {
@@ -103,6 +136,14 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// How many connections are subscribed to `channel` (`PUBSUB NUMSUB`,
+    /// through redis-cli); 0 while the server does not answer.
+    pub fn subscribers(&self, channel: &str) -> usize {
+        crate::redis_cluster::cli(self.port, &["PUBSUB", "NUMSUB", channel])
+            .and_then(|reply| reply.lines().nth(1)?.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Kills the server (SIGKILL, no goodbye to clients), as in an outage.
@@ -289,6 +330,26 @@ mod tests {
         server.restart();
         assert_eq!(server.port(), port);
         assert!(server.is_running());
+    }
+
+    #[test]
+    fn counts_the_subscribers_of_a_channel() {
+        let server = RedisServer::start();
+        assert_eq!(server.subscribers("news"), 0);
+        let mut subscriber =
+            TcpStream::connect((Ipv4Addr::LOCALHOST, server.port())).expect("connect");
+        subscriber
+            .write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$4\r\nnews\r\n")
+            .expect("SUBSCRIBE");
+        // The confirmation: once it is read, the subscription is counted.
+        let mut confirmation = [0u8; 64];
+        let read = subscriber.read(&mut confirmation).expect("confirmation");
+        assert!(
+            confirmation[..read].starts_with(b"*3\r\n"),
+            "{confirmation:?}"
+        );
+        assert_eq!(server.subscribers("news"), 1);
+        assert_eq!(server.subscribers("other"), 0);
     }
 
     #[test]

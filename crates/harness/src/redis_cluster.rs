@@ -295,7 +295,7 @@ fn is_free(port: u16) -> bool {
 
 /// `redis-cli -p PORT ARGS…`'s output, or `None` when the node does not
 /// answer or answers an error.
-fn cli(port: u16, args: &[&str]) -> Option<String> {
+pub(crate) fn cli(port: u16, args: &[&str]) -> Option<String> {
     let mut full = vec!["-p".to_owned(), port.to_string()];
     full.extend(args.iter().map(|&arg| arg.to_owned()));
     let output = cli_command(&full);

@@ -1,7 +1,8 @@
 //! Waiting for an observable condition instead of sleeping for a guessed
 //! time: a store lookup, a gauge, a log line, a counter. The condition is
 //! polled (every 10 ms) until it holds; past the bound, the test fails with
-//! what it was waiting for. Bounds are generous: they catch a hang, they do
+//! what it was waiting for (and, with [`until_value`], the last thing it
+//! saw). Bounds are generous: they catch a hang, they do
 //! not measure speed.
 
 use std::future::Future;
@@ -29,6 +30,34 @@ where
     }
 }
 
+/// Polls `probe` until `done` holds for what it saw, and returns that.
+/// Panics with `what` and the last thing seen if `done` does not hold
+/// within `within`: the failure shows how far it got.
+pub async fn until_value<T, F, Fut>(
+    within: Duration,
+    what: &str,
+    mut probe: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = probe().await;
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still waiting after {within:?} for {what}; last seen: {seen:#?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// [`until`] for a condition that needs no `.await`.
 pub async fn until_sync(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     until(within, what, || std::future::ready(condition())).await;
@@ -47,6 +76,34 @@ mod tests {
         })
         .await;
         assert_eq!(polls, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_value_returns_what_satisfied_it() {
+        let mut polls = 0;
+        let seen = until_value(
+            Duration::from_secs(1),
+            "a count of three",
+            || {
+                polls += 1;
+                std::future::ready(polls)
+            },
+            |&count| count >= 3,
+        )
+        .await;
+        assert_eq!(seen, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "for a count of ten; last seen: 0")]
+    async fn until_value_fails_with_the_last_value_seen() {
+        until_value(
+            Duration::from_secs(1),
+            "a count of ten",
+            || std::future::ready(0),
+            |&count| count >= 10,
+        )
+        .await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -623,11 +623,7 @@ fn announce(
     // The file first: a launcher that reads the stdout line may then read
     // the file too (CI caught a test reading it between the two).
     if let Some(path) = ready_file {
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        std::fs::write(&partial, ready)
-            .and_then(|()| std::fs::rename(&partial, path))
+        numstream_cli_support::write_ready_file(path, ready)
             .with_context(|| format!("cannot write --ready-file {}", path.display()))?;
     }
     let mut stdout = std::io::stdout().lock();

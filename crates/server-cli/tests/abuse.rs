@@ -23,6 +23,7 @@ use numstream_client::{ClientConfig, NoopObserver};
 use numstream_harness::http::try_get_from;
 use numstream_harness::process::ServerCommand;
 use numstream_harness::raw::connect_from;
+use numstream_harness::wait;
 use numstream_protocol::codec::FrameCodec;
 use numstream_protocol::{ClientId, ErrorCode, Frame, Open};
 
@@ -250,15 +251,18 @@ async fn open_and_drop_loops_cannot_fill_the_session_table() {
     // quota (its share of sessions, or its rate), however slowly this
     // machine lets it get there: unprotected, it would have filled the
     // table by then (about 5,000 sessions a second from one thread).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.busy.load(Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the attack never reached a quota ({} sessions opened)",
-            seen.welcomed.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(
+        Duration::from_secs(60),
+        "the attack to reach a quota (busy refusals, sessions opened)",
+        || {
+            std::future::ready((
+                seen.busy.load(Ordering::Relaxed),
+                seen.welcomed.load(Ordering::Relaxed),
+            ))
+        },
+        |&(busy, _)| busy > 0,
+    )
+    .await;
     assert_honest_clients_served(honest(1), addr).await;
     assert_client_run_completes(honest(2), addr).await;
     stop.store(true, Ordering::Relaxed);

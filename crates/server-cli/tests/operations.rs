@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 
@@ -15,6 +15,7 @@ use numstream_harness::process::{ServerCommand, ServerProcess};
 use numstream_harness::proxy::FaultProxy;
 use numstream_harness::raw::RawClient;
 use numstream_harness::redis::RedisServer;
+use numstream_harness::wait;
 use numstream_protocol::{
     ClientId, ErrorCode, Frame, Open, Resume, ResumeToken, Welcome, encode_frame,
 };
@@ -94,33 +95,19 @@ async fn scrape(status: SocketAddr) -> Scrape {
 
 /// Scrapes until `ready` holds, or panics with the last scrape.
 async fn scrape_until(status: SocketAddr, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let scrape = scrape(status).await;
-        if ready(&scrape) {
-            return scrape;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not seen within {PATIENCE:?}; last scrape: {scrape:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(PATIENCE, what, || scrape(status), ready).await
 }
 
 async fn readyz_until(status: SocketAddr, code: u16) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (got, body) = get(status, "/readyz").await;
-        if got == code {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {got} ({body:?}) after {PATIENCE:?}, expected {code}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll step of the bounded wait above
-    }
+    let what = format!("/readyz to answer {code}");
+    let (_, body) = wait::until_value(
+        PATIENCE,
+        &what,
+        || get(status, "/readyz"),
+        |(got, _)| *got == code,
+    )
+    .await;
+    body
 }
 
 /// Reads numbers `from..` in order up to FINAL, acknowledges it (with the
@@ -688,15 +675,13 @@ async fn session_logged(format: &str) -> (String, ClientId, [ResumeToken; 2]) {
 
     resume_to_the_end(addr, client_id, welcome.token, 5).await;
 
-    let deadline = Instant::now() + PATIENCE;
-    while !server.log().contains("session completed") {
-        assert!(
-            Instant::now() < deadline,
-            "no completion in {}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(
+        PATIENCE,
+        "the session's completion in the log",
+        || std::future::ready(server.log()),
+        |log| log.contains("session completed"),
+    )
+    .await;
     (server.log(), client_id, [welcome.token, forged])
 }
 

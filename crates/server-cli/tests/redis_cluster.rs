@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use numstream_client::Report;
 use numstream_harness::process::{ServerCommand, ServerProcess};
 use numstream_harness::redis_cluster::{MASTERS, RedisCluster};
+use numstream_harness::wait;
 use numstream_protocol::ClientId;
 use numstream_store_redis::CLUSTER_GROUPS;
 
@@ -48,18 +49,13 @@ fn client_id_in_group(group: usize) -> ClientId {
 
 /// Waits until every master holds at least `at_least` keys.
 async fn await_keys_on_every_master(cluster: &RedisCluster, at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let keys = cluster.keys_per_master();
-        if keys.len() == MASTERS && keys.iter().all(|&(_, count)| count >= at_least) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sessions never reached every master: {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(
+        Duration::from_secs(20),
+        "sessions on every master",
+        || std::future::ready(cluster.keys_per_master()),
+        |keys| keys.len() == MASTERS && keys.iter().all(|&(_, count)| count >= at_least),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

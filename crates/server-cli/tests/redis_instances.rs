@@ -15,6 +15,7 @@ use numstream_client::Event;
 use numstream_harness::process::{ServerCommand, ServerProcess, Signal};
 use numstream_harness::raw::RawClient;
 use numstream_harness::redis::RedisServer;
+use numstream_harness::wait;
 use numstream_protocol::prng::NumberGenerator;
 use numstream_protocol::{
     ClientId, Disposition, ErrorCode, Frame, Open, Resume, ResumeToken, SessionSeed,
@@ -54,25 +55,15 @@ async fn exists(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> boo
 /// Waits until `expected` servers listen for takeover notices, so a test
 /// does not race a subscription still being set up.
 async fn await_subscribers(server: &RedisServer, expected: usize) {
-    let mut redis = raw_redis(server).await;
     let channel = format!("{DEFAULT_PREFIX}takeovers");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, count): (String, usize) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut redis)
-            .await
-            .expect("PUBSUB NUMSUB");
-        if count >= expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {count} of {expected} servers subscribed to {channel}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
-    }
+    let what = format!("{expected} servers subscribed to {channel}");
+    wait::until_value(
+        Duration::from_secs(10),
+        &what,
+        || std::future::ready(server.subscribers(&channel)),
+        |&count| count >= expected,
+    )
+    .await;
 }
 
 fn process_args(redis: &RedisServer, interval: &str, ttl: &str) -> Vec<String> {
@@ -232,20 +223,21 @@ async fn kill_9_mid_stream_every_client_finishes_with_the_undisturbed_result() {
     // which a client sends best effort and does not wait on: wait for the
     // record to go (a bound, not a measure) so that a new OPEN cannot race
     // the server's delete.
-    let mut redis_connection = raw_redis(&redis).await;
+    let redis_connection = raw_redis(&redis).await;
     for client_id in &failed_over {
         let key = session_key(*client_id);
         // The ACK is best effort too: a session whose ACK was lost waits
         // out its 10 s TTL instead, so bound the wait past that.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while exists(&mut redis_connection, &key).await {
-            assert!(
-                Instant::now() < deadline,
-                "a finished session was still in Redis 20 s after its client finished \
-                 (neither completed nor expired)"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
-        }
+        wait::until(
+            deadline.saturating_duration_since(Instant::now()),
+            "a finished session to leave Redis (completed or expired)",
+            || {
+                let (mut redis, key) = (redis_connection.clone(), key.clone());
+                async move { !exists(&mut redis, &key).await }
+            },
+        )
+        .await;
     }
     let survivor_ports: Vec<u16> = survivors.iter().map(ServerProcess::port).collect();
     let reruns: Vec<_> = failed_over
@@ -328,13 +320,15 @@ async fn an_orphaned_session_disappears_about_one_ttl_after_its_owner_is_killed(
         "the session outlives its owner for a while (its client could resume elsewhere)"
     );
     let limit = ttl + Duration::from_secs(1);
-    while exists(&mut redis_connection, &key).await {
-        assert!(
-            killed_at.elapsed() < limit,
-            "the orphaned session is still in Redis {limit:?} after its owner died"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await; // poll step of the bounded wait above
-    }
+    wait::until(
+        limit.saturating_sub(killed_at.elapsed()),
+        "the orphaned session to expire from Redis after its owner died",
+        || {
+            let (mut redis, key) = (redis_connection.clone(), key.clone());
+            async move { !exists(&mut redis, &key).await }
+        },
+    )
+    .await;
     let gone_after = killed_at.elapsed();
     eprintln!("orphaned session expired {gone_after:?} after kill -9 (TTL {ttl:?})");
     assert!(

@@ -1,65 +1,22 @@
 //! The Redis store over TLS (`rediss://`): a real `redis-server` serving
-//! only TLS with a certificate made at run time, trusted by the server
-//! through `SSL_CERT_FILE`; sessions open, stream and complete through it.
+//! TLS with a certificate made at run time, trusted by the server through
+//! `SSL_CERT_FILE`, and the server given only its TLS port; sessions open,
+//! stream and complete through it.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use numstream_client::ClientConfig;
 use numstream_harness::process::ServerCommand;
-use numstream_harness::redis::free_port;
+use numstream_harness::redis::RedisServer;
 use numstream_harness::tls::TestPki;
 
 const BIN: &str = env!("CARGO_BIN_EXE_numstream-server");
 
-/// A redis-server that listens only for TLS; killed on drop.
-struct TlsRedis(Child);
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_tls_redis(pki: &TestPki, port: u16) -> TlsRedis {
-    let path = |path: &std::path::Path| path.to_str().expect("utf-8 path").to_owned();
-    let child = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string()])
-        .args(["--tls-cert-file", &path(&pki.server.cert)])
-        .args(["--tls-key-file", &path(&pki.server.key)])
-        .args(["--tls-ca-cert-file", &path(&pki.ca)])
-        .args([
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--bind", "127.0.0.1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (the Redis tests need it)");
-    let redis = TlsRedis(child);
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "redis-server did not listen for TLS on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // poll step: waiting (bounded) for redis-server to listen
-    }
-    redis
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_live_in_a_redis_reached_over_tls() {
     let pki = TestPki::generate();
-    let redis_port = free_port();
-    let _redis = start_tls_redis(&pki, redis_port);
+    let redis = RedisServer::start_tls(&pki);
+    let redis_port = redis.tls_port().expect("a TLS port");
     let url = format!("rediss://localhost:{redis_port}/0");
     let ca = pki.ca.to_str().expect("utf-8 path").to_owned();
     let server = ServerCommand::new(BIN)

@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,6 +18,7 @@ use numstream_harness::proxy::FaultProxy;
 use numstream_harness::raw::{RawClient, connect_from};
 use numstream_harness::redis::RedisServer;
 use numstream_harness::tls::{CertFiles, TestPki, peer_certificate};
+use numstream_harness::wait;
 use numstream_protocol::{ErrorCode, SequenceChecksum, SessionSeed};
 use numstream_server::testing::{TestServer, fast_config};
 use numstream_server::{PeerLimits, ServerConfig, ServerTls};
@@ -210,20 +211,26 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_client_ca() 
     }
 }
 
-/// A peer that opens TCP and starts TLS but never finishes holds a
-/// handshake slot of its address only until the handshake timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_handshake_that_never_finishes_is_closed_at_the_handshake_timeout() {
-    let pki = TestPki::generate();
-    let server = TestServer::start(ServerConfig {
+/// A TLS server with a 1 s handshake timeout that lets each address have
+/// one handshake under way.
+async fn one_handshake_per_address(pki: &TestPki) -> TestServer {
+    TestServer::start(ServerConfig {
         handshake_timeout: Duration::from_secs(1),
         per_address: PeerLimits {
             handshakes: Some(1),
             ..PeerLimits::UNLIMITED
         },
-        ..tls_server_config(&pki, false)
+        ..tls_server_config(pki, false)
     })
-    .await;
+    .await
+}
+
+/// A peer that opens TCP and starts TLS but never finishes holds a
+/// handshake slot of its address only until the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_finishes_is_closed_at_the_handshake_timeout() {
+    let pki = TestPki::generate();
+    let server = one_handshake_per_address(&pki).await;
     let address: IpAddr = "127.0.11.1".parse().expect("address");
     let mut staller = connect_from(address, server.addr).await.expect("connect");
     // The start of a TLS record, and then nothing.
@@ -254,15 +261,7 @@ async fn a_tls_handshake_that_never_finishes_is_closed_at_the_handshake_timeout(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_answer_before_tls_is_retried_by_a_tls_client() {
     let pki = TestPki::generate();
-    let server = TestServer::start(ServerConfig {
-        handshake_timeout: Duration::from_secs(1),
-        per_address: PeerLimits {
-            handshakes: Some(1),
-            ..PeerLimits::UNLIMITED
-        },
-        ..tls_server_config(&pki, false)
-    })
-    .await;
+    let server = one_handshake_per_address(&pki).await;
     let address: IpAddr = "127.0.11.2".parse().expect("address");
     let staller = connect_from(address, server.addr).await.expect("connect");
     let mut config = client(vec![server.port()], 5, Some(client_tls(&pki, None)));
@@ -340,15 +339,14 @@ impl numstream_client::Observer for Forward {
 /// Waits until the server's log says `what` (bounded: past [`RUN_LIMIT`]
 /// the test fails with the log).
 async fn logged(server: &ServerProcess, what: &str) {
-    let since = Instant::now();
-    while !server.log().contains(what) {
-        assert!(
-            since.elapsed() < RUN_LIMIT,
-            "{what:?} not logged:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
-    }
+    let looking_for = format!("{what:?} in the log");
+    wait::until_value(
+        RUN_LIMIT,
+        &looking_for,
+        || std::future::ready(server.log()),
+        |log| log.contains(what),
+    )
+    .await;
 }
 
 /// SIGHUP: a connection made before keeps streaming to the end; a new one

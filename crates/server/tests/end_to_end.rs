@@ -2,6 +2,7 @@
 //! proxy that cuts connections: whatever happens to the connections, the
 //! client ends with exactly the sequence of an undisturbed run.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::{RngExt, SeedableRng};
@@ -9,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use numstream_client::{ClientConfig, Report};
 use numstream_harness::fault::{ConnectionPlan, Direction};
 use numstream_harness::proxy::FaultProxy;
+use numstream_harness::raw::closed_port;
 use numstream_harness::wait;
 use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed, codec};
 use numstream_server::ServerConfig;
@@ -186,9 +188,7 @@ async fn a_client_away_longer_than_the_ttl_fails_with_session_expired() {
         .planner()
         .push([close_downstream(WELCOME_LEN + 200 * NUMBER_LEN)]);
     // After the cut, the path to the server is down for longer than the TTL.
-    let dead_end = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let dead_end = SocketAddr::from(([127, 0, 0, 1], closed_port()));
     let id = ClientId::new_v4();
     let mut config = client(proxy.port(), 1000, id);
     config.backoff.max = Duration::from_millis(100);
@@ -211,14 +211,12 @@ async fn a_client_away_longer_than_the_ttl_fails_with_session_expired() {
     let report = running.await.expect("client task");
     assert!(!report.ok);
     assert_ne!(report.exit_code(), 0);
-    let error = report
-        .error
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let error = report.error.map(|error| error.to_string());
     assert!(
-        error.contains("expired"),
-        "error must say the session expired: {error}"
+        error
+            .as_deref()
+            .is_some_and(|text| text.contains("expired")),
+        "error must say the session expired: {error:?}"
     );
 }
 
@@ -241,10 +239,7 @@ async fn five_hundred_concurrent_clients_all_verify() {
 #[tokio::test]
 async fn client_fails_over_to_its_next_port_when_the_first_is_down() {
     let server = TestServer::start(fast_config()).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let closed = closed_port();
     let mut config = client(closed, 20, ClientId::new_v4());
     config.ports.push(server.port());
     assert_matches_reference(&run(config).await, 20);

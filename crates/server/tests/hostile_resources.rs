@@ -27,6 +27,7 @@ use numstream_store::{InMemoryStore, SessionStore};
 use tokio_util::sync::CancellationToken;
 
 use hostile_support::*;
+use numstream_harness::wait;
 
 /// One test at a time: they measure the whole process's memory.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -153,20 +154,21 @@ async fn assert_all_detached(
     deadline: Instant,
     started: Instant,
 ) {
-    for (id, _) in stuck {
-        loop {
-            let info = store.lookup(*id).await.expect("lookup");
-            let info = info.expect("the session is kept for a resume");
-            if !info.attached {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "a client that stopped reading still holds its session after {:?}",
-                started.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-        }
+    for &(id, _) in stuck {
+        let what = format!(
+            "a client that stopped reading to lose its session (waiting since {:?} \
+             after the start)",
+            started.elapsed()
+        );
+        wait::until(
+            deadline.saturating_duration_since(Instant::now()),
+            &what,
+            || async move {
+                let info = store.lookup(id).await.expect("lookup");
+                !info.expect("the session is kept for a resume").attached
+            },
+        )
+        .await;
     }
 }
 
@@ -191,19 +193,23 @@ async fn drain(stuck: Vec<(ClientId, TcpStream)>) -> usize {
     most
 }
 
+/// Burst mode (every number at once) with `write_timeout`, and a session
+/// TTL long enough that a detached session is still there to look at.
+fn burst_config(write_timeout: Duration) -> ServerConfig {
+    ServerConfig {
+        interval: Duration::ZERO,
+        write_timeout,
+        session_ttl: Duration::from_secs(120),
+        ..hostile_config()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_are_cut_off_by_the_write_timeout() {
     let _serial = SERIAL.lock().await;
     watch_server_panics();
     let write_timeout = Duration::from_secs(1);
-    let config = ServerConfig {
-        interval: Duration::ZERO,
-        write_timeout,
-        // Long enough that a detached session is still there to look at.
-        session_ttl: Duration::from_secs(120),
-        ..hostile_config()
-    };
-    let server = ConstrainedServer::start(config, 16 * 1024).await;
+    let server = ConstrainedServer::start(burst_config(write_timeout), 16 * 1024).await;
     reset_peak_rss();
     let baseline = rss_bytes().expect("/proc/self/status");
     let stuck = stuck_clients(server.addr, 64).await;
@@ -251,11 +257,8 @@ async fn in_burst_mode_the_default_send_buffer_lets_the_write_timeout_end_stuck_
     // longer ACK timeout) ends the connection.
     let write_timeout = Duration::from_secs(1);
     let config = ServerConfig {
-        interval: Duration::ZERO,
-        write_timeout,
         ack_timeout: Duration::from_secs(600),
-        session_ttl: Duration::from_secs(120),
-        ..hostile_config()
+        ..burst_config(write_timeout)
     };
     assert!(
         config.burst_send_buffer.is_some(),

@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use numstream_client::{ClientConfig, Report};
 use numstream_harness::redis::RedisServer;
+use numstream_harness::wait;
 use numstream_protocol::{ClientId, SequenceChecksum, SessionSeed};
 use numstream_server::telemetry::names;
 use numstream_server::{IsolatedStore, OverloadLimits, ServerConfig, Telemetry};
@@ -189,19 +189,18 @@ async fn a_starved_server_loses_no_admitted_stream_and_refuses_new_ones() {
     let mut clients = spawn_clients(server.port, WAVE);
     // The first wave streams on the starved runtime until the server has
     // found out and limits its streams.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let limit = server.metric(names::STREAM_LIMIT, "");
-        if limit.is_finite() && limit > 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the starved server never set a stream limit (lag {} s)",
-            server.metric(names::SCHEDULING_LAG, "")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(
+        PATIENCE,
+        "a stream limit on the starved server (stream limit, scheduling lag in s)",
+        || {
+            std::future::ready((
+                server.metric(names::STREAM_LIMIT, ""),
+                server.metric(names::SCHEDULING_LAG, ""),
+            ))
+        },
+        |&(limit, _)| limit.is_finite() && limit > 0.0,
+    )
+    .await;
     clients.extend(spawn_clients(server.port, WAVE));
 
     for client in clients {

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use numstream_harness::redis_cluster::{MASTERS, RedisCluster};
-use numstream_store::conformance::{self, LONG, next_notice, random_session};
-use numstream_store::{Occupancy, SessionStore, StoreError, TakeoverNotice};
+use numstream_harness::wait;
+use numstream_store::conformance::{self, LONG, random_session};
+use numstream_store::{Occupancy, SessionStore, StoreError};
 use numstream_store_redis::{CLUSTER_GROUPS, DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 
 async fn cluster_store(cluster: &RedisCluster, prefix: &str, max_sessions: usize) -> RedisStore {
@@ -20,14 +21,14 @@ async fn cluster_store(cluster: &RedisCluster, prefix: &str, max_sessions: usize
     // The first connection loads the slot map and connects to every
     // master: on a loaded machine running several clusters at once that
     // can take longer than one operation timeout, so wait for it to answer.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(error) = store.ping().await {
-        assert!(
-            Instant::now() < deadline,
-            "the cluster never answered: {error}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll step of the bounded wait above
-    }
+    wait::until_value(
+        Duration::from_secs(30),
+        "the cluster to answer",
+        || store.ping(),
+        Result::is_ok,
+    )
+    .await
+    .expect("answered");
     store
 }
 
@@ -145,25 +146,15 @@ async fn takeovers_are_announced_on_shard_channels_to_every_instance() {
         channels[0].starts_with("numstream:takeovers:{"),
         "{channels:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.shard_subscribers(&channels) < 2 {
-        assert!(Instant::now() < deadline, "the stores never subscribed");
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll step of the bounded wait above
-    }
+    wait::until_sync(Duration::from_secs(20), "both stores to subscribe", || {
+        cluster.shard_subscribers(&channels) >= 2
+    })
+    .await;
     // Every group's channel is subscribed, whichever master it is on:
     // sessions of many groups are each announced to both instances.
-    for _ in 0..20 {
-        let session = random_session();
-        a.create(session, LONG).await.expect("create");
-        b.attach(session.client_id, &session.token, LONG)
-            .await
-            .expect("attach");
-        let expected = TakeoverNotice {
-            client_id: session.client_id,
-            generation: 2,
-        };
-        assert_eq!(next_notice(&mut on_a).await, expected);
-        assert_eq!(next_notice(&mut on_b).await, expected);
+    for session in 0..20 {
+        let context = format!("session {session}");
+        conformance::assert_attach_announced_to_both(&a, &b, &mut on_a, &mut on_b, &context).await;
     }
 }
 
@@ -203,16 +194,14 @@ async fn a_session_created_with_a_replica_wait_survives_its_masters_kill() {
     })
     .await
     .expect("the cluster recovers");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let info = loop {
-        match store.lookup(session.client_id).await {
-            Ok(info) => break info,
-            Err(error) => {
-                assert!(Instant::now() < deadline, "never answered: {error}");
-                tokio::time::sleep(Duration::from_millis(100)).await; // poll step of the bounded wait above
-            }
-        }
-    };
+    let info = wait::until_value(
+        Duration::from_secs(30),
+        "the recovered cluster to answer a lookup",
+        || store.lookup(session.client_id),
+        Result::is_ok,
+    )
+    .await
+    .expect("answered");
     let info = info.expect("the session survived the failover");
     assert_eq!(info.generation, attached.generation);
     assert!(!cluster.masters().contains(&holder));

@@ -6,9 +6,10 @@
 use std::time::{Duration, Instant};
 
 use numstream_harness::redis::RedisServer;
+use numstream_harness::wait;
 use numstream_protocol::{ClientId, SequenceChecksum};
-use numstream_store::conformance::{self, LONG, next_notice, random_session};
-use numstream_store::{NewSession, Occupancy, SessionStore, StoreError, TakeoverNotice};
+use numstream_store::conformance::{self, LONG, random_session};
+use numstream_store::{NewSession, Occupancy, SessionStore, StoreError};
 use numstream_store_redis::{DEFAULT_PREFIX, RedisStore, RedisStoreConfig};
 use redis::aio::MultiplexedConnection;
 
@@ -675,24 +676,14 @@ async fn damaged_records_are_corrupt_not_panics() {
 
 /// Waits until `expected` connections subscribe to `channel`.
 async fn await_subscribers(server: &RedisServer, channel: &str, expected: usize) {
-    let mut redis = raw(server).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, count): (String, usize) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(channel)
-            .query_async(&mut redis)
-            .await
-            .expect("PUBSUB NUMSUB");
-        if count == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{count} subscribers to {channel}, expected {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll step of the bounded wait above
-    }
+    let what = format!("{expected} subscribers to {channel}");
+    wait::until_value(
+        Duration::from_secs(10),
+        &what,
+        || std::future::ready(server.subscribers(channel)),
+        |&count| count == expected,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -711,19 +702,8 @@ async fn every_attach_is_announced_to_every_instance_even_after_a_restart() {
     await_subscribers(&server, &channel, 2).await;
 
     for round in 0..2 {
-        let session = random_session();
-        a.create(session, LONG).await.expect("create");
-        b.attach(session.client_id, &session.token, LONG)
-            .await
-            .expect("attach");
-        // A create fences nobody and is not announced: the first notice is
-        // the attach's generation 2, on both instances.
-        let expected = TakeoverNotice {
-            client_id: session.client_id,
-            generation: 2,
-        };
-        assert_eq!(next_notice(&mut on_a).await, expected, "round {round}");
-        assert_eq!(next_notice(&mut on_b).await, expected, "round {round}");
+        let context = format!("round {round}");
+        conformance::assert_attach_announced_to_both(&a, &b, &mut on_a, &mut on_b, &context).await;
         if round == 0 {
             // The subscriptions come back by themselves.
             server.restart();

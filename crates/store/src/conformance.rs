@@ -59,6 +59,38 @@ pub async fn next_notice(notices: &mut BoxStream<'static, TakeoverNotice>) -> Ta
         .expect("the notice stream does not end")
 }
 
+/// Creates a session on `a` and attaches it on `b`: the attach
+/// (generation 2) must be announced on both subscriptions, and nothing
+/// before it (a create fences nobody and is not announced). `context`
+/// names the case in a failure.
+pub async fn assert_attach_announced_to_both(
+    a: &dyn SessionStore,
+    b: &dyn SessionStore,
+    on_a: &mut BoxStream<'static, TakeoverNotice>,
+    on_b: &mut BoxStream<'static, TakeoverNotice>,
+    context: &str,
+) {
+    let session = random_session();
+    a.create(session, LONG).await.expect("create");
+    b.attach(session.client_id, &session.token, LONG)
+        .await
+        .expect("attach");
+    let expected = TakeoverNotice {
+        client_id: session.client_id,
+        generation: 2,
+    };
+    assert_eq!(
+        next_notice(on_a).await,
+        expected,
+        "{context}: on the creator"
+    );
+    assert_eq!(
+        next_notice(on_b).await,
+        expected,
+        "{context}: on the attacher"
+    );
+}
+
 async fn wait_past(duration: Duration) {
     tokio::time::sleep(duration + duration / 2).await;
 }

@@ -10,12 +10,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use numstream_client::{Connector, HandshakeFailure};
+use numstream_protocol::Frame;
 use numstream_protocol::codec::FrameCodec;
 use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 
-use super::PATIENCE;
+use super::{PATIENCE, Script};
 
 /// The fake server's end of an in-memory connection.
 pub(crate) type MemoryConn = Framed<DuplexStream, FrameCodec>;
@@ -54,6 +56,19 @@ impl MemoryListener {
             .expect("client never connected")
             .expect("the net outlives its listeners");
         Framed::new(stream, FrameCodec)
+    }
+
+    /// Runs one [`Script`] per connection, in the order they come, as the
+    /// harness's `FakeServer` does over TCP; the port closes when the last
+    /// script ends. Yields what the client sent on each connection.
+    pub(crate) fn serve(mut self, scripts: Vec<Script>) -> JoinHandle<Vec<Vec<Frame>>> {
+        tokio::spawn(async move {
+            let mut received = Vec::new();
+            for script in scripts {
+                received.push(script.run(self.accept().await).await);
+            }
+            received
+        })
     }
 }
 
