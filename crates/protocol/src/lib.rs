@@ -16,7 +16,7 @@ pub mod frame;
 pub mod prng;
 pub mod receiver;
 pub mod server;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use checksum::SequenceChecksum;

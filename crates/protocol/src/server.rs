@@ -1357,13 +1357,7 @@ mod tests {
         grant: Grant,
         t0: Instant,
     ) -> ServerSession {
-        let mut session = ServerSession::new(config, t0);
-        session.handle_bytes(t0, hello);
-        assert!(matches!(session.poll_event(), Some(Event::Admit(_))));
-        session.handle_attach(t0, Ok(grant));
-        assert!(matches!(session.poll_event(), Some(Event::Claim { .. })));
-        session.handle_claim(t0, true);
-        session
+        crate::testing::streaming_session(config, hello, grant, t0)
     }
 
     fn transmit(session: &mut ServerSession, now: Instant) -> Vec<Frame> {

@@ -74,6 +74,25 @@ impl ServedSession {
     }
 }
 
+/// A server session accepted at `t0` that read `hello`, was attached with
+/// the store's `grant` and won its claim: streaming from `t0`. Panics if
+/// the session asks for anything else on the way.
+pub fn streaming_session(
+    config: std::sync::Arc<crate::server::SessionConfig>,
+    hello: &[u8],
+    grant: crate::server::Grant,
+    t0: std::time::Instant,
+) -> crate::server::ServerSession {
+    use crate::server::{Event, ServerSession};
+    let mut session = ServerSession::new(config, t0);
+    session.handle_bytes(t0, hello);
+    assert!(matches!(session.poll_event(), Some(Event::Admit(_))));
+    session.handle_attach(t0, Ok(grant));
+    assert!(matches!(session.poll_event(), Some(Event::Claim { .. })));
+    session.handle_claim(t0, true);
+    session
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,13 +193,7 @@ fn transcript_grant(generation: u64) -> Grant {
 
 /// The reference server's session, after `hello` and the store's answer.
 fn attached(interval: Duration, hello: &[u8], grant: Grant, t0: Instant) -> ServerSession {
-    let mut session = ServerSession::new(config(interval), t0);
-    session.handle_bytes(t0, hello);
-    assert!(matches!(session.poll_event(), Some(Event::Admit(_))));
-    session.handle_attach(t0, Ok(grant));
-    assert!(matches!(session.poll_event(), Some(Event::Claim { .. })));
-    session.handle_claim(t0, true);
-    session
+    numstream_protocol::testing::streaming_session(config(interval), hello, grant, t0)
 }
 
 fn written(session: &mut ServerSession, now: Instant) -> Vec<u8> {

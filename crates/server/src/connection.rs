@@ -973,6 +973,23 @@ pub(crate) mod tests {
         })
     }
 
+    /// What the accept loop gives a connection from `peer` accepted at
+    /// `accepted`, with nothing of it read yet.
+    fn test_admission(shared: &Shared, peer: std::net::SocketAddr, accepted: Instant) -> Admission {
+        Admission::new(
+            Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a free permit"),
+            shared.telemetry.connection_open(),
+            shared
+                .peers
+                .admit_connection(PeerKey::from(peer.ip()))
+                .expect("unlimited"),
+            accepted + shared.config.handshake_timeout,
+            Early::NOTHING,
+        )
+    }
+
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -983,18 +1000,7 @@ pub(crate) mod tests {
             .expect("connect");
         let (stream, peer) = listener.accept().await.expect("accept");
         let shared = test_shared(Arc::new(numstream_store::InMemoryStore::new(10)));
-        let admission = Admission::new(
-            Arc::new(tokio::sync::Semaphore::new(1))
-                .try_acquire_owned()
-                .expect("a free permit"),
-            shared.telemetry.connection_open(),
-            shared
-                .peers
-                .admit_connection(PeerKey::from(peer.ip()))
-                .expect("unlimited"),
-            Instant::now() + shared.config.handshake_timeout,
-            Early::NOTHING,
-        );
+        let admission = test_admission(&shared, peer, Instant::now());
         let task = serve(stream, peer, shared, admission);
         let size = std::mem::size_of_val(&task);
         assert!(
@@ -1023,18 +1029,7 @@ pub(crate) mod tests {
         let store: Arc<dyn SessionStore> = Arc::new(numstream_store::InMemoryStore::new(10));
         let shared = test_shared(store.clone());
         let accepted = Instant::now() - accepted_ago;
-        let admission = Admission::new(
-            Arc::new(tokio::sync::Semaphore::new(1))
-                .try_acquire_owned()
-                .expect("a free permit"),
-            shared.telemetry.connection_open(),
-            shared
-                .peers
-                .admit_connection(PeerKey::from(peer.ip()))
-                .expect("unlimited"),
-            accepted + shared.config.handshake_timeout,
-            Early::NOTHING,
-        );
+        let admission = test_admission(&shared, peer, accepted);
         let task = tokio::spawn(serve(stream, peer, shared, admission));
         let mut received = BytesMut::new();
         let frame = loop {

@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use numstream_store::{InMemoryStore, SessionStore};
+use numstream_protocol::ClientId;
+use numstream_store::{InMemoryStore, SessionInfo, SessionStore};
 
 use crate::{ServerConfig, ServerTls, TlsFiles};
 
@@ -27,6 +28,17 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// What the store holds of `id` now (`None`: nothing).
+    ///
+    /// # Panics
+    /// If the store fails to answer.
+    pub async fn session(&self, id: ClientId) -> Option<SessionInfo> {
+        self.store
+            .lookup(id)
+            .await
+            .expect("the store answers a lookup")
+    }
+
     /// Starts a server with an in-memory store.
     pub async fn start(config: ServerConfig) -> Self {
         Self::start_with_store(config, Arc::new(InMemoryStore::new(100_000))).await

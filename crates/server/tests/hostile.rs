@@ -223,7 +223,7 @@ async fn frames_one_byte_short_or_over_are_malformed() {
         client.send_bytes(&ack).await;
         client.expect_error(ErrorCode::Malformed).await;
         // Not completed: the session waits for a proper resume.
-        let info = server.store.lookup(id).await.expect("lookup");
+        let info = server.session(id).await;
         assert!(info.is_some_and(|i| !i.attached), "{info:?}");
         let mut again = RawClient::connect(server.addr).await;
         again.send(resume(id, hello.token, 1)).await;
@@ -369,12 +369,7 @@ async fn forged_and_truncated_tokens_never_touch_the_session() {
     }
     // None of that changed the session: same generation, still detached,
     // and its owner resumes with the real token.
-    let info = server
-        .store
-        .lookup(id)
-        .await
-        .expect("lookup")
-        .expect("live");
+    let info = server.session(id).await.expect("live");
     assert_eq!(info.generation, 1);
     assert!(!info.attached);
     let mut back = RawClient::connect(server.addr).await;

@@ -89,7 +89,7 @@ async fn full_session_then_ack_forgets_it() {
         .await;
     client.expect_closed().await;
     assert_eq!(
-        server.store.lookup(id).await.expect("lookup"),
+        server.session(id).await,
         None,
         "a completed session is forgotten at once"
     );
@@ -140,7 +140,7 @@ async fn final_lost_before_ack_is_redelivered_on_resume() {
         })
         .await;
     second.expect_closed().await;
-    assert_eq!(server.store.lookup(id).await.expect("lookup"), None);
+    assert_eq!(server.session(id).await, None);
 }
 
 #[tokio::test]
@@ -158,7 +158,7 @@ async fn missing_ack_keeps_the_session_for_a_resume() {
     read_final(&mut client, id, 2).await;
     // No ACK: the server closes after its bounded wait, keeping the session.
     client.expect_closed().await;
-    let info = server.store.lookup(id).await.expect("lookup");
+    let info = server.session(id).await;
     let info = info.expect("an unacknowledged session must survive");
     assert!(!info.attached);
 }
@@ -267,12 +267,7 @@ async fn newest_connection_takes_over_and_the_old_one_is_told() {
     }
     old.expect_closed().await;
     read_numbers(&mut new, id, 3, 8).await;
-    let info = server
-        .store
-        .lookup(id)
-        .await
-        .expect("lookup")
-        .expect("live");
+    let info = server.session(id).await.expect("live");
     assert_eq!(info.generation, 2);
 }
 
@@ -427,7 +422,7 @@ async fn part_of_a_frame_while_streaming_is_answered_at_once() {
         "{message}"
     );
     client.expect_closed().await;
-    let info = server.store.lookup(id).await.expect("lookup");
+    let info = server.session(id).await;
     assert!(
         info.is_some_and(|info| !info.attached),
         "the session is detached, not completed"
