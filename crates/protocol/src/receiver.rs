@@ -300,13 +300,7 @@ mod tests {
     const TOKEN: ResumeToken = ResumeToken([9; 16]);
 
     fn welcome(count: u16, next_index: u16) -> Frame {
-        Frame::Welcome(Welcome {
-            count,
-            next_index,
-            token: TOKEN,
-            interval_us: 0,
-            session_ttl_ms: 30_000,
-        })
+        crate::testing::ServedSession::new(SessionSeed([0; 32]), TOKEN, count).welcome(next_index)
     }
 
     fn receiver(count: u16) -> SequenceReceiver {

@@ -11,20 +11,14 @@ use proptest::prelude::*;
 
 use numstream_protocol::{
     ClientId, ErrorCode, ErrorFrame, Frame, MAX_ERROR_MESSAGE_LEN, Progress, ResumeToken,
-    SequenceChecksum, SequenceReceiver, SessionSeed, Welcome, decode_frame, encode_frame,
-    number_at,
+    SequenceChecksum, SequenceReceiver, SessionSeed, decode_frame, encode_frame, number_at,
 };
 
 const TOKEN: ResumeToken = ResumeToken([0x33; 16]);
 
 fn welcome(count: u16, next_index: u16) -> Frame {
-    Frame::Welcome(Welcome {
-        count,
-        next_index,
-        token: TOKEN,
-        interval_us: 0,
-        session_ttl_ms: 30_000,
-    })
+    numstream_protocol::testing::ServedSession::new(SessionSeed([0; 32]), TOKEN, count)
+        .welcome(next_index)
 }
 
 /// What a correct server sends for `index`.
