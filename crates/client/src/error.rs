@@ -61,8 +61,9 @@ pub enum ClientError {
     },
 
     /// The session was open, but no reconnection succeeded within the
-    /// session TTL announced by the server, so it has expired there; the
-    /// client did not even get to ask (unlike [`Self::SessionExpired`]).
+    /// session TTL announced by the server and a grace after it (see
+    /// `retry::RESUME_GRACE`), so it has expired there; the client did not
+    /// get to ask (unlike [`Self::SessionExpired`]).
     #[error(
         "gave up resuming: the session expired after the client was away for {} (session TTL {}); last error: {last_error}",
         human(*away),
