@@ -88,7 +88,6 @@ pub(crate) struct LoadResult {
     /// they mean to, so a run where this is high measures the load
     /// generator as much as the server (issue 15's one-core runs, where
     /// it shared a saturated core with Redis).
-    #[serde(default)]
     pub(crate) own_lag: HistData,
 }
 

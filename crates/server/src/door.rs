@@ -35,7 +35,7 @@ use crate::telemetry::AdmissionRefusal;
 /// Bytes read at the door: a hello is at most 41 bytes (a RESUME); more
 /// only means the client pipelined something behind it, which its session
 /// machine judges.
-pub(crate) const EARLY_BYTES: usize = 64;
+const EARLY_BYTES: usize = 64;
 
 /// What the door read of a connection before handing it on.
 #[derive(Debug, Clone, Copy)]
@@ -63,10 +63,10 @@ pub(crate) fn read_now(stream: &TcpStream) -> Early {
     // The socket is non-blocking (tokio made it so): this never waits.
     // Read through the socket rather than tokio, whose readiness for a
     // socket just accepted is unknown until its reactor next turns.
-    match (&*SockRef::from(stream)).read(&mut early.bytes) {
-        Ok(n) => early.len = u8::try_from(n).unwrap_or(0),
-        Err(_) => early.len = 0,
-    }
+    let read = (&*SockRef::from(stream))
+        .read(&mut early.bytes)
+        .unwrap_or(0);
+    early.len = u8::try_from(read).unwrap_or(0);
     early
 }
 

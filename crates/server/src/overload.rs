@@ -595,10 +595,10 @@ impl Overload {
     /// Why bound it by the rate: a held OPEN that gets no place is refused
     /// at the end of its hold all the same, having cost a task, a timer and
     /// two trips through a runtime that is running late, and having kept
-    /// its client from hearing so for 2 s. At 80,000 sessions on one core
-    /// the hold, bounded only by the limit, held thousands of OPENs per
-    /// server for the few dozen places a second that freed (issue 15). The
-    /// rest are better told at once, at the door (`crate::door`).
+    /// its client from hearing so for 2 s. Bounded only by the limit, the
+    /// hold could take thousands of OPENs per server while only as many as
+    /// places free in 2 s can get one. The rest are better told at once,
+    /// at the door (`crate::door`).
     pub(crate) fn hold_capacity(&self) -> usize {
         let per_second = self.hold_rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
         let expected = (per_second * OPEN_HOLD.as_secs_f64() * HOLD_SLACK) as usize;

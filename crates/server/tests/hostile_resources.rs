@@ -172,6 +172,29 @@ async fn assert_all_detached(
     }
 }
 
+/// Opens `n` stuck clients, checks that a well-behaved client beside them
+/// gets its whole burst, then waits until the server has ended every stuck
+/// connection (its write timeout, with room for a busy machine); returns
+/// the stuck clients, to see what they can still read.
+async fn stuck_beside_a_burst(
+    addr: std::net::SocketAddr,
+    store: &Arc<dyn SessionStore>,
+    n: usize,
+    write_timeout: Duration,
+) -> Vec<(ClientId, TcpStream)> {
+    let stuck = stuck_clients(addr, n).await;
+    let blocked_at = Instant::now();
+    assert_burst_client_unaffected(addr.port()).await;
+    assert_all_detached(
+        store,
+        &stuck,
+        blocked_at + write_timeout + Duration::from_secs(8),
+        blocked_at,
+    )
+    .await;
+    stuck
+}
+
 /// Reads what each stuck client can still get, up to the end of its
 /// connection; returns the most any one got.
 async fn drain(stuck: Vec<(ClientId, TcpStream)>) -> usize {
@@ -212,16 +235,7 @@ async fn clients_that_stop_reading_are_cut_off_by_the_write_timeout() {
     let server = ConstrainedServer::start(burst_config(write_timeout), 16 * 1024).await;
     reset_peak_rss();
     let baseline = rss_bytes().expect("/proc/self/status");
-    let stuck = stuck_clients(server.addr, 64).await;
-    let blocked_at = Instant::now();
-    assert_burst_client_unaffected(server.addr.port()).await;
-    assert_all_detached(
-        &server.store,
-        &stuck,
-        blocked_at + write_timeout + Duration::from_secs(8),
-        blocked_at,
-    )
-    .await;
+    let stuck = stuck_beside_a_burst(server.addr, &server.store, 64, write_timeout).await;
     let peak = peak_rss_bytes().expect("/proc/self/status");
     // The server stopped producing when the socket stopped draining: what a
     // stuck client can still read is what the kernel buffered, far short of
@@ -265,16 +279,7 @@ async fn in_burst_mode_the_default_send_buffer_lets_the_write_timeout_end_stuck_
         "the cap is on by default"
     );
     let server = TestServer::start(config).await;
-    let stuck = stuck_clients(server.addr, 16).await;
-    let blocked_at = Instant::now();
-    assert_burst_client_unaffected(server.port()).await;
-    assert_all_detached(
-        &server.store,
-        &stuck,
-        blocked_at + write_timeout + Duration::from_secs(8),
-        blocked_at,
-    )
-    .await;
+    let stuck = stuck_beside_a_burst(server.addr, &server.store, 16, write_timeout).await;
     // What the kernel held for each stuck client: its send queue (about
     // twice the cap asked for) and the client's small receive buffer; far
     // from the whole session it held without the cap.
