@@ -107,8 +107,11 @@ enum Command {
         redis_cpus: Option<CpuList>,
         /// Run the servers as `steady` does: no status endpoint (the
         /// latency histograms cost the saturated servers CPU) and their
-        /// logs discarded (text format). The report then has no server
-        /// metrics or log counts.
+        /// logs discarded (text format); and no readings of the bytes left
+        /// unread in the servers' Redis sockets (`ss` walks every socket on
+        /// the machine: about 8% of a core at 80,000 sessions, taken from
+        /// the load generator beside it). The report then has no server
+        /// metrics, log counts or unread bytes.
         #[arg(long)]
         lean: bool,
         #[command(flatten)]

@@ -181,7 +181,7 @@ pub(crate) async fn run(
             "overload: {label} ({sessions} sessions, {} servers)",
             server.servers
         );
-        let watch = redis.as_ref().map(Redis::watch);
+        let watch = redis.as_ref().map(|redis| redis.watch(!lean));
         let measured = measure_steady(
             flavor,
             &server,
@@ -338,16 +338,22 @@ fn print_diagnosis(report: &Report) {
             }
         }
         if let Some(probe) = get("redis probe") {
-            println!(
-                "redis PING from the load generator: p50 {} ms p99 {} ms max {} ms; unread bytes in the servers' Redis sockets: max {} (mean {:.0}), {} of {} readings non-zero",
+            print!(
+                "redis PING from the load generator: p50 {} ms p99 {} ms max {} ms",
                 probe["ping"]["p50_ms"],
                 probe["ping"]["p99_ms"],
                 probe["ping"]["max_ms"],
-                probe["unread_total_bytes_max"],
-                probe["unread_total_bytes_mean"].as_f64().unwrap_or(0.0),
-                probe["readings_with_unread"],
-                probe["unread_readings"]
             );
+            if probe["unread_readings"].as_u64().unwrap_or(0) > 0 {
+                print!(
+                    "; unread bytes in the servers' Redis sockets: max {} (mean {:.0}), {} of {} readings non-zero",
+                    probe["unread_total_bytes_max"],
+                    probe["unread_total_bytes_mean"].as_f64().unwrap_or(0.0),
+                    probe["readings_with_unread"],
+                    probe["unread_readings"]
+                );
+            }
+            println!();
         }
         if let Some(account) = get("redis account") {
             for command in account["commands"].as_array().into_iter().flatten() {

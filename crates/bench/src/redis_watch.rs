@@ -99,9 +99,9 @@ impl Redis {
         self.server.pid()
     }
 
-    /// Starts the PING probe and the unread-bytes sampler.
-    pub(crate) fn watch(&self) -> Watch {
-        Watch::start(self.server.port())
+    /// Starts the PING probe and, if `unread`, the unread-bytes sampler.
+    pub(crate) fn watch(&self, unread: bool) -> Watch {
+        Watch::start(self.server.port(), unread)
     }
 
     /// Redis's own account of the run so far.
@@ -247,7 +247,8 @@ fn to_json(value: &redis::Value) -> serde_json::Value {
 pub(crate) struct Watch {
     stop: Arc<AtomicBool>,
     ping: JoinHandle<PingResult>,
-    unread: JoinHandle<Vec<UnreadSample>>,
+    /// `None` when not sampled.
+    unread: Option<JoinHandle<Vec<UnreadSample>>>,
 }
 
 struct PingResult {
@@ -284,13 +285,13 @@ pub(crate) struct Watched {
 }
 
 impl Watch {
-    fn start(port: u16) -> Self {
+    fn start(port: u16, sample_unread: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let ping = {
             let stop = stop.clone();
             std::thread::spawn(move || ping_loop(port, &stop))
         };
-        let unread = {
+        let unread = sample_unread.then(|| {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut samples = Vec::new();
@@ -302,7 +303,7 @@ impl Watch {
                 }
                 samples
             })
-        };
+        });
         Self { stop, ping, unread }
     }
 
@@ -312,7 +313,10 @@ impl Watch {
             latency: Shards::new(),
             failures: u64::MAX,
         });
-        let samples = self.unread.join().unwrap_or_default();
+        let samples = self
+            .unread
+            .map(|unread| unread.join().unwrap_or_default())
+            .unwrap_or_default();
         let readings = samples.len();
         Watched {
             ping: ping.latency.data().summary(),
