@@ -340,9 +340,7 @@ fn print_diagnosis(report: &Report) {
         if let Some(probe) = get("redis probe") {
             print!(
                 "redis PING from the load generator: p50 {} ms p99 {} ms max {} ms",
-                probe["ping"]["p50_ms"],
-                probe["ping"]["p99_ms"],
-                probe["ping"]["max_ms"],
+                probe["ping"]["p50_ms"], probe["ping"]["p99_ms"], probe["ping"]["max_ms"],
             );
             if probe["unread_readings"].as_u64().unwrap_or(0) > 0 {
                 print!(
