@@ -146,6 +146,20 @@ impl RedisServer {
             .unwrap_or(0)
     }
 
+    /// Whether every write the server has acknowledged is in its
+    /// append-only file (`aof_buffer_length:0` in `INFO persistence`,
+    /// through redis-cli), so that killing the process now loses none of
+    /// them. Not always so with `appendfsync everysec`: while a background
+    /// fsync is still running (a busy disk), Redis postpones writing its
+    /// buffer to the file for up to 2 s, having already answered.
+    /// `false` while the server does not answer or has no append-only file.
+    pub fn aof_written(&self) -> bool {
+        crate::redis_cluster::cli(self.port, &["INFO", "persistence"]).is_some_and(|info| {
+            info.lines()
+                .any(|line| line.trim() == "aof_buffer_length:0")
+        })
+    }
+
     /// Kills the server (SIGKILL, no goodbye to clients), as in an outage.
     /// Idempotent.
     pub fn stop(&mut self) {

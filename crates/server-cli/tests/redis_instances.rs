@@ -627,6 +627,17 @@ async fn with_an_append_only_file_a_redis_restart_keeps_sessions_streaming_and_r
         .map(|i| spawn_client(rotated(&ports, i), 60))
         .collect();
     until_welcomed(&mut clients).await;
+    // Their sessions are in the file: on a busy disk Redis may hold
+    // acknowledged writes back for up to 2 s (docs/operations.md).
+    wait::until(
+        Duration::from_secs(10),
+        "Redis's AOF buffer written",
+        || {
+            let written = redis.aof_written();
+            async move { written }
+        },
+    )
+    .await;
     // Redis crashes and comes back with its append-only file...
     redis.restart();
     // ...and then one server dies too, so half the clients must resume,
