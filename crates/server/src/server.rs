@@ -40,6 +40,8 @@ const REJECTION_TIMEOUT: Duration = Duration::from_millis(500);
 pub enum ServerError {
     #[error("cannot read the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
+    #[error("the accept loop failed: {0}")]
+    AcceptLoop(#[source] tokio::task::JoinError),
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then drains: every
@@ -58,7 +60,32 @@ pub async fn run(
 /// readiness (accepting from the start of the accept loop until the drain).
 /// Store operation metrics come from passing a store wrapped by
 /// [`crate::InstrumentedStore::wrap`] with the same `telemetry`.
+///
+/// The accept loop runs as a task of the runtime, whatever thread awaits
+/// this (dropping the returned future stops it). Why: a task spawned from
+/// one of the runtime's worker threads goes into that worker's own queue,
+/// but one spawned from any other thread, such as a binary's main thread
+/// in `block_on`, goes into the runtime's shared queue, which a busy worker
+/// looks at only once every few dozen polls of its own tasks. With the
+/// accept loop on the main thread, a server short of CPU gave each new
+/// connection its first poll seconds late: hellos timed out and resumes
+/// missed their client's 5 s (issue 15: 25,000–37,000 resumes a run got no
+/// WELCOME in time; with the loop on a worker, 1,100–2,000).
 pub async fn run_with_telemetry(
+    listener: TcpListener,
+    store: Arc<dyn SessionStore>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    telemetry: Telemetry,
+) -> Result<(), ServerError> {
+    let accept_loop = tokio::spawn(serve_listener(listener, store, config, shutdown, telemetry));
+    tokio_util::task::AbortOnDropHandle::new(accept_loop)
+        .await
+        .map_err(ServerError::AcceptLoop)?
+}
+
+/// The body of [`run_with_telemetry`], on a task of its own.
+async fn serve_listener(
     listener: TcpListener,
     store: Arc<dyn SessionStore>,
     config: ServerConfig,
@@ -300,4 +327,35 @@ async fn reject(mut stream: tokio::net::TcpStream, error: ErrorFrame) {
         stream.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept loop is a task of its own (see `run_with_telemetry`), but
+    /// it is still `run`'s: dropping `run`'s future stops it, as it did
+    /// when the loop ran inside that future, and the port is closed.
+    #[tokio::test]
+    async fn dropping_runs_future_stops_the_accept_loop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let store = Arc::new(numstream_store::InMemoryStore::new(10));
+        let server = tokio::spawn(run(
+            listener,
+            store,
+            ServerConfig::default(),
+            CancellationToken::new(),
+        ));
+        numstream_harness::wait::until(Duration::from_secs(10), "the server accepts", || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        server.abort();
+        assert!(server.await.is_err_and(|error| error.is_cancelled()));
+        numstream_harness::wait::until(Duration::from_secs(10), "the port is closed", || async {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await;
+    }
 }
