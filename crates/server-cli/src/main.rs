@@ -212,6 +212,19 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "500ms", allow_hyphen_values = true, value_parser = duration_in(Duration::ZERO, HOUR, "0s and 1h"))]
     overload_store: Duration,
 
+    /// Stop accepting connections while more tasks than this wait in the
+    /// runtime's shared run queue [0: never]
+    ///
+    /// 0 to 10000000. A healthy server has a handful there; past it, the
+    /// server has more work than CPU and whatever waits there (a new
+    /// connection's task among it) waits seconds. New connections then
+    /// wait in the listen backlog, at no cost, until the queue drains.
+    /// Reported in /metrics (numstream_run_queue_depth) and /readyz.
+    ///
+    /// Example: --overload-queue 5000
+    #[arg(long, value_name = "TASKS", default_value_t = numstream_server::DEFAULT_RUN_QUEUE, allow_hyphen_values = true, value_parser = integer_in(0u32, 10_000_000))]
+    overload_queue: u32,
+
     /// Time a new connection has to send its OPEN or RESUME
     ///
     /// At most 1h.
@@ -486,6 +499,7 @@ async fn main() -> anyhow::Result<()> {
         overload: OverloadLimits {
             scheduling_lag: (!args.overload_lag.is_zero()).then_some(args.overload_lag),
             store_latency: (!args.overload_store.is_zero()).then_some(args.overload_store),
+            run_queue: (args.overload_queue > 0).then_some(args.overload_queue as usize),
             ..OverloadLimits::default()
         },
         max_connections,

@@ -40,6 +40,7 @@ fn help_documents_every_flag_with_defaults() {
         "--per-address-session-burst",
         "--overload-lag",
         "--overload-store",
+        "--overload-queue",
         "--handshake-timeout",
         "--ack-timeout",
         "--shutdown-grace",
@@ -262,6 +263,11 @@ const OUT_OF_RANGE: &[(&str, &[&str], &str)] = &[
         "between 0s and 1h",
     ),
     (
+        "--overload-queue",
+        &["-1", "10000001", "many", "1e3"],
+        "between 0 and 10000000",
+    ),
+    (
         "--handshake-timeout",
         &["0s", "2h", "99999999999999999999999s"],
         "between 1ms and 1h",
@@ -338,6 +344,8 @@ async fn the_largest_accepted_values_start_a_working_server() {
         "1h",
         "--overload-store",
         "1h",
+        "--overload-queue",
+        "10000000",
         "--handshake-timeout",
         "1h",
         "--ack-timeout",

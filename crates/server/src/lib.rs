@@ -61,7 +61,7 @@ mod tls;
 pub use config::{DEFAULT_BURST_SEND_BUFFER, ServerConfig};
 pub use instrumented::InstrumentedStore;
 pub use isolated::{IsolatedStore, IsolationError};
-pub use overload::{Overload, OverloadLimits, Overloaded};
+pub use overload::{DEFAULT_RUN_QUEUE, Overload, OverloadLimits, Overloaded};
 pub use peers::{DEFAULT_SESSION_RATE, PeerKey, PeerLimits, SessionRate};
 pub use server::{MAX_CONCURRENT_REJECTIONS, ServerError, run, run_with_telemetry};
 pub use socket::{DEFAULT_LISTEN_BACKLOG, ListenOptions, listen};

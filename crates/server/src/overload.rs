@@ -72,6 +72,25 @@ pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
 /// expires (the client's next OPEN gets `session_exists`). Room for the
 /// store write and a late runtime to send the WELCOME: 2 s.
 pub(crate) const LATEST_CREATE: Duration = Duration::from_secs(3);
+/// Default [`OverloadLimits::run_queue`]: a healthy server's shared run
+/// queue holds a handful of tasks; under the overload of issue 15 it held
+/// 6,000–13,000 and each waited 3–5 s there. At about a thousand, a task
+/// waited a few hundred milliseconds (measured with a probe woken from
+/// another thread, against `global_queue_depth`).
+pub const DEFAULT_RUN_QUEUE: u32 = 1_000;
+/// How often a paused accept loop looks at the run queue again.
+const RUN_QUEUE_RECHECK: Duration = Duration::from_millis(10);
+/// Longest the accept loop waits for the run queue at a stretch (after
+/// which it takes [`ACCEPTS_AFTER_PAUSE`] connections before it looks
+/// again): when streams, not new connections, keep the queue deep, a wait
+/// until it drained would lock every client out, resumes included, for as
+/// long as that lasts (an earlier pause on the scheduling lag did, for
+/// minutes, in a debug build under the chaos run's attack).
+pub(crate) const LONGEST_ACCEPT_PAUSE: Duration = Duration::from_secs(2);
+/// Connections taken from the backlog after a pause before the accept loop
+/// looks at the run queue again: so that a queue that stays deep still
+/// lets connections (and the resumes among them) in at a bounded rate.
+pub(crate) const ACCEPTS_AFTER_PAUSE: usize = 128;
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
 /// The hold takes at most this many times the OPENs that places freed for
@@ -103,6 +122,10 @@ pub struct OverloadLimits {
     /// comes from a hog rather than the streams, exactly the case the
     /// floor exists for.
     pub stream_floor: usize,
+    /// Tasks waiting in the runtime's shared run queue past which the
+    /// accept loop takes no connections until the queue drains (see
+    /// [`Overload::wait_for_run_queue`]).
+    pub run_queue: Option<usize>,
 }
 
 impl Default for OverloadLimits {
@@ -124,6 +147,7 @@ impl Default for OverloadLimits {
             scheduling_lag: Some(Duration::from_millis(500)),
             store_latency: Some(Duration::from_millis(500)),
             stream_floor: StreamLimit::FLOOR,
+            run_queue: Some(DEFAULT_RUN_QUEUE as usize),
         }
     }
 }
@@ -133,6 +157,7 @@ impl OverloadLimits {
         scheduling_lag: None,
         store_latency: None,
         stream_floor: StreamLimit::FLOOR,
+        run_queue: None,
     };
 }
 
@@ -343,6 +368,8 @@ pub struct Overload {
     /// whole nanoseconds are plenty).
     lag_ns: AtomicU64,
     store_ns: AtomicU64,
+    /// Whether the accept loop waits for the run queue to drain.
+    accept_paused: AtomicBool,
     /// The stream limit the probe last computed; `usize::MAX` for none.
     stream_limit: AtomicUsize,
     /// Streams at the last probe, for `/readyz` and the gauges (the
@@ -401,6 +428,7 @@ impl Overload {
             limits,
             lag_ns: AtomicU64::new(0),
             store_ns: AtomicU64::new(0),
+            accept_paused: AtomicBool::new(false),
             stream_limit: AtomicUsize::new(usize::MAX),
             streams_sampled: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
@@ -411,6 +439,55 @@ impl Overload {
             held_admitted: AtomicUsize::new(0),
             hold_rate_milli: AtomicU64::new(0),
         }
+    }
+
+    /// `Some(limit)` while the accept loop waits for the runtime's shared
+    /// run queue to drain below `limit` tasks.
+    pub fn accept_paused(&self) -> Option<usize> {
+        self.limits
+            .run_queue
+            .filter(|_| self.accept_paused.load(Ordering::Relaxed))
+    }
+
+    /// While the runtime's shared run queue holds more than
+    /// [`OverloadLimits::run_queue`] tasks (`depth`), waits, at most
+    /// [`LONGEST_ACCEPT_PAUSE`], so that the accept loop takes no
+    /// connection meanwhile; returns when the wait began, if it waited, or
+    /// on `stop`.
+    ///
+    /// Why: tokio runs the tasks a worker's own timers and sockets woke
+    /// first, and reaches into the shared queue, where a task spawned on a
+    /// full worker queue or woken from another thread goes, once in every
+    /// few dozen polls. So once the server has more work than CPU, that
+    /// queue grows and whatever lands there waits seconds, while a timer's
+    /// task still runs on time: under issue 15's overload it held
+    /// 6,000–13,000 tasks and each waited 3–5 s, while the scheduling-lag
+    /// probe read 50–120 ms. A new connection's task is among them: it was
+    /// read after its client had given up (`handshake_timeout`), or its
+    /// WELCOME came too late, and every such attempt cost the server an
+    /// accept, a task, a store write and a close, and came back. A
+    /// connection left in the listen backlog costs nothing; its client
+    /// waits there instead of in our queue, and is read once the queue has
+    /// drained.
+    pub(crate) async fn wait_for_run_queue(
+        &self,
+        depth: impl Fn() -> usize,
+        stop: &CancellationToken,
+    ) -> Option<Instant> {
+        let limit = self.limits.run_queue?;
+        if depth() <= limit {
+            return None;
+        }
+        let began = Instant::now();
+        self.accept_paused.store(true, Ordering::Relaxed);
+        while depth() > limit && began.elapsed() < LONGEST_ACCEPT_PAUSE {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(RUN_QUEUE_RECHECK) => {}
+            }
+        }
+        self.accept_paused.store(false, Ordering::Relaxed);
+        Some(began)
     }
 
     pub fn scheduling_lag(&self) -> Duration {
@@ -996,6 +1073,57 @@ mod tests {
             .await
             .expect_err("at the limit");
         assert_eq!(refused.at_stream_limit, Some((2_000, 2_000)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_accept_loop_waits_while_the_run_queue_is_deeper_than_its_limit() {
+        let overload = Arc::new(Overload::new(OverloadLimits {
+            run_queue: Some(100),
+            ..OverloadLimits::default()
+        }));
+        let stop = CancellationToken::new();
+        let depth = Arc::new(AtomicUsize::new(100));
+        let queue = || {
+            let depth = depth.clone();
+            move || depth.load(Ordering::Relaxed)
+        };
+        assert_eq!(
+            overload.wait_for_run_queue(queue(), &stop).await,
+            None,
+            "at the limit: no wait"
+        );
+        depth.store(101, Ordering::Relaxed);
+        let started = Instant::now();
+        let waiting = tokio::spawn({
+            let (overload, stop, queue) = (overload.clone(), stop.clone(), queue());
+            async move { overload.wait_for_run_queue(queue, &stop).await }
+        });
+        tokio::time::sleep(ms(500)).await;
+        assert_eq!(overload.accept_paused(), Some(100), "paused while deep");
+        assert!(!waiting.is_finished(), "returned while the queue was deep");
+        depth.store(10, Ordering::Relaxed);
+        let began = waiting.await.expect("task").expect("it waited");
+        assert_eq!(began, started, "reports when the wait began");
+        assert!(started.elapsed() >= ms(500));
+        assert_eq!(overload.accept_paused(), None, "resumed once drained");
+
+        // A queue that stays deep: the wait ends after the longest pause.
+        depth.store(1_000, Ordering::Relaxed);
+        let started = Instant::now();
+        assert!(overload.wait_for_run_queue(queue(), &stop).await.is_some());
+        let waited = started.elapsed();
+        assert!(
+            waited >= LONGEST_ACCEPT_PAUSE && waited < LONGEST_ACCEPT_PAUSE + ms(100),
+            "waited {waited:?} for a queue that never drained"
+        );
+
+        // A stop ends the wait however deep the queue.
+        depth.store(1_000, Ordering::Relaxed);
+        stop.cancel();
+        assert!(overload.wait_for_run_queue(queue(), &stop).await.is_some());
+        // Off: never waits.
+        let off = Overload::new(OverloadLimits::OFF);
+        assert_eq!(off.wait_for_run_queue(queue(), &stop).await, None);
     }
 
     /// A runtime whose only thread is kept busy runs timers late: the

@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -156,11 +157,44 @@ async fn serve_listener(
     shared.telemetry.set_accepting(true);
 
     let mut accept_backoff = Duration::from_millis(5);
+    let runtime = tokio::runtime::Handle::current().metrics();
+    // Set after a wait for the run queue (see `Overload::wait_for_run_queue`)
+    // until the listen backlog is empty again: the connections that queued
+    // there meanwhile may have waited since then, and their handshake time
+    // counts from then, so that an OPEN whose client has stopped waiting
+    // gets server_busy rather than a session nobody will take.
+    let mut backlog_since: Option<Instant> = None;
+    // Connections to take before looking at the run queue again.
+    let mut unchecked = 0;
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+        if unchecked > 0 {
+            unchecked -= 1;
+        } else if let Some(began) = shared
+            .overload
+            .wait_for_run_queue(|| runtime.global_queue_depth(), &shutdown)
+            .await
+        {
+            shared.telemetry.accept_pause_ended();
+            backlog_since = Some(backlog_since.map_or(began, |since| since.min(began)));
+            unchecked = crate::overload::ACCEPTS_AFTER_PAUSE;
+            if shutdown.is_cancelled() {
+                break;
+            }
+        }
+        let accepted = match backlog_since {
+            // Whatever is in the backlog now, without waiting for more.
+            Some(_) => match listener.accept().now_or_never() {
+                Some(accepted) => accepted,
+                None => {
+                    (backlog_since, unchecked) = (None, 0);
+                    continue;
+                }
+            },
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            },
         };
         let (stream, peer) = match accepted {
             Ok(connection) => {
@@ -212,7 +246,7 @@ async fn serve_listener(
                     permit,
                     shared.telemetry.connection_open(),
                     ticket,
-                    tokio::time::Instant::now() + shared.config.handshake_timeout,
+                    backlog_since.unwrap_or_else(Instant::now) + shared.config.handshake_timeout,
                     early,
                 );
                 configure_socket(&stream, peer, &shared);

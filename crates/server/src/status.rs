@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `/metrics` | 200, Prometheus text format 0.0.4; `numstream_ready` says what `/readyz` answers at that moment |
 //! | `/healthz` | 200 `ok` while the process runs (liveness) |
-//! | `/readyz` | 200 `ready` while the server accepts connections, has a free connection slot, does not refuse new sessions for overload, and the session store answers `ping` within [`READY_PING_TIMEOUT`] with room for a session; otherwise 503 and the reason (starting, draining, at the connection or session limit, overloaded, store down) |
+//! | `/readyz` | 200 `ready` while the server accepts connections (and is not waiting for its run queue to drain), has a free connection slot, does not refuse new sessions for overload, and the session store answers `ping` within [`READY_PING_TIMEOUT`] with room for a session; otherwise 503 and the reason (starting, draining, run queue too deep, at the connection or session limit, overloaded, store down) |
 //!
 //! It runs beside the session listener on its own address and is bounded
 //! like it, with one more duty: an orchestrator that cannot reach
@@ -205,6 +205,11 @@ impl Status {
         if let Some(limit) = self.telemetry.connections_saturated() {
             return Err(format!(
                 "at its connection limit ({limit} connections); new clients get server_busy"
+            ));
+        }
+        if let Some(limit) = self.telemetry.accept_paused() {
+            return Err(format!(
+                "over {limit} tasks wait in the run queue; not accepting connections until it drains"
             ));
         }
         if let Some(overloaded) = self.telemetry.overloaded() {

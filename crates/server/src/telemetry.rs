@@ -33,6 +33,8 @@ pub mod names {
     pub const STORE_LATENCY: &str = "numstream_store_latency_seconds";
     pub const OVERLOADED: &str = "numstream_overloaded";
     pub const STREAM_LIMIT: &str = "numstream_stream_limit";
+    pub const RUN_QUEUE_DEPTH: &str = "numstream_run_queue_depth";
+    pub const ACCEPT_PAUSES: &str = "numstream_accept_pauses_total";
     pub const HANDSHAKE_FAILURES: &str = "numstream_handshake_failures_total";
     pub const REJECTIONS: &str = "numstream_rejections_total";
     pub const SESSIONS_OPEN: &str = "numstream_sessions_open";
@@ -264,6 +266,7 @@ struct Inner {
     ready: Gauge,
     connections: Gauge,
     connections_accepted: Counter,
+    accept_paused: Counter,
     connections_over_limit: Counter,
     admission_refusals: [Counter; AdmissionRefusal::ALL.len()],
     handshake_failures: [Counter; HandshakeFailure::ALL.len()],
@@ -292,6 +295,7 @@ struct OverloadGauges {
     store_latency: Gauge,
     overloaded: Gauge,
     stream_limit: Gauge,
+    run_queue_depth: Gauge,
 }
 
 /// `numstream_sessions_open` and `_awaiting_resume`, sampled from a counter.
@@ -367,6 +371,11 @@ impl Telemetry {
                     vec![],
                     "Sessions this server streams at most before it refuses new ones, learned from its scheduling lag; +Inf until it first runs short.",
                 ),
+                run_queue_depth: r.gauge_or_noop(
+                    names::RUN_QUEUE_DEPTH,
+                    vec![],
+                    "Tasks waiting in the runtime's shared run queue (spawned on a full worker queue, or woken from another thread): a handful on a healthy server; past --overload-queue the server stops accepting connections until it drains.",
+                ),
             }),
             session_gauges: session_count.and_then(|count| {
                 Some(SessionGauges {
@@ -398,6 +407,11 @@ impl Telemetry {
                 names::CONNECTIONS_ACCEPTED,
                 vec![],
                 "Client connections accepted, including those then turned away.",
+            ),
+            accept_paused: r.counter(
+                names::ACCEPT_PAUSES,
+                vec![],
+                "Times the accept loop stopped taking connections until the runtime's shared run queue drained below --overload-queue.",
             ),
             connections_over_limit: r.counter(
                 names::CONNECTIONS_OVER_LIMIT,
@@ -544,6 +558,11 @@ impl Telemetry {
                     .stream_limit()
                     .map_or(f64::INFINITY, |limit| limit as f64),
             );
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                gauges
+                    .run_queue_depth
+                    .set(runtime.metrics().global_queue_depth() as f64);
+            }
         }
         if let Some(gauges) = &self.inner.session_gauges {
             let open = (gauges.count)();
@@ -553,6 +572,11 @@ impl Telemetry {
                 .awaiting_resume
                 .set(open.saturating_sub(attached) as f64);
         }
+    }
+
+    /// The accept loop waited for the run queue to drain.
+    pub(crate) fn accept_pause_ended(&self) {
+        self.inner.accept_paused.increment(1);
     }
 
     pub(crate) fn connection_accepted(&self) {
@@ -592,6 +616,12 @@ impl Telemetry {
 
     /// `Some` while the server refuses new sessions because it is
     /// overloaded.
+    /// `Some(limit)` while the accept loop waits for the run queue to
+    /// drain below `limit` tasks.
+    pub fn accept_paused(&self) -> Option<usize> {
+        self.inner.overload.get()?.accept_paused()
+    }
+
     pub fn overloaded(&self) -> Option<crate::overload::Overloaded> {
         self.inner.overload.get()?.overloaded()
     }

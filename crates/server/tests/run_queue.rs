@@ -1,0 +1,147 @@
+//! A server whose runtime has more work than CPU stops accepting
+//! connections until its shared run queue drains, and an OPEN that waited
+//! in the listen backlog meanwhile for longer than its client waits for a
+//! WELCOME is refused (`server_busy`), not made into a session that nobody
+//! will take (issue 15).
+//!
+//! The server runs in-process on a one-worker multi-thread runtime, as the
+//! binary's runtime is on one core. A flood of tasks that only yield keeps
+//! that worker busy: its own queue holds 256 tasks, the rest overflow into
+//! the runtime's shared queue, which is what tens of thousands of streams
+//! do to a core (there, 6,000-13,000 tasks waited 3-5 s each), without
+//! needing them. The store is in memory: nothing here is about the store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use numstream_harness::raw::RawClient;
+use numstream_harness::wait;
+use numstream_protocol::{ClientId, ErrorCode, Frame, Open};
+use numstream_server::{OverloadLimits, ServerConfig, Telemetry};
+use numstream_store::InMemoryStore;
+
+/// Tasks in the flood: far more than a worker's own queue (256) holds.
+const FLOOD: usize = 4_000;
+/// The run queue depth past which the server stops accepting.
+const RUN_QUEUE: usize = 64;
+/// How long the flood lasts once a connection waits in the backlog:
+/// longer than an OPEN may wait for its store write (3 s), so that its
+/// client has given up by the time the server could answer.
+const FLOOD_AFTER_CONNECT: Duration = Duration::from_secs(4);
+/// Upper bound on any wait here, so that a failure fails instead of
+/// hanging; never what an assertion races.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_deep_run_queue_stops_accepting_and_a_stale_open_gets_server_busy() {
+    let telemetry = Telemetry::disabled();
+    let shutdown = CancellationToken::new();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (flood_tx, flood_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn({
+        let (telemetry, shutdown, flooding) =
+            (telemetry.clone(), shutdown.clone(), flooding.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("the server's runtime");
+            runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                port_tx
+                    .send(listener.local_addr().expect("address").port())
+                    .expect("the test waits for the port");
+                let config = ServerConfig {
+                    overload: OverloadLimits {
+                        run_queue: Some(RUN_QUEUE),
+                        ..OverloadLimits::default()
+                    },
+                    ..ServerConfig::default()
+                };
+                let run = tokio::spawn(numstream_server::run_with_telemetry(
+                    listener,
+                    Arc::new(InMemoryStore::new(100)),
+                    config,
+                    shutdown,
+                    telemetry,
+                ));
+                // Spawned from the worker, so that the flood fills the
+                // worker's own queue first and overflows into the shared one.
+                flood_rx.recv().expect("the test starts the flood");
+                tokio::spawn(async move {
+                    for _ in 0..FLOOD {
+                        let flooding = flooding.clone();
+                        tokio::spawn(async move {
+                            while flooding.load(Ordering::Relaxed) {
+                                tokio::task::yield_now().await;
+                            }
+                        });
+                    }
+                })
+                .await
+                .expect("the flood starts");
+                run.await.expect("server task").expect("server run");
+            });
+        }
+    });
+    let port = port_rx.recv_timeout(PATIENCE).expect("the server listens");
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    flood_tx.send(()).expect("the server thread waits");
+
+    // The accept loop looks at the queue before each accept: the first
+    // connection after the flood wakes it, and is accepted before it looks.
+    let _first = RawClient::connect(address).await;
+    wait::until(PATIENCE, "the accept loop pauses for the run queue", || {
+        let paused = telemetry.accept_paused();
+        async move { paused == Some(RUN_QUEUE) }
+    })
+    .await;
+
+    // This one waits in the listen backlog, its OPEN sent at once.
+    let mut stale = open(address).await;
+    tokio::time::sleep(FLOOD_AFTER_CONNECT).await;
+    assert_eq!(
+        telemetry.accept_paused(),
+        Some(RUN_QUEUE),
+        "the accept loop stopped waiting while the flood still ran"
+    );
+    flooding.store(false, Ordering::Relaxed);
+
+    let message = stale.expect_error(ErrorCode::ServerBusy).await;
+    assert!(
+        message.contains("behind"),
+        "an OPEN that waited {FLOOD_AFTER_CONNECT:?} in the backlog was refused for another reason: {message}"
+    );
+    assert_eq!(telemetry.accept_paused(), None, "the queue drained");
+
+    // Once drained, a fresh OPEN is served as usual.
+    let mut fresh = open(address).await;
+    assert!(
+        matches!(fresh.frame().await, Frame::Welcome(_)),
+        "a fresh OPEN after the queue drained was not welcomed"
+    );
+
+    shutdown.cancel();
+    tokio::task::spawn_blocking(move || server.join())
+        .await
+        .expect("join task")
+        .expect("the server thread must not panic");
+}
+
+/// A connection that has sent an OPEN for a new client id.
+async fn open(address: std::net::SocketAddr) -> RawClient {
+    let mut client = RawClient::connect(address).await;
+    client
+        .send(Frame::Open(Open {
+            client_id: ClientId::new_v4(),
+            count: 5,
+        }))
+        .await;
+    client
+}
