@@ -42,16 +42,30 @@ const EARLY_BYTES: usize = 64;
 pub(crate) struct Early {
     bytes: [u8; EARLY_BYTES],
     len: u8,
+    /// The client closed its end after what it sent: it has stopped
+    /// waiting for an answer.
+    closed: bool,
 }
 
 impl Early {
     pub(crate) const NOTHING: Early = Early {
         bytes: [0; EARLY_BYTES],
         len: 0,
+        closed: false,
     };
 
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Whether the client sent its hello and then closed the connection:
+    /// it gave up waiting (most often in the listen backlog of a server
+    /// that had paused accepting) and will try again with a new
+    /// connection. Serving the hello anyway would make for an OPEN a
+    /// session whose WELCOME nobody reads, and the client's next OPEN
+    /// would find it there (`session_exists`) until it expired.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.closed && self.len > 0
     }
 }
 
@@ -63,10 +77,15 @@ pub(crate) fn read_now(stream: &TcpStream) -> Early {
     // The socket is non-blocking (tokio made it so): this never waits.
     // Read through the socket rather than tokio, whose readiness for a
     // socket just accepted is unknown until its reactor next turns.
-    let read = (&*SockRef::from(stream))
-        .read(&mut early.bytes)
-        .unwrap_or(0);
+    let socket = SockRef::from(stream);
+    let read = (&*socket).read(&mut early.bytes).unwrap_or(0);
     early.len = u8::try_from(read).unwrap_or(0);
+    // A hello is smaller than the buffer, so one read took all that had
+    // arrived; a second one finds the end of the stream if the client has
+    // closed since (or would block, as it does for a client still waiting).
+    if read > 0 && read < EARLY_BYTES {
+        early.closed = matches!((&*socket).read(&mut [0u8; 1]), Ok(0));
+    }
     early
 }
 
@@ -194,6 +213,26 @@ mod tests {
             assert!(!turned_away(&server, &early, peer, &shared));
             assert_eq!(early.bytes(), hello, "what was read goes to the connection");
         }
+    }
+
+    #[tokio::test]
+    async fn a_hello_whose_client_has_closed_is_seen_as_abandoned() {
+        let (client, server) = connected(&encoded(&open())).await;
+        assert!(!read_now(&server).abandoned(), "the client still waits");
+        drop(client);
+        let (client, server) = connected(&encoded(&open())).await;
+        drop(client);
+        numstream_harness::wait::until(Duration::from_secs(10), "the close to arrive", || {
+            let server = &server;
+            async move {
+                let ready = server.ready(tokio::io::Interest::READABLE).await;
+                ready.is_ok_and(|ready| ready.is_read_closed())
+            }
+        })
+        .await;
+        let early = read_now(&server);
+        assert_eq!(early.bytes(), encoded(&open()));
+        assert!(early.abandoned(), "the client closed after its hello");
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ use crate::digest::LogDigest;
 use crate::overload::Overload;
 use crate::peers::{PeerKey, Peers};
 use crate::registry::Registry;
-use crate::telemetry::{AdmissionRefusal, Telemetry};
+use crate::telemetry::{AdmissionRefusal, HandshakeFailure, Telemetry};
 
 /// Connections being turned away at once; past this, excess connections are
 /// closed without a word rather than spending memory on politeness. Each
@@ -158,35 +158,45 @@ async fn serve_listener(
 
     let mut accept_backoff = Duration::from_millis(5);
     let runtime = tokio::runtime::Handle::current().metrics();
-    // Set after a wait for the run queue (see `Overload::wait_for_run_queue`)
-    // until the listen backlog is empty again: the connections that queued
-    // there meanwhile may have waited since then, and their handshake time
-    // counts from then, so that an OPEN whose client has stopped waiting
-    // gets server_busy rather than a session nobody will take.
+    // Set when the accept loop first waits for the run queue (see
+    // `Overload::wait_for_run_queue`), and kept until it finds the queue
+    // short again: the connections taken meanwhile may have waited in the
+    // listen backlog since then (how long each did, the kernel does not
+    // say, and a backlog that looks empty may only not have been reported
+    // yet), so their handshake time counts from then, and an OPEN whose
+    // client has stopped waiting gets server_busy rather than a session
+    // nobody will take. RESUMEs are unaffected: their hello is in the
+    // socket by then, and is read at the door.
     let mut backlog_since: Option<Instant> = None;
     // Connections to take before looking at the run queue again.
     let mut unchecked = 0;
     loop {
         if unchecked > 0 {
             unchecked -= 1;
-        } else if let Some(began) = shared
-            .overload
-            .wait_for_run_queue(|| runtime.global_queue_depth(), &shutdown)
-            .await
-        {
-            shared.telemetry.accept_pause_ended();
-            backlog_since = Some(backlog_since.map_or(began, |since| since.min(began)));
-            unchecked = crate::overload::ACCEPTS_AFTER_PAUSE;
-            if shutdown.is_cancelled() {
-                break;
+        } else {
+            match shared
+                .overload
+                .wait_for_run_queue(|| runtime.global_queue_depth(), &shutdown)
+                .await
+            {
+                Some(began) => {
+                    shared.telemetry.accept_pause_ended();
+                    backlog_since.get_or_insert(began);
+                    unchecked = crate::overload::ACCEPTS_AFTER_PAUSE;
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                None => backlog_since = None,
             }
         }
         let accepted = match backlog_since {
-            // Whatever is in the backlog now, without waiting for more.
+            // Whatever is in the backlog now, without waiting for more:
+            // the loop looks at the queue again before it waits.
             Some(_) => match listener.accept().now_or_never() {
                 Some(accepted) => accepted,
                 None => {
-                    (backlog_since, unchecked) = (None, 0);
+                    unchecked = 0;
                     continue;
                 }
             },
@@ -219,6 +229,11 @@ async fn serve_listener(
             None => crate::door::read_now(&stream),
             Some(_) => crate::door::Early::NOTHING,
         };
+        if early.abandoned() {
+            debug!(%peer, "the client closed after its hello, before it was accepted");
+            shared.handshake_failed(HandshakeFailure::Closed, peer_key);
+            continue;
+        }
         if crate::door::turned_away(&stream, &early, peer_key, &shared) {
             debug!(%peer, "OPEN refused at the door: overloaded");
             continue;
