@@ -221,7 +221,7 @@ struct Args {
     /// wait in the listen backlog, at no cost, until the queue drains.
     /// Reported in /metrics (numstream_run_queue_depth) and /readyz.
     ///
-    /// Example: --overload-queue 5000
+    /// Example: --overload-queue 10000
     #[arg(long, value_name = "TASKS", default_value_t = numstream_server::DEFAULT_RUN_QUEUE, allow_hyphen_values = true, value_parser = integer_in(0u32, 10_000_000))]
     overload_queue: u32,
 

@@ -178,7 +178,7 @@ async fn a_starved_server_loses_no_admitted_stream_and_refuses_new_ones() {
         &redis.url(),
         starved_config(OverloadLimits {
             // The hog makes every timer about 100 ms late: the target sits
-            // below that, the accept pause (3x) and shedding (5x) above.
+            // below that, shedding (5x) above.
             scheduling_lag: Some(Duration::from_millis(50)),
             // A limit for a few dozen streams (see the module docs).
             stream_floor: WAVE / 2,
