@@ -80,7 +80,8 @@ pub mod buckets {
 pub(crate) enum HandshakeFailure {
     /// No complete OPEN or RESUME within `--handshake-timeout`.
     Timeout,
-    /// The peer closed before sending one.
+    /// The peer closed before sending one, or sent it and closed before
+    /// the connection was accepted (it gave up waiting in the backlog).
     Closed,
     /// Reading failed (reset, ...).
     IoError,
