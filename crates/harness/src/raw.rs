@@ -53,6 +53,19 @@ impl RawClient {
         Self::over(stream)
     }
 
+    /// Connects to `addr` and sends an OPEN of `count` numbers for a
+    /// fresh client id: a client that then waits for its answer.
+    pub async fn opened(addr: SocketAddr, count: u16) -> Self {
+        let mut client = Self::connect(addr).await;
+        client
+            .send(Frame::Open(numstream_protocol::Open {
+                client_id: numstream_protocol::ClientId::new_v4(),
+                count,
+            }))
+            .await;
+        client
+    }
+
     /// A raw client on an already connected stream.
     pub fn over(stream: TcpStream) -> Self {
         Self {

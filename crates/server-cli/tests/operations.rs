@@ -580,13 +580,7 @@ async fn readyz_fails_while_the_server_is_saturated() {
     // Two streaming connections hold both connection slots.
     let mut streaming = Vec::new();
     for _ in 0..2 {
-        let mut client = RawClient::connect(address).await;
-        client
-            .send(Frame::Open(Open {
-                client_id: ClientId::new_v4(),
-                count: 1000,
-            }))
-            .await;
+        let mut client = RawClient::opened(address, 1000).await;
         assert!(matches!(client.frame().await, Frame::Welcome(_)));
         streaming.push(client);
     }

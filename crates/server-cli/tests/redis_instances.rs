@@ -122,22 +122,9 @@ async fn open(addr: SocketAddr, client_id: ClientId, count: u16) -> (RawClient, 
     }
 }
 
-/// A connection to `addr` that has sent an OPEN of a few numbers for a
-/// fresh client id.
-async fn send_open(addr: SocketAddr) -> RawClient {
-    let mut client = RawClient::connect(addr).await;
-    client
-        .send(Frame::Open(Open {
-            client_id: ClientId::new_v4(),
-            count: 5,
-        }))
-        .await;
-    client
-}
-
 /// An OPEN on `addr` must get the retryable `store_unavailable`.
 async fn open_refused_as_store_unavailable(addr: SocketAddr) {
-    let mut client = send_open(addr).await;
+    let mut client = RawClient::opened(addr, 5).await;
     match client.frame().await {
         Frame::Error(error) => {
             assert_eq!(error.code, ErrorCode::StoreUnavailable, "{error}");
@@ -350,7 +337,7 @@ async fn max_sessions_bounds_the_deployment_across_instances() {
         held.push(open(addr, ClientId::new_v4(), 100).await);
     }
     for addr in [a, b] {
-        let message = send_open(addr)
+        let message = RawClient::opened(addr, 5)
             .await
             .expect_error(ErrorCode::ServerBusy)
             .await;

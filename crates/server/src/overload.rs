@@ -74,10 +74,10 @@ pub(crate) const OPEN_HOLD: Duration = Duration::from_secs(2);
 pub(crate) const LATEST_CREATE: Duration = Duration::from_secs(3);
 /// Default [`OverloadLimits::run_queue`]: a healthy server's shared run
 /// queue holds a handful of tasks; under the overload of issue 15 it held
-/// 6,000–13,000 and each waited 3–5 s there, and at 2,000–3,000 a task
-/// waited 0.4–0.8 s (measured with a probe woken from another thread,
-/// against `global_queue_depth`): still well within the 5 s a client
-/// gives its handshake. 3,000 rather than 1,000 because at 80,000
+/// 6,000–13,000 and each waited 3–5 s there, and at 2,000–3,300 a task
+/// waited 0.4–1.5 s (measured with a probe woken from another thread,
+/// against `global_queue_depth`): within the 5 s a client gives its
+/// handshake. 3,000 rather than 1,000 because at 80,000
 /// sessions on one core with Redis it verified more (92.4–98.8%, median
 /// 94.0%, in four runs, against 87.3–94.9%, median 92.3%, in three; every
 /// session admitted kept either way).
@@ -465,8 +465,8 @@ impl Overload {
     /// few dozen polls. So once the server has more work than CPU, that
     /// queue grows and whatever lands there waits seconds, while a timer's
     /// task still runs on time: under issue 15's overload it held
-    /// 6,000–13,000 tasks and each waited 3–5 s, while the scheduling-lag
-    /// probe read 50–120 ms. A new connection's task is among them: it was
+    /// 6,000–13,000 tasks and each waited 3–5 s, while a timer's task ran
+    /// 35–120 ms late. A new connection's task is among them: it was
     /// read after its client had given up (`handshake_timeout`), or its
     /// WELCOME came too late, and every such attempt cost the server an
     /// accept, a task, a store write and a close, and came back. A

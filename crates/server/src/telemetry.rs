@@ -267,7 +267,7 @@ struct Inner {
     ready: Gauge,
     connections: Gauge,
     connections_accepted: Counter,
-    accept_paused: Counter,
+    accept_pauses: Counter,
     connections_over_limit: Counter,
     admission_refusals: [Counter; AdmissionRefusal::ALL.len()],
     handshake_failures: [Counter; HandshakeFailure::ALL.len()],
@@ -375,7 +375,7 @@ impl Telemetry {
                 run_queue_depth: r.gauge_or_noop(
                     names::RUN_QUEUE_DEPTH,
                     vec![],
-                    "Tasks waiting in the runtime's shared run queue (spawned on a full worker queue, or woken from another thread): a handful on a healthy server; past --overload-queue the server stops accepting connections until it drains.",
+                    "Tasks waiting in the runtime's shared run queue (spawned on a full worker queue, or woken from another thread): a handful on a healthy server; past --overload-queue the server stops accepting connections until it drains (at most 2 s at a time).",
                 ),
             }),
             session_gauges: session_count.and_then(|count| {
@@ -409,7 +409,7 @@ impl Telemetry {
                 vec![],
                 "Client connections accepted, including those then turned away.",
             ),
-            accept_paused: r.counter(
+            accept_pauses: r.counter(
                 names::ACCEPT_PAUSES,
                 vec![],
                 "Times the accept loop stopped taking connections until the runtime's shared run queue drained below --overload-queue.",
@@ -577,7 +577,7 @@ impl Telemetry {
 
     /// The accept loop waited for the run queue to drain.
     pub(crate) fn accept_pause_ended(&self) {
-        self.inner.accept_paused.increment(1);
+        self.inner.accept_pauses.increment(1);
     }
 
     pub(crate) fn connection_accepted(&self) {
@@ -615,14 +615,14 @@ impl Telemetry {
         let _ = self.inner.overload.set(overload);
     }
 
-    /// `Some` while the server refuses new sessions because it is
-    /// overloaded.
     /// `Some(limit)` while the accept loop waits for the run queue to
     /// drain below `limit` tasks.
     pub fn accept_paused(&self) -> Option<usize> {
         self.inner.overload.get()?.accept_paused()
     }
 
+    /// `Some` while the server refuses new sessions because it is
+    /// overloaded.
     pub fn overloaded(&self) -> Option<crate::overload::Overloaded> {
         self.inner.overload.get()?.overloaded()
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use numstream_harness::raw::RawClient;
 use numstream_harness::wait;
-use numstream_protocol::{ClientId, ErrorCode, Frame, Open};
+use numstream_protocol::{ErrorCode, Frame};
 use numstream_server::{OverloadLimits, ServerConfig, Telemetry};
 use numstream_store::InMemoryStore;
 
@@ -124,7 +124,7 @@ async fn a_deep_run_queue_stops_accepting_and_a_stale_open_gets_server_busy() {
             .expect("connect");
         wakers.lock().expect("not poisoned").push(filler);
     }
-    let mut stale = open(address).await;
+    let mut stale = RawClient::opened(address, 5).await;
     tokio::time::sleep(FLOOD_AFTER_CONNECT).await;
     flooding.store(false, Ordering::Relaxed);
 
@@ -144,7 +144,7 @@ async fn a_deep_run_queue_stops_accepting_and_a_stale_open_gets_server_busy() {
     .await;
 
     // Once drained, a fresh OPEN is served as usual.
-    let mut fresh = open(address).await;
+    let mut fresh = RawClient::opened(address, 5).await;
     assert!(
         matches!(fresh.frame().await, Frame::Welcome(_)),
         "a fresh OPEN after the queue drained was not welcomed"
@@ -155,16 +155,4 @@ async fn a_deep_run_queue_stops_accepting_and_a_stale_open_gets_server_busy() {
         .await
         .expect("join task")
         .expect("the server thread must not panic");
-}
-
-/// A connection that has sent an OPEN for a new client id.
-async fn open(address: std::net::SocketAddr) -> RawClient {
-    let mut client = RawClient::connect(address).await;
-    client
-        .send(Frame::Open(Open {
-            client_id: ClientId::new_v4(),
-            count: 5,
-        }))
-        .await;
-    client
 }
