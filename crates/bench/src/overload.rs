@@ -226,8 +226,9 @@ pub(crate) async fn run(
                 );
             }
         }
-        if server.server_log.is_some() {
-            let counts = server_log::count(&log)?;
+        // `--server-log` given with `--lean` names the log itself.
+        if let Some(log) = &server.server_log {
+            let counts = server_log::count(log)?;
             diagnosis.insert("server log".into(), serde_json::json!(counts));
             diagnosis.insert("server log file".into(), log.display().to_string().into());
         }

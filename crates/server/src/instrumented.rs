@@ -146,6 +146,10 @@ impl SessionStore for InstrumentedStore {
         self.inner.latency()
     }
 
+    fn renewal_lag(&self) -> Option<Duration> {
+        self.inner.renewal_lag()
+    }
+
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         self.inner.takeover_notices()
     }

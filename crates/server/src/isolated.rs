@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
 use numstream_protocol::{ClientId, ResumeToken};
@@ -39,8 +39,22 @@ use numstream_store::{
 
 use crate::overload::smooth;
 
+/// Most operations of one server in flight in the store at once; past it,
+/// an operation fails at once (`Unavailable`, which clients retry) instead
+/// of queueing. A store slower than its load (Redis short of CPU) answers
+/// an operation queued behind thousands of others after its caller's
+/// timeout, yet still runs it: the caller retries, and the store's queue
+/// fills with work nobody waits for. A resume whose attach timed out that
+/// way even took its session over (a new generation) for nothing, and the
+/// next resume had to take it over again. Measured in the 100,000-session
+/// Redis run of issue 15: 117,101 attaches and creates timed out while
+/// Redis ran each script in 235 µs instead of 65 µs. At a healthy store's
+/// millisecond this bound allows 256,000 operations a second, so it only
+/// ever binds on a store that cannot keep up. Lease renewals do not count:
+/// they go out one batch at a time (see [`crate::renewals`]).
+const MOST_IN_FLIGHT: usize = 256;
 /// Weight of one operation in the smoothed latency: about the last ten.
-const LATENCY_SMOOTHING: f64 = 0.1;
+pub(crate) const LATENCY_SMOOTHING: f64 = 0.1;
 
 /// Why the store's runtime could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +69,14 @@ pub enum IsolationError {
 pub struct IsolatedStore {
     inner: Arc<dyn SessionStore>,
     runtime: Handle,
+    /// `inner` batches renewals itself on the store's runtime (we wrapped
+    /// it so): a renewal is queued from the caller's thread, not spawned.
+    batched_here: bool,
     latency_ns: Arc<AtomicU64>,
+    /// [`SessionStore::renewal_lag`], when we batch the renewals.
+    renewal_lag_ns: Option<Arc<AtomicU64>>,
+    /// Places for operations in flight ([`MOST_IN_FLIGHT`]).
+    in_flight: Arc<Semaphore>,
     /// Dropping it stops the store's runtime, once the last clone of this
     /// store is gone.
     _stop: oneshot::Sender<()>,
@@ -76,6 +97,10 @@ impl IsolatedStore {
     /// doing I/O (e.g. `RedisStore::connect_lazy`), so that its connection
     /// and the tasks driving it are made on the store's runtime too.
     pub fn wrap(inner: Arc<dyn SessionStore>) -> Result<Arc<dyn SessionStore>, IsolationError> {
+        Ok(Arc::new(Self::start(inner)?))
+    }
+
+    fn start(inner: Arc<dyn SessionStore>) -> Result<Self, IsolationError> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -109,18 +134,37 @@ impl IsolatedStore {
         // starved server runtime it sent them as late as that runtime ran
         // it, every renewal behind it waited, and leases lapsed with Redis
         // idle (issue 15, measured: renewals 1.6 s on average).
-        let inner = if inner.is_shared() && !inner.batches_renewals() {
+        //
+        // Each renewal is queued for that task straight from the caller's
+        // thread rather than spawned there as its own operation: the
+        // queue wakes the store's thread once per batch, not once per
+        // renewal, and a task spawned per renewal cost the store thread
+        // as much as a create did (3,500 renewals a second at 35,000
+        // streams; issue 15's profile put the store threads at 17% of
+        // the servers' core).
+        let latency_ns = Arc::new(AtomicU64::new(0));
+        let batched_here = inner.is_shared() && !inner.batches_renewals();
+        let mut renewal_lag_ns = None;
+        let inner = if batched_here {
             let _on_the_store_runtime = runtime.enter();
-            crate::renewals::BatchedRenewals::wrap(inner)
+            let gauges = crate::renewals::RenewalGauges {
+                latency: latency_ns.clone(),
+                ..Default::default()
+            };
+            renewal_lag_ns = Some(gauges.lag.clone());
+            crate::renewals::BatchedRenewals::wrap_timed(inner, Some(gauges))
         } else {
             inner
         };
-        Ok(Arc::new(Self {
+        Ok(Self {
             inner,
             runtime,
-            latency_ns: Arc::new(AtomicU64::new(0)),
+            batched_here,
+            latency_ns,
+            renewal_lag_ns,
+            in_flight: Arc::new(Semaphore::new(MOST_IN_FLIGHT)),
             _stop: stop,
-        }))
+        })
     }
 
     /// Runs `operation` on the store's runtime, timing it there.
@@ -128,11 +172,21 @@ impl IsolatedStore {
         &self,
         operation: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let Ok(place) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(StoreError::Unavailable(format!(
+                "the session store is behind: {MOST_IN_FLIGHT} operations of this server \
+                 are still in flight"
+            )));
+        };
         let latency = self.latency_ns.clone();
+        // The place is held until the operation ends in the store, not
+        // until its caller stops waiting: that is when the store is done
+        // with it.
         let task = self.runtime.spawn(async move {
             let started = Instant::now();
             let result = operation.await;
             smooth(&latency, started.elapsed(), LATENCY_SMOOTHING);
+            drop(place);
             result
         });
         task.await.map_err(|error| {
@@ -174,6 +228,9 @@ impl SessionStore for IsolatedStore {
         generation: u64,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        if self.batched_here {
+            return self.inner.renew(client_id, generation, lease).await;
+        }
         let inner = self.inner.clone();
         self.there(async move { inner.renew(client_id, generation, lease).await })
             .await?
@@ -237,6 +294,13 @@ impl SessionStore for IsolatedStore {
         ))
     }
 
+    fn renewal_lag(&self) -> Option<Duration> {
+        match &self.renewal_lag_ns {
+            Some(lag) => Some(Duration::from_nanos(lag.load(Ordering::Relaxed))),
+            None => self.inner.renewal_lag(),
+        }
+    }
+
     /// The subscription's tasks are spawned on the store's runtime too.
     fn takeover_notices(&self) -> Option<BoxStream<'static, TakeoverNotice>> {
         let _on_store_runtime = self.runtime.enter();
@@ -247,7 +311,29 @@ impl SessionStore for IsolatedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use numstream_store::InMemoryStore;
+    use numstream_store::{InMemoryStore, NewSession};
+
+    /// Sessions 1 to `count`, created in `store`.
+    async fn created(store: &dyn SessionStore, count: u8) -> Vec<NewSession> {
+        let sessions: Vec<_> = (1..=count)
+            .map(numstream_store::conformance::session)
+            .collect();
+        for session in &sessions {
+            store
+                .create(*session, Duration::from_secs(1))
+                .await
+                .expect("create");
+        }
+        sessions
+    }
+
+    /// A renewal of generation 1 of `client_id`, on a task of its own.
+    fn renewal<S: SessionStore + ?Sized + 'static>(
+        store: Arc<S>,
+        client_id: ClientId,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        tokio::spawn(async move { store.renew(client_id, 1, Duration::from_secs(60)).await })
+    }
 
     /// The caller's runtime is blocked (its only thread sleeps without
     /// yielding), yet a store operation that needs a runtime to finish (a
@@ -330,21 +416,8 @@ mod tests {
             } else {
                 crate::renewals::BatchedRenewals::wrap(store)
             };
-            let sessions: Vec<_> = (1..=20)
-                .map(numstream_store::conformance::session)
-                .collect();
-            for session in &sessions {
-                store
-                    .create(*session, Duration::from_secs(1))
-                    .await
-                    .expect("create");
-            }
-            let renew = |client_id| {
-                let store = store.clone();
-                tokio::spawn(
-                    async move { store.renew(client_id, 1, Duration::from_secs(60)).await },
-                )
-            };
+            let sessions = created(&*store, 20).await;
+            let renew = |client_id| renewal(store.clone(), client_id);
             let first = renew(sessions[0].client_id);
             while shared.renew_many_calls.load(Relaxed) == 0 {
                 tokio::task::yield_now().await;
@@ -372,6 +445,112 @@ mod tests {
                 assert_eq!(renewal.await.expect("task"), Ok(()));
             }
         });
+    }
+
+    /// A renewal is queued for the batching task from the caller's thread,
+    /// not spawned onto the store's runtime as an operation of its own: 50
+    /// renewals waiting behind a slow batch leave the store's runtime with
+    /// its batching task and little else, where a task each would be 50
+    /// more (each a wake-up and a poll of the store's thread; issue 15).
+    #[tokio::test]
+    async fn renewals_are_queued_not_spawned_on_the_stores_runtime() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = Arc::new(crate::test_store::TestStore {
+            renew_many_delay: Duration::from_millis(300),
+            ..Default::default()
+        });
+        let store = Arc::new(IsolatedStore::start(shared.clone()).expect("isolate"));
+        let idle_tasks = store.runtime.metrics().num_alive_tasks();
+        let sessions = created(&*store, 50).await;
+        let renew = |client_id| renewal(store.clone(), client_id);
+        // One renewal first, so that the rest queue behind its batch.
+        let mut renewals = vec![renew(sessions[0].client_id)];
+        numstream_harness::wait::until_sync(
+            Duration::from_secs(5),
+            "a renewal batch in flight",
+            || shared.renew_many_calls.load(Relaxed) > 0,
+        )
+        .await;
+        renewals.extend(sessions[1..].iter().map(|session| renew(session.client_id)));
+        // Let them all ask (the batch in flight takes 300 ms).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let busy_tasks = store.runtime.metrics().num_alive_tasks();
+        assert!(
+            busy_tasks <= idle_tasks + 2,
+            "{busy_tasks} tasks on the store's runtime with renewals queued, {idle_tasks} idle"
+        );
+        // The renewals queued behind the first batch had waited its
+        // 300 ms when it ended; the second batch is in flight.
+        numstream_harness::wait::until_sync(Duration::from_secs(5), "a second batch", || {
+            shared.renew_many_calls.load(Relaxed) >= 2
+        })
+        .await;
+        let lag = store.renewal_lag().expect("measured");
+        assert!(lag >= Duration::from_millis(300), "renewal lag {lag:?}");
+        for renewal in renewals {
+            assert_eq!(renewal.await.expect("task"), Ok(()));
+        }
+        assert!(
+            shared.renew_many_calls.load(Relaxed) < 50,
+            "one store call per renewal: not batched"
+        );
+        // Nothing waits any more: no lag.
+        numstream_harness::wait::until_sync(Duration::from_secs(5), "no renewal lag", || {
+            store.renewal_lag() == Some(Duration::ZERO)
+        })
+        .await;
+    }
+
+    /// Operations past [`MOST_IN_FLIGHT`] fail at once instead of
+    /// queueing behind a store that cannot keep up; the places come back
+    /// as the operations end, and renewals are never refused for it.
+    #[tokio::test]
+    async fn operations_past_the_in_flight_bound_fail_at_once() {
+        let slow = Arc::new(crate::test_store::TestStore {
+            lookup_delay: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let store = Arc::new(IsolatedStore::start(slow).expect("isolate"));
+        let session = numstream_store::conformance::session(1);
+        store
+            .create(session, Duration::from_secs(60))
+            .await
+            .expect("create");
+        let lookups: Vec<_> = (0..MOST_IN_FLIGHT)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.lookup(session.client_id).await })
+            })
+            .collect();
+        numstream_harness::wait::until_sync(Duration::from_secs(5), "every place taken", || {
+            store.in_flight.available_permits() == 0
+        })
+        .await;
+        let started = std::time::Instant::now();
+        let refused = store.lookup(session.client_id).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("in flight")),
+            "{refused:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "refused after {:?}: it queued",
+            started.elapsed()
+        );
+        assert_eq!(
+            store
+                .renew(session.client_id, 1, Duration::from_secs(60))
+                .await,
+            Ok(()),
+            "a renewal is not an operation in flight"
+        );
+        for lookup in lookups {
+            assert!(lookup.await.expect("task").expect("lookup").is_some());
+        }
+        assert!(
+            store.lookup(session.client_id).await.is_ok(),
+            "the places came back"
+        );
     }
 
     #[tokio::test]

@@ -15,7 +15,9 @@
 //! refusing late is too late. Hence two mechanisms:
 //!
 //! - **A stream limit, found like TCP's congestion window** ([`StreamLimit`]):
-//!   none until the lag first passes its target (`--overload-lag`); then
+//!   none until the lag (or, with a shared store, how long lease renewals
+//!   wait for the store, [`SessionStore::renewal_lag`]) first passes its
+//!   target (`--overload-lag`); then
 //!   at most 90% of the sessions streaming at that moment, cut again
 //!   while the lag stays high and the streams are at the limit, and
 //!   growing by 2% a second while the lag is healthy and the limit is
@@ -95,6 +97,18 @@ pub(crate) const LONGEST_ACCEPT_PAUSE: Duration = Duration::from_secs(2);
 /// looks at the run queue again: so that a queue that stays deep still
 /// lets connections (and the resumes among them) in at a bounded rate.
 pub(crate) const ACCEPTS_AFTER_PAUSE: usize = 128;
+/// How long lease renewals may wait for a shared store before the stream
+/// limit treats it as the scheduling lag at its target: a tenth of the
+/// 20 s a (default, 30 s) lease leaves before a stream must stop. Not the
+/// lag's own 500 ms: renewals queue behind one another (one batch in
+/// flight), so on a busy core they wait hundreds of milliseconds with the
+/// store healthy and every lease safe, while a store that is really
+/// behind makes them wait many seconds (issue 15's 100,000-session run:
+/// past 20 s for 40,715 streams). With 500 ms, one 80,000-session run on
+/// one core cut its limits at 6,500–7,200 streams a server, where runs
+/// without this signal had cut at 7,700–9,100: not shown to be the cause,
+/// but not worth the risk.
+const RENEWAL_LAG_TARGET: Duration = Duration::from_secs(2);
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
 /// The hold takes at most this many times the OPENs that places freed for
@@ -240,6 +254,16 @@ impl StreamLimit {
     #[cfg(test)]
     fn limit(&self) -> Option<usize> {
         self.limit
+    }
+
+    /// `signal`, a delay whose own target is `its_target`, as the lag
+    /// that is as far from this limit's target.
+    fn scaled_to_target(&self, signal: Duration, its_target: Duration) -> Duration {
+        if its_target.is_zero() {
+            return Duration::ZERO;
+        }
+        self.target
+            .mul_f64(signal.as_secs_f64() / its_target.as_secs_f64())
     }
 
     /// Folds in one lag sample taken `elapsed` after the previous one,
@@ -399,7 +423,7 @@ pub struct Overload {
     hold_rate_milli: AtomicU64,
 }
 
-fn to_ns(duration: Duration) -> u64 {
+pub(crate) fn to_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -775,9 +799,15 @@ impl Overload {
                 }
                 overload.record_lag(lag);
                 let streams = telemetry.streaming_now();
-                let learned = limit
-                    .as_mut()
-                    .and_then(|limit| limit.on_sample(lag, now - last, streams));
+                // Leases are a cost of every stream too: a store that
+                // renews them later and later (Redis short of CPU) carries
+                // fewer streams than the core does, and past the lease's
+                // margin every stream it was late for stops.
+                let learned = limit.as_mut().and_then(|limit| {
+                    let renewals = store.renewal_lag().unwrap_or_default();
+                    let behind = lag.max(limit.scaled_to_target(renewals, RENEWAL_LAG_TARGET));
+                    limit.on_sample(behind, now - last, streams)
+                });
                 overload.set_stream_limit(learned, streams);
                 overload.sample_hold_rate(now - last);
                 overload.hand_out_room(streams);
@@ -1128,6 +1158,38 @@ mod tests {
         // Off: never waits.
         let off = Overload::new(OverloadLimits::OFF);
         assert_eq!(off.wait_for_run_queue(queue(), &stop).await, None);
+    }
+
+    /// Lease renewals waiting long for the store set a stream limit as the
+    /// scheduling lag does: the store, not the core, is what these streams
+    /// have run short of (Redis starved of CPU, issue 15's 100,000-session
+    /// run, where 40,715 streams stopped on renewals answered too late).
+    #[tokio::test]
+    async fn renewals_waiting_for_the_store_set_a_stream_limit() {
+        let overload = Arc::new(Overload::new(OverloadLimits {
+            stream_floor: 10,
+            ..OverloadLimits::default()
+        }));
+        let store = Arc::new(crate::test_store::TestStore::default());
+        let telemetry = Telemetry::disabled();
+        let _streams: Vec<_> = (0..50).map(|_| telemetry.session_attached()).collect();
+        assert_eq!(telemetry.streaming_now(), 50);
+        let stop = CancellationToken::new();
+        overload.spawn_probe(store.clone(), telemetry, stop.clone());
+        // Renewals answered at once, or within their own target: no limit.
+        tokio::time::sleep(PROBE_EVERY * 5).await;
+        store.renewal_lag_ms.store(1_500, Ordering::Relaxed);
+        tokio::time::sleep(PROBE_EVERY * 5).await;
+        assert_eq!(overload.stream_limit(), None);
+        // Renewals answered 5 s after they were asked: past their 2 s
+        // target, the limit is cut to 90% of the streams.
+        store.renewal_lag_ms.store(5_000, Ordering::Relaxed);
+        numstream_harness::wait::until_sync(Duration::from_secs(5), "a stream limit", || {
+            overload.stream_limit().is_some()
+        })
+        .await;
+        assert_eq!(overload.stream_limit(), Some(45));
+        stop.cancel();
     }
 
     /// A runtime whose only thread is kept busy runs timers late: the

@@ -9,11 +9,15 @@
 //! store makes the next batch larger, not the queue longer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use crate::isolated::LATENCY_SMOOTHING;
+use crate::overload::{smooth, to_ns};
 use numstream_protocol::{ClientId, ResumeToken};
 use numstream_store::{
     Attachment, NewSession, Occupancy, SessionInfo, SessionStore, StoreError, TakeoverNotice,
@@ -28,6 +32,9 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
 struct Renewal {
+    /// When the connection asked: how long it waited is how far behind
+    /// the store is (see [`SessionStore::renewal_lag`]).
+    queued: Instant,
     client_id: ClientId,
     generation: u64,
     lease: Duration,
@@ -53,13 +60,36 @@ impl BatchedRenewals {
     /// Wraps `inner` and starts the batching task, which ends when the
     /// wrapper is dropped. Must run inside a tokio runtime.
     pub(crate) fn wrap(inner: Arc<dyn SessionStore>) -> Arc<dyn SessionStore> {
+        Self::wrap_timed(inner, None)
+    }
+
+    /// [`BatchedRenewals::wrap`], measuring into `gauges` (see
+    /// [`crate::isolated`]).
+    pub(crate) fn wrap_timed(
+        inner: Arc<dyn SessionStore>,
+        gauges: Option<RenewalGauges>,
+    ) -> Arc<dyn SessionStore> {
         let (queue, pending) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(send_batches(inner.clone(), pending));
+        tokio::spawn(send_batches(inner.clone(), pending, gauges));
         Arc::new(Self { inner, queue })
     }
 }
 
-async fn send_batches(store: Arc<dyn SessionStore>, mut pending: mpsc::Receiver<Renewal>) {
+/// What the batching task measures, in nanoseconds.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RenewalGauges {
+    /// Each batch's round trip, folded into the store's smoothed latency.
+    pub(crate) latency: Arc<AtomicU64>,
+    /// How long the oldest renewal of the last batch had waited when it
+    /// was answered; zero once the queue is empty.
+    pub(crate) lag: Arc<AtomicU64>,
+}
+
+async fn send_batches(
+    store: Arc<dyn SessionStore>,
+    mut pending: mpsc::Receiver<Renewal>,
+    gauges: Option<RenewalGauges>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Every renewal asks for the server's one lease length; should
@@ -73,11 +103,23 @@ async fn send_batches(store: Arc<dyn SessionStore>, mut pending: mpsc::Receiver<
                 .iter()
                 .map(|renewal| (renewal.client_id, renewal.generation))
                 .collect();
+            let started = Instant::now();
             let results = store.renew_many(&keys, lease).await;
+            if let Some(gauges) = &gauges {
+                smooth(&gauges.latency, started.elapsed(), LATENCY_SMOOTHING);
+                let oldest = same.iter().map(|renewal| renewal.queued).min();
+                let waited = oldest.map_or(Duration::ZERO, |queued| queued.elapsed());
+                gauges.lag.store(to_ns(waited), Ordering::Relaxed);
+            }
             for (renewal, result) in same.into_iter().zip(results) {
                 // The connection may have ended meanwhile; nobody to tell.
                 let _ = renewal.reply.send(result);
             }
+        }
+        if pending.is_empty()
+            && let Some(gauges) = &gauges
+        {
+            gauges.lag.store(0, Ordering::Relaxed);
         }
     }
 }
@@ -113,6 +155,7 @@ impl SessionStore for BatchedRenewals {
     ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         let renewal = Renewal {
+            queued: Instant::now(),
             client_id,
             generation,
             lease,
@@ -164,6 +207,10 @@ impl SessionStore for BatchedRenewals {
 
     fn latency(&self) -> Option<Duration> {
         self.inner.latency()
+    }
+
+    fn renewal_lag(&self) -> Option<Duration> {
+        self.inner.renewal_lag()
     }
 
     fn batches_renewals(&self) -> bool {

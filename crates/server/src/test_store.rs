@@ -2,7 +2,7 @@
 //! renewals that can be made to fail and batched renewals that are counted
 //! and can be made slow.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use numstream_protocol::{ClientId, ResumeToken};
@@ -18,6 +18,10 @@ pub(crate) struct TestStore {
     pub(crate) renew_many_calls: AtomicUsize,
     pub(crate) renewals_batched: AtomicUsize,
     pub(crate) renew_many_delay: Duration,
+    /// How long each `lookup` takes (a slow store).
+    pub(crate) lookup_delay: Duration,
+    /// What [`SessionStore::renewal_lag`] reports, in milliseconds.
+    pub(crate) renewal_lag_ms: AtomicU64,
 }
 
 impl Default for TestStore {
@@ -28,6 +32,8 @@ impl Default for TestStore {
             renew_many_calls: AtomicUsize::new(0),
             renewals_batched: AtomicUsize::new(0),
             renew_many_delay: Duration::ZERO,
+            lookup_delay: Duration::ZERO,
+            renewal_lag_ms: AtomicU64::new(0),
         }
     }
 }
@@ -85,6 +91,7 @@ impl SessionStore for TestStore {
         self.inner.complete(client_id, generation).await
     }
     async fn lookup(&self, client_id: ClientId) -> Result<Option<SessionInfo>, StoreError> {
+        tokio::time::sleep(self.lookup_delay).await;
         self.inner.lookup(client_id).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
@@ -92,5 +99,10 @@ impl SessionStore for TestStore {
     }
     async fn occupancy(&self) -> Result<Option<Occupancy>, StoreError> {
         self.inner.occupancy().await
+    }
+    fn renewal_lag(&self) -> Option<Duration> {
+        Some(Duration::from_millis(
+            self.renewal_lag_ms.load(Ordering::Relaxed),
+        ))
     }
 }

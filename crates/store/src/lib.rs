@@ -253,6 +253,15 @@ pub trait SessionStore: Send + Sync + Debug + 'static {
         None
     }
 
+    /// How long the lease renewals answered last had waited, from when
+    /// their connections asked to when the store answered: how far behind
+    /// the store is with the leases of the sessions this server streams.
+    /// Zero while none wait. `None` where nobody measures it (a store that
+    /// is not shared renews in microseconds).
+    fn renewal_lag(&self) -> Option<Duration> {
+        None
+    }
+
     /// Whether [`SessionStore::renew`] already gathers concurrent calls
     /// into [`SessionStore::renew_many`] batches, so that a caller must not
     /// batch them again. `false` by default.
