@@ -132,6 +132,13 @@ pub struct RedisStoreConfig {
     pub wait_replicas: usize,
     /// The longest `WAIT` for [`wait_replicas`](Self::wait_replicas).
     pub replica_wait: Duration,
+    /// Limit on a batch of lease renewals ([`SessionStore::renew_many`]),
+    /// which on one Redis go over a connection of their own. Longer than
+    /// [`operation_timeout`](Self::operation_timeout): a renewal answered
+    /// late still confirms its lease (from when it was sent), where a
+    /// timeout turns a store that is slow into one that fails, and the
+    /// renewal, which Redis ran all the same, is sent again.
+    pub renewal_timeout: Duration,
 }
 
 impl Default for RedisStoreConfig {
@@ -148,6 +155,9 @@ impl Default for RedisStoreConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             wait_replicas: 0,
             replica_wait: Duration::from_millis(50),
+            // Under the 10 s between a default lease's renewals: an answer
+            // later than that is overtaken by the next renewal anyway.
+            renewal_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -160,6 +170,10 @@ pub struct RedisStore {
     /// Made by the first operation that finds Redis up; until then every
     /// operation tries once more (the connection reconnects by itself after).
     connection: Arc<OnceCell<Connection>>,
+    /// On one Redis, lease renewals' own connection, made on first use
+    /// (see [`RedisStore::renew_many`]); a cluster's renewals share
+    /// `connection`, which already holds a connection per node.
+    renewals: Arc<OnceCell<Connection>>,
     scripts: Arc<Scripts>,
     prefix: Arc<str>,
     /// Where each session's keys, index and takeover channel are.
@@ -174,6 +188,8 @@ enum Endpoint {
     Single {
         client: Client,
         manager_config: ConnectionManagerConfig,
+        /// `manager_config` with the renewals' longer response timeout.
+        renewals_config: ConnectionManagerConfig,
     },
     /// A Redis Cluster from its seed nodes: the client follows MOVED and
     /// ASK and reloads the slot map by itself.
@@ -193,6 +209,21 @@ impl fmt::Debug for RedisStore {
             .field("max_sessions", &self.config.max_sessions)
             .finish_non_exhaustive()
     }
+}
+
+/// Which connection an operation goes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The one every operation shares.
+    Shared,
+    /// Lease renewal batches' own, on one Redis: Redis answers a
+    /// connection's commands in order, so on the shared one a batch
+    /// waited behind every attach and create the server had sent before
+    /// it, and when Redis fell behind (issue 15's 100,000-session run,
+    /// Redis short of CPU) renewals waited past their leases' margin and
+    /// 38,500–44,300 streams stopped. Their own connection puts them
+    /// beside that queue instead of behind it.
+    Renewals,
 }
 
 /// The keys a per-session script is given.
@@ -245,7 +276,7 @@ impl RedisStore {
     /// [`connect`](Self::connect) with explicit timeouts.
     pub async fn connect_with(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
         let store = Self::connect_lazy(url, config)?;
-        tokio::time::timeout(store.config.operation_timeout, store.manager())
+        tokio::time::timeout(store.config.operation_timeout, store.manager(Lane::Shared))
             .await
             .map_err(|_| timed_out(store.config.operation_timeout))?
             .map_err(unavailable)?;
@@ -290,11 +321,15 @@ impl RedisStore {
             .set_number_of_retries(config.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(400));
+        let renewals_config = manager_config
+            .clone()
+            .set_response_timeout(Some(config.renewal_timeout));
         let layout = Layout::single(&config.prefix);
         Ok(Self::with_endpoint(
             Endpoint::Single {
                 client,
                 manager_config,
+                renewals_config,
             },
             layout,
             config,
@@ -305,6 +340,7 @@ impl RedisStore {
         Self {
             endpoint,
             connection: Arc::new(OnceCell::new()),
+            renewals: Arc::new(OnceCell::new()),
             scripts: Arc::new(Scripts::new()),
             prefix: config.prefix.as_str().into(),
             layout: Arc::new(layout),
@@ -312,25 +348,36 @@ impl RedisStore {
         }
     }
 
-    /// The shared connection, made now if no operation has made it yet.
-    async fn manager(&self) -> Result<Connection, RedisError> {
-        self.connection
-            .get_or_try_init(|| async {
-                match &self.endpoint {
-                    Endpoint::Single {
-                        client,
-                        manager_config,
-                    } => ConnectionManager::new_with_config(client.clone(), manager_config.clone())
+    /// The connection of `lane`, made now if no operation has made it yet.
+    async fn manager(&self, lane: Lane) -> Result<Connection, RedisError> {
+        let (cell, renewals) = match (lane, &self.endpoint) {
+            (Lane::Renewals, Endpoint::Single { .. }) => (&self.renewals, true),
+            _ => (&self.connection, false),
+        };
+        cell.get_or_try_init(|| async {
+            match &self.endpoint {
+                Endpoint::Single {
+                    client,
+                    manager_config,
+                    renewals_config,
+                } => {
+                    let config = if renewals {
+                        renewals_config
+                    } else {
+                        manager_config
+                    };
+                    ConnectionManager::new_with_config(client.clone(), config.clone())
                         .await
-                        .map(Connection::Single),
-                    Endpoint::Cluster { client, .. } => client
-                        .get_async_connection()
-                        .await
-                        .map(|connection| Connection::Cluster(Box::new(connection))),
+                        .map(Connection::Single)
                 }
-            })
-            .await
-            .cloned()
+                Endpoint::Cluster { client, .. } => client
+                    .get_async_connection()
+                    .await
+                    .map(|connection| Connection::Cluster(Box::new(connection))),
+            }
+        })
+        .await
+        .cloned()
     }
 
     /// Whether this store is on a Redis Cluster (`redis-cluster://`).
@@ -474,7 +521,7 @@ impl RedisStore {
             args.push(member(client_id));
         }
         let replies = self
-            .bounded(Replay::Idempotent, |mut connection| {
+            .bounded_on(Lane::Renewals, Replay::Idempotent, |mut connection| {
                 let mut invocation = self.scripts.renew_many.prepare_invoke();
                 invocation.key(index_key);
                 for key in &keys {
@@ -506,10 +553,25 @@ impl RedisStore {
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = Result<Value, RedisError>>,
     {
+        self.bounded_on(Lane::Shared, replay, attempt).await
+    }
+
+    /// [`bounded`](Self::bounded) on `lane`'s connection, within its
+    /// timeout.
+    async fn bounded_on<F, Fut>(
+        &self,
+        lane: Lane,
+        replay: Replay,
+        attempt: F,
+    ) -> Result<Value, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = Result<Value, RedisError>>,
+    {
         let attempts = async {
             // Failing to make the first connection sent nothing, and the
             // manager already retried it: no replay needed.
-            let connection = self.manager().await?;
+            let connection = self.manager(lane).await?;
             match attempt(connection.clone()).await {
                 Ok(value) => Ok(value),
                 Err(error) if replay.allows(&error) => {
@@ -521,7 +583,10 @@ impl RedisStore {
                 Err(error) => Err(error),
             }
         };
-        let limit = self.config.operation_timeout;
+        let limit = match lane {
+            Lane::Shared => self.config.operation_timeout,
+            Lane::Renewals => self.config.renewal_timeout,
+        };
         match tokio::time::timeout(limit, attempts).await {
             Ok(result) => result.map_err(classify),
             Err(_) => Err(timed_out(limit)),

@@ -735,3 +735,62 @@ async fn a_lazy_store_starts_without_redis_and_serves_once_it_answers() {
         "an unusable URL is refused at once"
     );
 }
+
+/// Lease renewals go over a connection of their own, so that a batch is
+/// not answered after everything the server sent Redis before it. Here
+/// every create ends with a `WAIT` for a replica this Redis does not
+/// have, which holds the shared connection's answers for 3 s (Redis
+/// answers a connection's commands in order): a renewal sent meanwhile
+/// must still come back long before that.
+#[tokio::test]
+async fn renewals_are_not_answered_behind_the_shared_connections_queue() {
+    let server = RedisServer::start();
+    let config = RedisStoreConfig {
+        wait_replicas: 1,
+        replica_wait: Duration::from_secs(3),
+        // Room for the WAIT within one operation.
+        response_timeout: Duration::from_secs(5),
+        operation_timeout: Duration::from_secs(5),
+        ..RedisStoreConfig::default()
+    };
+    let store = RedisStore::connect_with(&server.url(), config)
+        .await
+        .expect("connect to the test redis-server");
+    let renewed = random_session();
+    store.create(renewed, LONG).await.expect("create");
+    let blocking = tokio::spawn({
+        let store = store.clone();
+        async move { store.create(random_session(), LONG).await }
+    });
+    let mut redis = raw(&server).await;
+    wait::until(
+        Duration::from_secs(5),
+        "a WAIT blocking the shared connection",
+        || {
+            let mut redis = redis.clone();
+            async move {
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut redis)
+                    .await
+                    .expect("CLIENT LIST");
+                clients.contains("cmd=wait")
+            }
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let results = store.renew_many(&[(renewed.client_id, 1)], LONG).await;
+    let took = started.elapsed();
+    assert_eq!(results, vec![Ok(())]);
+    assert!(
+        took < Duration::from_millis(2_500),
+        "the renewal took {took:?}: it waited behind the WAIT"
+    );
+    assert!(!blocking.is_finished(), "the WAIT ended first");
+    blocking.await.expect("task").expect("create");
+    let _: () = redis::cmd("PING")
+        .query_async(&mut redis)
+        .await
+        .expect("PING");
+}
