@@ -796,9 +796,8 @@ async fn renewals_are_not_answered_behind_the_shared_connections_queue() {
 }
 
 /// A renewal of a live session costs Redis no `EXISTS`: the batch runs the
-/// generation check for each session in it, and on a Redis short of CPU
-/// that command was a fifth of a renewal's cost. A missing session is
-/// still told from a damaged one (the conformance suite and `damaged`).
+/// generation check for each session in it. A missing session is still
+/// told from a damaged one (the conformance suite and `damaged`).
 #[tokio::test]
 async fn renewing_live_sessions_runs_no_exists() {
     let server = RedisServer::start();
