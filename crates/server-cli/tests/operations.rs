@@ -554,6 +554,17 @@ async fn readyz_fails_while_the_redis_store_is_down_and_recovers() {
 
     redis.restart();
     readyz_until(status, 200).await;
+    // No session streams, so no renewal waits: the gauge is there, at 0.
+    let up = scrape(status).await;
+    let renewal_lag = [("store", "redis")];
+    assert!(
+        up.has_series("numstream_store_renewal_lag_seconds", &renewal_lag),
+        "{up:#?}"
+    );
+    assert_eq!(
+        up.value("numstream_store_renewal_lag_seconds", &renewal_lag),
+        0.0
+    );
 }
 
 /// `/readyz` tells a load balancer to send new clients elsewhere while they

@@ -396,6 +396,8 @@ pub struct Overload {
     /// whole nanoseconds are plenty).
     lag_ns: AtomicU64,
     store_ns: AtomicU64,
+    /// [`SessionStore::renewal_lag`] at the last probe.
+    renewal_lag_ns: AtomicU64,
     /// Whether the accept loop waits for the run queue to drain.
     accept_paused: AtomicBool,
     /// The stream limit the probe last computed; `usize::MAX` for none.
@@ -456,6 +458,7 @@ impl Overload {
             limits,
             lag_ns: AtomicU64::new(0),
             store_ns: AtomicU64::new(0),
+            renewal_lag_ns: AtomicU64::new(0),
             accept_paused: AtomicBool::new(false),
             stream_limit: AtomicUsize::new(usize::MAX),
             streams_sampled: AtomicUsize::new(0),
@@ -524,6 +527,12 @@ impl Overload {
 
     pub fn store_latency(&self) -> Duration {
         Duration::from_nanos(self.store_ns.load(Ordering::Relaxed))
+    }
+
+    /// How long the lease renewals answered last had waited for the store
+    /// (zero with an in-process store, or while none wait).
+    pub fn renewal_lag(&self) -> Duration {
+        Duration::from_nanos(self.renewal_lag_ns.load(Ordering::Relaxed))
     }
 
     /// The stream limit learned so far; `None` while the server has never
@@ -803,8 +812,11 @@ impl Overload {
                 // renews them later and later (Redis short of CPU) carries
                 // fewer streams than the core does, and past the lease's
                 // margin every stream it was late for stops.
+                let renewals = store.renewal_lag().unwrap_or_default();
+                overload
+                    .renewal_lag_ns
+                    .store(to_ns(renewals), Ordering::Relaxed);
                 let learned = limit.as_mut().and_then(|limit| {
-                    let renewals = store.renewal_lag().unwrap_or_default();
                     let behind = lag.max(limit.scaled_to_target(renewals, RENEWAL_LAG_TARGET));
                     limit.on_sample(behind, now - last, streams)
                 });
@@ -1189,6 +1201,11 @@ mod tests {
         })
         .await;
         assert_eq!(overload.stream_limit(), Some(45));
+        assert_eq!(
+            overload.renewal_lag(),
+            Duration::from_secs(5),
+            "for /metrics"
+        );
         stop.cancel();
     }
 

@@ -31,6 +31,7 @@ pub mod names {
     pub const ADMISSION_REFUSALS: &str = "numstream_admission_refusals_total";
     pub const SCHEDULING_LAG: &str = "numstream_scheduling_lag_seconds";
     pub const STORE_LATENCY: &str = "numstream_store_latency_seconds";
+    pub const RENEWAL_LAG: &str = "numstream_store_renewal_lag_seconds";
     pub const OVERLOADED: &str = "numstream_overloaded";
     pub const STREAM_LIMIT: &str = "numstream_stream_limit";
     pub const RUN_QUEUE_DEPTH: &str = "numstream_run_queue_depth";
@@ -294,6 +295,7 @@ pub type SessionCounter = Box<dyn Fn() -> usize + Send + Sync>;
 struct OverloadGauges {
     scheduling_lag: Gauge,
     store_latency: Gauge,
+    renewal_lag: Gauge,
     overloaded: Gauge,
     stream_limit: Gauge,
     run_queue_depth: Gauge,
@@ -362,6 +364,11 @@ impl Telemetry {
                     vec![store()],
                     "Session store round trip, smoothed over about ten operations.",
                 ),
+                renewal_lag: r.gauge_or_noop(
+                    names::RENEWAL_LAG,
+                    vec![store()],
+                    "How long the lease renewals answered last had waited for the shared store, from asking to answer; past 2 s it cuts the stream limit as the scheduling lag does. 0 while none wait.",
+                ),
                 overloaded: r.gauge_or_noop(
                     names::OVERLOADED,
                     vec![],
@@ -370,7 +377,7 @@ impl Telemetry {
                 stream_limit: r.gauge_or_noop(
                     names::STREAM_LIMIT,
                     vec![],
-                    "Sessions this server streams at most before it refuses new ones, learned from its scheduling lag; +Inf until it first runs short.",
+                    "Sessions this server streams at most before it refuses new ones, learned from its scheduling lag and how long lease renewals wait for the store; +Inf until it first runs short.",
                 ),
                 run_queue_depth: r.gauge_or_noop(
                     names::RUN_QUEUE_DEPTH,
@@ -549,6 +556,7 @@ impl Telemetry {
             gauges
                 .store_latency
                 .set(overload.store_latency().as_secs_f64());
+            gauges.renewal_lag.set(overload.renewal_lag().as_secs_f64());
             gauges.overloaded.set(if overload.overloaded().is_some() {
                 1.0
             } else {
