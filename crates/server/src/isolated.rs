@@ -69,11 +69,10 @@ pub enum IsolationError {
 pub struct IsolatedStore {
     inner: Arc<dyn SessionStore>,
     runtime: Handle,
-    /// `inner` batches renewals itself on the store's runtime (we wrapped
-    /// it so): a renewal is queued from the caller's thread, not spawned.
-    batched_here: bool,
     latency_ns: Arc<AtomicU64>,
-    /// [`SessionStore::renewal_lag`], when we batch the renewals.
+    /// [`SessionStore::renewal_lag`], `Some` when `inner` is our batching
+    /// of the renewals on the store's runtime: a renewal is then queued
+    /// from the caller's thread, not spawned.
     renewal_lag_ns: Option<Arc<AtomicU64>>,
     /// Places for operations in flight ([`MOST_IN_FLIGHT`]).
     in_flight: Arc<Semaphore>,
@@ -138,14 +137,12 @@ impl IsolatedStore {
         // Each renewal is queued for that task straight from the caller's
         // thread rather than spawned there as its own operation: the
         // queue wakes the store's thread once per batch, not once per
-        // renewal, and a task spawned per renewal cost the store thread
-        // as much as a create did (3,500 renewals a second at 35,000
-        // streams; issue 15's profile put the store threads at 17% of
-        // the servers' core).
+        // renewal (3,500 renewals a second at 35,000 streams, most of the
+        // store thread's operations; issue 15's profile put the store
+        // threads at 17% of the servers' core).
         let latency_ns = Arc::new(AtomicU64::new(0));
-        let batched_here = inner.is_shared() && !inner.batches_renewals();
         let mut renewal_lag_ns = None;
-        let inner = if batched_here {
+        let inner = if inner.is_shared() && !inner.batches_renewals() {
             let _on_the_store_runtime = runtime.enter();
             let gauges = crate::renewals::RenewalGauges {
                 latency: latency_ns.clone(),
@@ -159,7 +156,6 @@ impl IsolatedStore {
         Ok(Self {
             inner,
             runtime,
-            batched_here,
             latency_ns,
             renewal_lag_ns,
             in_flight: Arc::new(Semaphore::new(MOST_IN_FLIGHT)),
@@ -228,7 +224,7 @@ impl SessionStore for IsolatedStore {
         generation: u64,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        if self.batched_here {
+        if self.renewal_lag_ns.is_some() {
             return self.inner.renew(client_id, generation, lease).await;
         }
         let inner = self.inner.clone();

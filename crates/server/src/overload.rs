@@ -100,14 +100,12 @@ pub(crate) const ACCEPTS_AFTER_PAUSE: usize = 128;
 /// How long lease renewals may wait for a shared store before the stream
 /// limit treats it as the scheduling lag at its target: a tenth of the
 /// 20 s a (default, 30 s) lease leaves before a stream must stop. Not the
-/// lag's own 500 ms: renewals queue behind one another (one batch in
-/// flight), so on a busy core they wait hundreds of milliseconds with the
-/// store healthy and every lease safe, while a store that is really
-/// behind makes them wait many seconds (issue 15's 100,000-session run:
-/// past 20 s for 40,715 streams). With 500 ms, one 80,000-session run on
-/// one core cut its limits at 6,500–7,200 streams a server, where runs
-/// without this signal had cut at 7,700–9,100: not shown to be the cause,
-/// but not worth the risk.
+/// lag's own 500 ms: a renewal waits behind the batch in flight even with
+/// the store healthy, and what the leases can afford is seconds, while a
+/// store that is really behind makes renewals wait many seconds (issue
+/// 15's 100,000-session run: past 20 s for 40,715 streams). The one
+/// 80,000-session run with 500 ms verified 90.5%, too few runs to tell
+/// either way (BENCHMARKS.md, "A store that falls behind").
 const RENEWAL_LAG_TARGET: Duration = Duration::from_secs(2);
 /// Proportional shedding on the lag starts at this many times its target.
 const SHED_FROM_TARGETS: u32 = 5;
@@ -256,14 +254,11 @@ impl StreamLimit {
         self.limit
     }
 
-    /// `signal`, a delay whose own target is `its_target`, as the lag
-    /// that is as far from this limit's target.
-    fn scaled_to_target(&self, signal: Duration, its_target: Duration) -> Duration {
-        if its_target.is_zero() {
-            return Duration::ZERO;
-        }
+    /// How long renewals waited, as the lag that is as far past this
+    /// limit's target as that wait is past [`RENEWAL_LAG_TARGET`].
+    fn renewal_wait_as_lag(&self, waited: Duration) -> Duration {
         self.target
-            .mul_f64(signal.as_secs_f64() / its_target.as_secs_f64())
+            .mul_f64(waited.as_secs_f64() / RENEWAL_LAG_TARGET.as_secs_f64())
     }
 
     /// Folds in one lag sample taken `elapsed` after the previous one,
@@ -817,7 +812,7 @@ impl Overload {
                     .renewal_lag_ns
                     .store(to_ns(renewals), Ordering::Relaxed);
                 let learned = limit.as_mut().and_then(|limit| {
-                    let behind = lag.max(limit.scaled_to_target(renewals, RENEWAL_LAG_TARGET));
+                    let behind = lag.max(limit.renewal_wait_as_lag(renewals));
                     limit.on_sample(behind, now - last, streams)
                 });
                 overload.set_stream_limit(learned, streams);

@@ -217,12 +217,13 @@ enum Lane {
     /// The one every operation shares.
     Shared,
     /// Lease renewal batches' own, on one Redis: Redis answers a
-    /// connection's commands in order, so on the shared one a batch
-    /// waited behind every attach and create the server had sent before
-    /// it, and when Redis fell behind (issue 15's 100,000-session run,
-    /// Redis short of CPU) renewals waited past their leases' margin and
-    /// 38,500–44,300 streams stopped. Their own connection puts them
-    /// beside that queue instead of behind it.
+    /// connection's commands in order, so on the shared one a batch waits
+    /// behind every attach and create the server sent before it, and
+    /// behind each create's `WAIT` when `wait_replicas` is set. Their own
+    /// connection puts them beside that queue instead of behind it. (It
+    /// gives them no more of a Redis that is short of CPU: issue 15's
+    /// 100,000-session runs still stopped 29,000 streams on unrenewed
+    /// leases with it, against 38,500–44,300 without.)
     Renewals,
 }
 
