@@ -308,6 +308,11 @@ impl Common {
             })
             .collect();
         report.targets.splice(0..0, verification);
+        report.warnings = report
+            .flavors
+            .iter()
+            .filter_map(FlavorReport::loadgen_warning)
+            .collect();
         report.print_table();
         more(&report);
         report.write_json(&self.report_path(&report))?;

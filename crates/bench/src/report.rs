@@ -96,7 +96,32 @@ pub(crate) struct FlavorReport {
     pub(crate) outcomes: Outcomes,
 }
 
+/// The load generator's own lag (p99 of how late its 100 ms timer ran)
+/// past which a run is flagged as measuring the load generator too: its
+/// clients give a connect 3 s and a silent stream 5 s, and a client whose
+/// own runtime is seconds late reads, times out and reconnects on its own
+/// delays, which the report then counts against the servers. Issue 15's
+/// valid one-core runs had 120–390 ms; one with a build running beside the
+/// load generator had 1.3 s and lost 13,785 sessions to its own silence
+/// timeouts; the 100,000-session rows on two busy cores have 1.4–2.8 s.
+pub(crate) const LOADGEN_LAG_WARNING_P99_MS: f64 = 500.0;
+
 impl FlavorReport {
+    /// Why this column may measure the load generator as much as the
+    /// servers, if its own lag says so.
+    pub(crate) fn loadgen_warning(&self) -> Option<String> {
+        let lag = &self.loadgen_lag;
+        (lag.count > 0 && lag.p99_ms > LOADGEN_LAG_WARNING_P99_MS).then(|| {
+            format!(
+                "{}: the load generator itself ran late (its own timer lag p99 {:.0} ms, max {:.0} ms, \
+                 over {LOADGEN_LAG_WARNING_P99_MS:.0} ms): its clients' timeouts fired on its own \
+                 delays too, so this column measures the load generator as well as the servers; \
+                 give it cores of its own (--loadgen-cpus) or fewer sessions",
+                self.label, lag.p99_ms, lag.max_ms
+            )
+        })
+    }
+
     pub(crate) fn new(flavor: Flavor, load: &LoadResult, server: ServerUsage) -> Self {
         let per_s = |n: u64| {
             if load.wall_s > 0.0 {
@@ -169,6 +194,9 @@ pub(crate) struct Report {
     /// run: in the JSON only, too long for the table.
     pub(crate) diagnosis: serde_json::Map<String, serde_json::Value>,
     pub(crate) targets: Vec<Target>,
+    /// What makes this run's figures less than they seem (see
+    /// [`FlavorReport::loadgen_warning`]); printed after the targets.
+    pub(crate) warnings: Vec<String>,
 }
 
 impl Report {
@@ -191,6 +219,7 @@ impl Report {
             extra: serde_json::Map::new(),
             diagnosis: serde_json::Map::new(),
             targets: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -379,6 +408,9 @@ impl Report {
                 if target.met { "MET" } else { "MISSED" }
             );
         }
+        for warning in &self.warnings {
+            println!("warning: {warning}");
+        }
     }
 
     pub(crate) fn write_json(&self, path: &Path) -> anyhow::Result<()> {
@@ -403,5 +435,45 @@ fn format_figure(value: f64) -> String {
         format!("{value:.1}")
     } else {
         format!("{value:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::LoadResult;
+    use crate::servers::Flavor;
+
+    fn column_with_loadgen_lag(count: u64, p99_ms: f64) -> FlavorReport {
+        let mut column = FlavorReport::new(
+            Flavor::Numstream,
+            &LoadResult::default(),
+            ServerUsage::default(),
+        );
+        column.loadgen_lag = Summary {
+            count,
+            p99_ms,
+            max_ms: p99_ms * 3.0,
+            ..Summary::default()
+        };
+        column
+    }
+
+    #[test]
+    fn a_load_generator_running_late_flags_its_column() {
+        let late = column_with_loadgen_lag(1_000, 1_400.0)
+            .loadgen_warning()
+            .expect("1.4 s of its own lag is flagged");
+        assert!(late.contains("p99 1400 ms, max 4200 ms"), "{late}");
+        assert!(late.starts_with("numstream:"), "names the column: {late}");
+        assert_eq!(
+            column_with_loadgen_lag(1_000, 390.0).loadgen_warning(),
+            None
+        );
+        assert_eq!(
+            column_with_loadgen_lag(0, 0.0).loadgen_warning(),
+            None,
+            "no samples (a load that did not measure itself) is not a warning"
+        );
     }
 }
