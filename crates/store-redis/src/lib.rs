@@ -535,10 +535,9 @@ impl RedisStore {
             })
             .await;
         match replies {
-            Ok(Value::Array(replies)) if replies.len() == renewals.len() => replies
-                .into_iter()
-                .map(|reply| Reply::decode(reply)?.expect_ok().map(drop))
-                .collect(),
+            Ok(Value::Array(replies)) if replies.len() == renewals.len() => {
+                replies.into_iter().map(reply::renewal).collect()
+            }
             Ok(_) => {
                 let error = reply::corrupt("renewals replied something else than one reply each");
                 vec![Err(error); renewals.len()]

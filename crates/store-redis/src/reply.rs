@@ -151,6 +151,16 @@ impl Reply {
     }
 }
 
+/// One session's answer in a `RENEW_MANY` reply: the plain string `ok`
+/// for a renewed lease, else a refusal shaped like RENEW's reply.
+pub(crate) fn renewal(value: Value) -> Result<(), StoreError> {
+    match &value {
+        Value::BulkString(word) if word.as_slice() == b"ok" => Ok(()),
+        Value::SimpleString(word) if word == "ok" => Ok(()),
+        _ => Reply::decode(value)?.expect_ok().map(drop),
+    }
+}
+
 fn bytes(value: Value, what: &str) -> Result<Vec<u8>, StoreError> {
     match value {
         Value::BulkString(bytes) => Ok(bytes),
@@ -235,6 +245,26 @@ mod tests {
         assert!(matches!(reply.count(), Err(StoreError::Corrupt(_))));
         assert!(matches!(reply.count(), Err(StoreError::Corrupt(_))));
         assert_eq!(reply.count(), Ok(7));
+    }
+
+    #[test]
+    fn a_renewal_is_ok_as_a_plain_word_and_refused_as_an_array() {
+        assert_eq!(renewal(text("ok")), Ok(()));
+        assert_eq!(renewal(Value::SimpleString("ok".to_owned())), Ok(()));
+        assert_eq!(
+            renewal(array(vec![text("superseded"), text("9")])),
+            Err(StoreError::Superseded { current: 9 })
+        );
+        assert_eq!(
+            renewal(array(vec![text("not_found")])),
+            Err(StoreError::NotFound)
+        );
+        for malformed in [text("okay"), text(""), Value::Int(1), Value::Nil] {
+            assert!(
+                matches!(renewal(malformed), Err(StoreError::Corrupt(_))),
+                "a renewal reply that is neither ok nor a refusal is corrupt"
+            );
+        }
     }
 
     #[test]

@@ -795,16 +795,21 @@ async fn renewals_are_not_answered_behind_the_shared_connections_queue() {
         .expect("PING");
 }
 
-/// A renewal of a live session costs Redis no `EXISTS`: the batch runs the
-/// generation check for each session in it. A missing session is still
-/// told from a damaged one (the conformance suite and `damaged`).
+/// A renewal of a live session costs Redis no `EXISTS` (the batch runs the
+/// generation check for each session in it; a missing session is still
+/// told from a damaged one: the conformance suite and `damaged`), and the
+/// batch moves the index with one `ZADD` per 500 sessions, each member
+/// scored with its own key's new expiry.
 #[tokio::test]
-async fn renewing_live_sessions_runs_no_exists() {
+async fn renewing_live_sessions_runs_no_exists_and_one_zadd_per_500() {
     let server = RedisServer::start();
     let store = store(&server).await;
     let mut redis = raw(&server).await;
+    // More than one of the script's ZADD chunks (500 members), so that a
+    // member paired with the wrong score, or one left out, shows below.
+    const SESSIONS: usize = 1_100;
     let mut renewals = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..SESSIONS {
         let session = random_session();
         store.create(session, LONG).await.expect("create");
         renewals.push((session.client_id, 1));
@@ -814,16 +819,33 @@ async fn renewing_live_sessions_runs_no_exists() {
         .query_async(&mut redis)
         .await
         .expect("CONFIG RESETSTAT");
-    let results = store.renew_many(&renewals, LONG).await;
+    // A longer lease than the creates', so that every deadline moves.
+    let results = store.renew_many(&renewals, LONG * 2).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let stats: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut redis)
         .await
         .expect("INFO commandstats");
-    assert!(
-        stats.contains("cmdstat_hget:calls=20,"),
-        "the renewals did not run as expected: {stats}"
-    );
+    for expected in [
+        "cmdstat_hget:calls=1100,",
+        "cmdstat_pexpireat:calls=1100,",
+        // One ZADD per 500 renewed sessions, not one per session.
+        "cmdstat_zadd:calls=3,",
+    ] {
+        assert!(
+            stats.contains(expected),
+            "the renewals did not run as expected ({expected}): {stats}"
+        );
+    }
     assert!(!stats.contains("cmdstat_exists:"), "{stats}");
+    // Every session's index score is its key's new expiry.
+    for &(client_id, _) in &renewals {
+        let expiry = pexpiretime(&mut redis, &store.session_key(client_id)).await;
+        assert_eq!(
+            index_score(&mut redis, &store, client_id).await,
+            Some(expiry),
+            "index score of {client_id}"
+        );
+    }
 }
