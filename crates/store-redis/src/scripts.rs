@@ -5,8 +5,9 @@
 //! the deployment's session index, both passed in `KEYS` as Redis requires.
 //! A script answers with an array whose first element is a status word
 //! (`ok`, `exists`, `full`, `not_found`, `bad_token`, `superseded`,
-//! `corrupt`) followed by that status's values; `reply.rs` turns it into
-//! Rust types. Scripts return only strings and integers: Lua booleans would
+//! `corrupt`) followed by that status's values (`RENEW_MANY`: an array of
+//! one such reply per session, a renewed one as the bare word `ok`);
+//! `reply.rs` turns it into Rust types. Scripts return only strings and integers: Lua booleans would
 //! reach a RESP3 client as booleans and a RESP2 one as nil, and nil also
 //! cuts a Lua array short.
 //!
