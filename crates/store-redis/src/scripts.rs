@@ -7,9 +7,9 @@
 //! (`ok`, `exists`, `full`, `not_found`, `bad_token`, `superseded`,
 //! `corrupt`) followed by that status's values (`RENEW_MANY`: an array of
 //! one such reply per session, a renewed one as the bare word `ok`);
-//! `reply.rs` turns it into Rust types. Scripts return only strings and integers: Lua booleans would
-//! reach a RESP3 client as booleans and a RESP2 one as nil, and nil also
-//! cuts a Lua array short.
+//! `reply.rs` turns it into Rust types. Scripts return only strings and
+//! integers: Lua booleans would reach a RESP3 client as booleans and a
+//! RESP2 one as nil, and nil also cuts a Lua array short.
 //!
 //! Hash fields: `seed` (32 raw bytes), `count` (decimal), `token_sha256`
 //! (32 raw bytes), `checksum` (decimal CRC-32C of the whole sequence),
