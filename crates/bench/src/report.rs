@@ -103,7 +103,7 @@ pub(crate) struct FlavorReport {
 /// delays, which the report then counts against the servers. Issue 15's
 /// valid one-core runs had 120–390 ms; one with a build running beside the
 /// load generator had 1.3 s and lost 13,785 sessions to its own silence
-/// timeouts; the 100,000-session rows on two busy cores have 1.4–2.8 s.
+/// timeouts; the 100,000-session rows on two busy cores have 1.4–3.6 s.
 pub(crate) const LOADGEN_LAG_WARNING_P99_MS: f64 = 500.0;
 
 impl FlavorReport {

@@ -81,11 +81,6 @@ end
 local function ms_text(ms)
   return string.format('%.0f', ms)
 end
-local function set_deadline(index, key, member, now, duration_ms)
-  local deadline = ms_text(now + tonumber(duration_ms))
-  redis.call('PEXPIREAT', key, deadline)
-  redis.call('ZADD', index, deadline, member)
-end
 local function set_deadlines(index, keys, members, now, duration_ms)
   local deadline = ms_text(now + tonumber(duration_ms))
   local scored = {}
@@ -98,6 +93,9 @@ local function set_deadlines(index, keys, members, now, duration_ms)
       scored = {}
     end
   end
+end
+local function set_deadline(index, key, member, now, duration_ms)
+  set_deadlines(index, {key}, {member}, now, duration_ms)
 end
 "#
     };
